@@ -1,0 +1,878 @@
+//! Instrumented file locks: [`FileLock`], its [`FileLockBuilder`] and [`FileLockGuard`].
+
+mod posix;
+
+use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lock_api::RawRwLock as _;
+use opentelemetry::metrics::Meter;
+use opentelemetry::KeyValue;
+use parking_lot::Mutex;
+use rustix::io::Errno;
+
+use crate::error::{Error, Operation, Result};
+use crate::metrics::{keys, DetectedAt, LockMetrics, LockMode, MigrationKind, Outcome};
+use crate::sys::{self, FileId};
+use posix::PosixHandle;
+
+/// How many times one acquire re-locks after finding the lock file replaced before it gives up
+/// with [`Error::Unstable`].
+const MAX_MIGRATIONS: u32 = 16;
+/// Idle descriptors kept per `FileLock` (flock and OFD) for reuse by later acquires.
+const MAX_IDLE_FDS: usize = 4;
+/// Polling back-off for timed and async acquires.
+const POLL_MIN: Duration = Duration::from_micros(100);
+const POLL_MAX: Duration = Duration::from_millis(10);
+
+/// Which kernel lock a [`FileLock`] takes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LockKind {
+    /// `flock(2)`: whole-file lock owned by the open file description. Shown as `FLOCK` in
+    /// `/proc/locks`. On NFS (since Linux 2.6.12) emulated with a byte-range lock on the server.
+    #[default]
+    Flock,
+    /// Open-file-description lock (`F_OFD_SETLK`, Linux 3.15+) over the whole file: owned by the
+    /// open file description like `flock`, byte-range like POSIX. Shown as `OFDLCK`.
+    Ofd,
+    /// Process-associated POSIX record lock (`F_SETLK`) over the whole file. Shown as `POSIX`.
+    /// See the crate docs for how lockmeter makes it exclude threads too.
+    Posix,
+}
+
+impl LockKind {
+    /// The `lock.kind` attribute value: `flock`, `ofd` or `posix`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockKind::Flock => "flock",
+            LockKind::Ofd => "ofd",
+            LockKind::Posix => "posix",
+        }
+    }
+}
+
+impl fmt::Display for LockKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LockKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "flock" => Ok(LockKind::Flock),
+            "ofd" => Ok(LockKind::Ofd),
+            "posix" | "fcntl" => Ok(LockKind::Posix),
+            other => Err(format!(
+                "unknown lock kind {other:?} (expected flock, ofd or posix)"
+            )),
+        }
+    }
+}
+
+/// Builder for a [`FileLock`]; see [`FileLock::builder`].
+#[derive(Debug)]
+#[must_use = "call .open() to create the lock"]
+pub struct FileLockBuilder {
+    path: PathBuf,
+    name: Option<String>,
+    kind: LockKind,
+    create: bool,
+    mode: u32,
+    verify_inode: bool,
+    meter: Option<Meter>,
+}
+
+impl FileLockBuilder {
+    /// The stable `lock.name` for metrics (default: the path as given). Use one name per
+    /// *kind of* resource: a name per lock file (`job-1234.lock`) makes unbounded series.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The kernel lock to take (default [`LockKind::Flock`]).
+    pub fn kind(mut self, kind: LockKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// Create the lock file if it is missing (default `true`). lockmeter never deletes it.
+    pub fn create(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
+    /// Permission bits for a created lock file (default `0o644`; the umask applies).
+    pub fn mode(mut self, mode: u32) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Lock-then-verify (default `true`): after acquiring, check that the locked descriptor is
+    /// still the file the path names (`fstat` (dev, ino) vs `stat(path)`); if the file was
+    /// replaced or unlinked, count a migration, re-open and lock again. Costs one `stat(path)`
+    /// per acquire.
+    pub fn verify_inode(mut self, verify: bool) -> Self {
+        self.verify_inode = verify;
+        self
+    }
+
+    /// The meter to record on (default: the global meter provider's `lockmeter` meter, read
+    /// when the lock is opened).
+    pub fn meter(mut self, meter: Meter) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// Opens (and by default creates) the lock file. Nothing is locked yet.
+    ///
+    /// Fails on a missing directory, a directory or symlink given as lock file, a file that is
+    /// not a regular file, permission or read-only errors; each failure is also counted in
+    /// `lock.errors`.
+    pub fn open(self) -> Result<FileLock> {
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| self.path.to_string_lossy().into_owned());
+        let meter = self.meter.clone().unwrap_or_else(crate::metrics::default_meter);
+        let opened = open_fd(&self.path, self.create, self.mode, self.kind);
+        let fs_type = match &opened {
+            Ok(fd) => sys::fs_type(fd.fd.as_fd()),
+            Err(_) => sys::fs_type_of_parent(&self.path),
+        };
+        let metrics = LockMetrics::new(
+            &meter,
+            &name,
+            self.kind.as_str(),
+            &[KeyValue::new(keys::FS_TYPE, fs_type)],
+        );
+        let fd = match opened {
+            Ok(fd) => fd,
+            Err(e) => return Err(count_error(&metrics, e)),
+        };
+        let backend = match self.kind {
+            LockKind::Flock | LockKind::Ofd => Backend::Fds(Mutex::new(vec![fd])),
+            LockKind::Posix => Backend::Posix(Mutex::new(PosixHandle::register(fd.fd, fd.id))),
+        };
+        Ok(FileLock {
+            path: self.path,
+            name,
+            kind: self.kind,
+            create: self.create,
+            mode: self.mode,
+            verify: self.verify_inode,
+            fs_type,
+            backend,
+            metrics,
+        })
+    }
+}
+
+/// An open lock descriptor and the inode it refers to.
+struct LockFd {
+    fd: OwnedFd,
+    id: FileId,
+}
+
+enum Backend {
+    /// flock and OFD: each holder locks through its own open file description, so the kernel
+    /// excludes threads as it excludes processes. Idle descriptors are kept for reuse.
+    Fds(Mutex<Vec<LockFd>>),
+    /// POSIX: one descriptor per inode per process, behind an in-process gate.
+    Posix(Mutex<PosixHandle>),
+}
+
+/// What a guard holds.
+enum Held {
+    Fd(LockFd),
+    Posix(PosixHandle),
+}
+
+impl Held {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Held::Fd(f) => f.fd.as_fd(),
+            Held::Posix(h) => h.file().fd(),
+        }
+    }
+    fn id(&self) -> FileId {
+        match self {
+            Held::Fd(f) => f.id,
+            Held::Posix(h) => h.file().id,
+        }
+    }
+}
+
+/// An instrumented file lock.
+///
+/// Wraps `flock(2)`, OFD or POSIX `fcntl` locks on one lock file and records the schema's
+/// metrics (hold and wait histograms, acquisitions, conflicts, errors, migrations, locks held).
+///
+/// Two `FileLock`s on one path exclude each other within a process and across processes, for
+/// every [`LockKind`]; a `FileLock` shared between threads (`Arc<FileLock>`) never lets two
+/// threads hold it exclusively at once.
+pub struct FileLock {
+    path: PathBuf,
+    name: String,
+    kind: LockKind,
+    create: bool,
+    mode: u32,
+    verify: bool,
+    fs_type: &'static str,
+    backend: Backend,
+    metrics: LockMetrics,
+}
+
+impl fmt::Debug for FileLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileLock")
+            .field("path", &self.path)
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("verify_inode", &self.verify)
+            .field("fs_type", &self.fs_type)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How an acquire waits once it has found the lock taken.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// Give up at once.
+    No,
+    /// Block in the kernel (and on the in-process gate for POSIX).
+    Block,
+}
+
+impl FileLock {
+    /// Opens `path` as a `flock` lock with default settings (create with mode 0644, verify the
+    /// inode after acquiring, global meter).
+    pub fn open(path: impl AsRef<Path>) -> Result<FileLock> {
+        FileLock::builder(path).open()
+    }
+
+    /// Starts a builder for `path`.
+    pub fn builder(path: impl AsRef<Path>) -> FileLockBuilder {
+        FileLockBuilder {
+            path: path.as_ref().to_path_buf(),
+            name: None,
+            kind: LockKind::Flock,
+            create: true,
+            mode: 0o644,
+            verify_inode: true,
+            meter: None,
+        }
+    }
+
+    /// The lock file path as given.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `lock.name` this lock records under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The kernel lock kind.
+    pub fn kind(&self) -> LockKind {
+        self.kind
+    }
+
+    /// The file-system type the lock file was on when opened (`fs.type`).
+    pub fn fs_type(&self) -> &'static str {
+        self.fs_type
+    }
+
+    /// Takes the lock exclusively, waiting as long as it takes.
+    pub fn lock(&self) -> Result<FileLockGuard<'_>> {
+        self.acquire_blocking(LockMode::Exclusive)
+    }
+
+    /// Takes the lock shared, waiting as long as it takes.
+    pub fn lock_shared(&self) -> Result<FileLockGuard<'_>> {
+        self.acquire_blocking(LockMode::Shared)
+    }
+
+    /// Tries to take the lock exclusively; `Ok(None)` when it is held elsewhere.
+    pub fn try_lock(&self) -> Result<Option<FileLockGuard<'_>>> {
+        self.acquire_try(LockMode::Exclusive)
+    }
+
+    /// Tries to take the lock shared; `Ok(None)` when it is held exclusively elsewhere.
+    pub fn try_lock_shared(&self) -> Result<Option<FileLockGuard<'_>>> {
+        self.acquire_try(LockMode::Shared)
+    }
+
+    /// Takes the lock exclusively, giving up after `timeout` with `Ok(None)`.
+    ///
+    /// The kernel has no timed `flock`, so after a first non-blocking attempt this polls with
+    /// exponential back-off (100 µs up to 10 ms): a release is noticed within 10 ms.
+    pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<FileLockGuard<'_>>> {
+        self.acquire_timeout(LockMode::Exclusive, timeout)
+    }
+
+    /// Takes the lock shared, giving up after `timeout` with `Ok(None)`.
+    pub fn lock_shared_timeout(&self, timeout: Duration) -> Result<Option<FileLockGuard<'_>>> {
+        self.acquire_timeout(LockMode::Shared, timeout)
+    }
+
+    /// Takes the lock exclusively without blocking a runtime thread.
+    ///
+    /// Cancellation-safe: the future only ever holds the lock at the instant it resolves, so
+    /// dropping it before then never leaves the lock held, not even later. Waits by polling
+    /// with back-off (100 µs up to 10 ms) on the tokio timer.
+    #[cfg(feature = "tokio")]
+    pub async fn lock_async(&self) -> Result<FileLockGuard<'_>> {
+        self.acquire_async(LockMode::Exclusive).await
+    }
+
+    /// Takes the lock shared without blocking a runtime thread; see [`FileLock::lock_async`].
+    #[cfg(feature = "tokio")]
+    pub async fn lock_shared_async(&self) -> Result<FileLockGuard<'_>> {
+        self.acquire_async(LockMode::Shared).await
+    }
+
+    // ---- acquire paths -------------------------------------------------------------------
+
+    fn acquire_blocking(&self, mode: LockMode) -> Result<FileLockGuard<'_>> {
+        let start = Instant::now();
+        let mut contended = false;
+        match self.attempt(mode, Wait::Block, &mut contended) {
+            Ok(Some(held)) => Ok(self.guard(held, mode, contended, start)),
+            // A blocking attempt only returns None if the kernel said "would block" to a
+            // blocking call, which it does not; treat it as an error rather than loop.
+            Ok(None) => Err(self.fail_wait(
+                mode,
+                start,
+                Error::Os {
+                    path: self.path.clone(),
+                    operation: Operation::Lock,
+                    errno: Errno::AGAIN,
+                },
+            )),
+            Err(e) => Err(self.fail_wait(mode, start, e)),
+        }
+    }
+
+    fn acquire_try(&self, mode: LockMode) -> Result<Option<FileLockGuard<'_>>> {
+        let start = Instant::now();
+        let mut contended = false;
+        match self.attempt(mode, Wait::No, &mut contended) {
+            Ok(Some(held)) => Ok(Some(self.guard(held, mode, contended, start))),
+            Ok(None) => {
+                self.metrics
+                    .not_acquired(mode, Outcome::WouldBlock, secs(start.elapsed()));
+                Ok(None)
+            }
+            Err(e) => Err(self.fail_wait(mode, start, e)),
+        }
+    }
+
+    fn acquire_timeout(
+        &self,
+        mode: LockMode,
+        timeout: Duration,
+    ) -> Result<Option<FileLockGuard<'_>>> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut contended = false;
+        let mut backoff = POLL_MIN;
+        loop {
+            match self.attempt(mode, Wait::No, &mut contended) {
+                Ok(Some(held)) => return Ok(Some(self.guard(held, mode, contended, start))),
+                Ok(None) => {}
+                Err(e) => return Err(self.fail_wait(mode, start, e)),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.metrics
+                    .not_acquired(mode, Outcome::Timeout, secs(now - start));
+                return Ok(None);
+            }
+            std::thread::sleep(backoff.min(deadline - now));
+            backoff = (backoff * 2).min(POLL_MAX);
+        }
+    }
+
+    #[cfg(feature = "tokio")]
+    async fn acquire_async(&self, mode: LockMode) -> Result<FileLockGuard<'_>> {
+        /// Records `cancelled` if the future is dropped before it resolves.
+        struct Pending<'a> {
+            lock: &'a FileLock,
+            mode: LockMode,
+            start: Instant,
+            done: bool,
+        }
+        impl Drop for Pending<'_> {
+            fn drop(&mut self) {
+                if !self.done {
+                    self.lock.metrics.not_acquired(
+                        self.mode,
+                        Outcome::Cancelled,
+                        secs(self.start.elapsed()),
+                    );
+                }
+            }
+        }
+        let start = Instant::now();
+        let mut pending = Pending {
+            lock: self,
+            mode,
+            start,
+            done: false,
+        };
+        let mut contended = false;
+        let mut backoff = POLL_MIN;
+        loop {
+            // A non-blocking attempt holds nothing when it returns None, and returns the guard
+            // in the same poll when it succeeds: there is no await point while the lock is held.
+            match self.attempt(mode, Wait::No, &mut contended) {
+                Ok(Some(held)) => {
+                    pending.done = true;
+                    return Ok(self.guard(held, mode, contended, start));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    pending.done = true;
+                    return Err(self.fail_wait(mode, start, e));
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(POLL_MAX);
+        }
+    }
+
+    #[inline]
+    fn guard(
+        &self,
+        held: Held,
+        mode: LockMode,
+        contended: bool,
+        start: Instant,
+    ) -> FileLockGuard<'_> {
+        let acquired_at = Instant::now();
+        self.metrics
+            .acquired(mode, contended, secs(acquired_at - start));
+        FileLockGuard {
+            lock: self,
+            held: Some(held),
+            mode,
+            contended,
+            acquired_at,
+        }
+    }
+
+    #[cold]
+    fn fail_wait(&self, mode: LockMode, start: Instant, e: Error) -> Error {
+        self.metrics
+            .not_acquired(mode, Outcome::Error, secs(start.elapsed()));
+        e
+    }
+
+    /// One acquire: lock (first without blocking, then per `wait`), then verify the inode and
+    /// re-lock on a migration. Counts a conflict the first time the lock is found taken.
+    /// Errors are counted here; the caller records the wait.
+    #[inline]
+    fn attempt(&self, mode: LockMode, wait: Wait, contended: &mut bool) -> Result<Option<Held>> {
+        let mut migrations = 0;
+        loop {
+            let held = match &self.backend {
+                Backend::Fds(pool) => self.lock_fd(pool, mode, wait, contended)?,
+                Backend::Posix(current) => self.lock_posix(current, mode, wait, contended)?,
+            };
+            let Some(held) = held else { return Ok(None) };
+            if !self.verify {
+                return Ok(Some(held));
+            }
+            match sys::path_id(&self.path) {
+                Ok(id) if id == held.id() => return Ok(Some(held)),
+                Ok(id) => {
+                    let kind = if id.dev != held.id().dev {
+                        MigrationKind::DeviceChanged
+                    } else {
+                        MigrationKind::Replaced
+                    };
+                    self.migrated(kind, held.id(), Some(id));
+                }
+                Err(Errno::NOENT) => self.migrated(MigrationKind::Unlinked, held.id(), None),
+                Err(errno) => {
+                    let e = self.err(Operation::Verify, errno);
+                    self.discard(held, mode);
+                    return Err(e);
+                }
+            }
+            // The lock guards an inode the path no longer names: let go of it and of every
+            // descriptor of the old inode, then lock what the path names now.
+            self.discard(held, mode);
+            migrations += 1;
+            if migrations >= MAX_MIGRATIONS {
+                return Err(count_error(
+                    &self.metrics,
+                    Error::Unstable {
+                        path: self.path.clone(),
+                        attempts: migrations,
+                    },
+                ));
+            }
+        }
+    }
+
+    #[cold]
+    fn migrated(&self, kind: MigrationKind, old: FileId, new: Option<FileId>) {
+        self.metrics.migration(kind, DetectedAt::Acquire);
+        tracing::warn!(
+            lock.name = %self.name,
+            lock.path = %self.path.display(),
+            migration.kind = kind.as_str(),
+            migration.detected_at = "acquire",
+            old_inode = %old,
+            new_inode = %new.map(|n| n.to_string()).unwrap_or_else(|| "none".into()),
+            "lock file changed under the lock: it was {} after this process opened it; re-locking the file the path names now",
+            match kind { MigrationKind::Unlinked => "unlinked", MigrationKind::Replaced => "replaced", MigrationKind::DeviceChanged => "moved to another device" },
+        );
+    }
+
+    #[inline]
+    fn lock_fd(
+        &self,
+        pool: &Mutex<Vec<LockFd>>,
+        mode: LockMode,
+        wait: Wait,
+        contended: &mut bool,
+    ) -> Result<Option<Held>> {
+        let popped = pool.lock().pop();
+        let fd = match popped {
+            Some(fd) => fd,
+            None => self.reopen()?,
+        };
+        match self.kernel_lock(fd.fd.as_fd(), mode, wait, contended) {
+            Ok(true) => Ok(Some(Held::Fd(fd))),
+            Ok(false) => {
+                self.give_back(pool, fd);
+                Ok(None)
+            }
+            Err(e) => Err(e), // the descriptor is closed; it holds nothing
+        }
+    }
+
+    /// Kernel lock on `fd`: non-blocking first; on conflict count it, then block if asked.
+    #[inline]
+    fn kernel_lock(
+        &self,
+        fd: BorrowedFd<'_>,
+        mode: LockMode,
+        wait: Wait,
+        contended: &mut bool,
+    ) -> Result<bool> {
+        match sys::lock(fd, self.kind, mode, false) {
+            Ok(true) => return Ok(true),
+            Ok(false) => self.conflict(mode, contended),
+            Err(errno) => return Err(self.err(Operation::Lock, errno)),
+        }
+        match wait {
+            Wait::No => Ok(false),
+            Wait::Block => sys::lock(fd, self.kind, mode, true)
+                .map_err(|errno| self.err(Operation::Lock, errno)),
+        }
+    }
+
+    #[inline]
+    fn conflict(&self, mode: LockMode, contended: &mut bool) {
+        if !*contended {
+            *contended = true;
+            self.metrics.conflict(mode);
+        }
+    }
+
+    fn lock_posix(
+        &self,
+        current: &Mutex<PosixHandle>,
+        mode: LockMode,
+        wait: Wait,
+        contended: &mut bool,
+    ) -> Result<Option<Held>> {
+        let handle = current.lock().clone();
+        let file = handle.file();
+        // In-process gate first: threads of one process never exclude each other in the kernel.
+        let gated = match mode {
+            LockMode::Exclusive => file.gate.try_lock_exclusive(),
+            LockMode::Shared => file.gate.try_lock_shared(),
+        };
+        if !gated {
+            self.conflict(mode, contended);
+            match wait {
+                Wait::No => return Ok(None),
+                Wait::Block => match mode {
+                    LockMode::Exclusive => file.gate.lock_exclusive(),
+                    LockMode::Shared => file.gate.lock_shared(),
+                },
+            }
+        }
+        let unlock_gate = || {
+            // SAFETY: the gate was locked in `mode` above by this call.
+            unsafe {
+                match mode {
+                    LockMode::Exclusive => file.gate.unlock_exclusive(),
+                    LockMode::Shared => file.gate.unlock_shared(),
+                }
+            }
+        };
+        let kernel = match mode {
+            LockMode::Exclusive => self.kernel_lock(file.fd(), mode, wait, contended),
+            LockMode::Shared => {
+                // The first shared holder in this process takes the kernel read lock for all.
+                // A thread may be blocked in the kernel holding `readers` (first reader waiting
+                // for another process's writer): a non-blocking attempt must not wait for it.
+                let readers = match wait {
+                    Wait::Block => Some(file.readers.lock()),
+                    Wait::No => file.readers.try_lock(),
+                };
+                let Some(mut readers) = readers else {
+                    self.conflict(mode, contended);
+                    unlock_gate();
+                    return Ok(None);
+                };
+                if *readers == 0 {
+                    let r = self.kernel_lock(file.fd(), mode, wait, contended);
+                    if let Ok(true) = r {
+                        *readers = 1;
+                    }
+                    r
+                } else {
+                    *readers += 1;
+                    Ok(true)
+                }
+            }
+        };
+        match kernel {
+            Ok(true) => Ok(Some(Held::Posix(handle))),
+            Ok(false) => {
+                unlock_gate();
+                Ok(None)
+            }
+            Err(e) => {
+                unlock_gate();
+                Err(e)
+            }
+        }
+    }
+
+    /// Releases a held lock (kernel, then the in-process gate for POSIX).
+    fn unlock_held(&self, held: Held, mode: LockMode) -> std::result::Result<(), Errno> {
+        match held {
+            Held::Fd(fd) => {
+                let r = sys::unlock(fd.fd.as_fd(), self.kind);
+                if r.is_ok() {
+                    if let Backend::Fds(pool) = &self.backend {
+                        self.give_back(pool, fd);
+                    }
+                }
+                // On failure the descriptor is dropped here: closing the last descriptor of an
+                // open file description releases flock and OFD locks.
+                r
+            }
+            Held::Posix(handle) => {
+                let file = handle.file();
+                let r = match mode {
+                    LockMode::Exclusive => sys::unlock(file.fd(), self.kind),
+                    LockMode::Shared => {
+                        let mut readers = file.readers.lock();
+                        *readers -= 1;
+                        if *readers == 0 {
+                            sys::unlock(file.fd(), self.kind)
+                        } else {
+                            Ok(())
+                        }
+                    }
+                };
+                // SAFETY: a `Held::Posix` in `mode` owns one lock of the gate in that mode.
+                unsafe {
+                    match mode {
+                        LockMode::Exclusive => file.gate.unlock_exclusive(),
+                        LockMode::Shared => file.gate.unlock_shared(),
+                    }
+                }
+                r
+            }
+        }
+    }
+
+    /// Lets go of a lock on an inode the path no longer names, and of every descriptor of it.
+    #[cold]
+    fn discard(&self, held: Held, mode: LockMode) {
+        let old = held.id();
+        if let Err(errno) = self.unlock_held(held, mode) {
+            // Counted, not returned: the descriptors of the orphaned inode are closed below,
+            // which releases a flock/OFD lock; the caller goes on to lock the new file.
+            self.err(Operation::Unlock, errno);
+        }
+        match &self.backend {
+            Backend::Fds(pool) => pool.lock().retain(|fd| fd.id != old),
+            Backend::Posix(current) => {
+                let mut cur = current.lock();
+                if cur.file().id == old {
+                    match open_fd(&self.path, self.create, self.mode, self.kind) {
+                        Ok(fd) => *cur = PosixHandle::register(fd.fd, fd.id),
+                        // Counted now; the next attempt re-opens through the old handle, finds
+                        // the same mismatch and reports through `Unstable` or the open error.
+                        Err(e) => {
+                            count_error(&self.metrics, e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn give_back(&self, pool: &Mutex<Vec<LockFd>>, fd: LockFd) {
+        let mut idle = pool.lock();
+        if idle.len() < MAX_IDLE_FDS {
+            idle.push(fd);
+        }
+    }
+
+    #[cold]
+    fn reopen(&self) -> Result<LockFd> {
+        open_fd(&self.path, self.create, self.mode, self.kind)
+            .map_err(|e| count_error(&self.metrics, e))
+    }
+
+    #[cold]
+    fn err(&self, operation: Operation, errno: Errno) -> Error {
+        count_error(
+            &self.metrics,
+            Error::Os {
+                path: self.path.clone(),
+                operation,
+                errno,
+            },
+        )
+    }
+}
+
+/// Counts an error in `lock.errors` and logs it at debug level; returns it for the caller.
+#[cold]
+fn count_error(metrics: &LockMetrics, e: Error) -> Error {
+    metrics.error(e.operation().as_str(), e.errno_name());
+    tracing::debug!(error = %e, "lock operation failed");
+    e
+}
+
+fn open_fd(path: &Path, create: bool, mode: u32, kind: LockKind) -> Result<LockFd> {
+    match sys::open_lock_file(path, create, mode, kind) {
+        Ok((fd, id)) => Ok(LockFd { fd, id }),
+        Err(sys::OpenError::Errno(Errno::ISDIR)) => Err(Error::IsDirectory {
+            path: path.to_path_buf(),
+        }),
+        Err(sys::OpenError::Errno(Errno::LOOP)) => Err(Error::Symlink {
+            path: path.to_path_buf(),
+        }),
+        Err(sys::OpenError::Errno(errno)) => Err(Error::Os {
+            path: path.to_path_buf(),
+            operation: Operation::Open,
+            errno,
+        }),
+        Err(sys::OpenError::NotRegular(rustix::fs::FileType::Directory)) => {
+            Err(Error::IsDirectory {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(sys::OpenError::NotRegular(_)) => Err(Error::NotRegularFile {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+#[inline]
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// A held file lock. Dropping it releases the lock with an explicit unlock (`LOCK_UN` /
+/// `F_UNLCK`); a failed unlock is counted in `lock.errors` and logged at `error` level. Call
+/// [`FileLockGuard::unlock`] to get the error instead.
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct FileLockGuard<'a> {
+    lock: &'a FileLock,
+    held: Option<Held>,
+    mode: LockMode,
+    contended: bool,
+    acquired_at: Instant,
+}
+
+impl fmt::Debug for FileLockGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileLockGuard")
+            .field("lock", &self.lock.name)
+            .field("mode", &self.mode)
+            .field("contended", &self.contended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileLockGuard<'_> {
+    /// The mode the lock is held in.
+    pub fn mode(&self) -> LockMode {
+        self.mode
+    }
+
+    /// Whether the acquire found the lock taken and had to wait.
+    pub fn was_contended(&self) -> bool {
+        self.contended
+    }
+
+    /// When the lock was acquired.
+    pub fn acquired_at(&self) -> Instant {
+        self.acquired_at
+    }
+
+    /// Releases the lock, returning the unlock error if there is one (it is also counted).
+    pub fn unlock(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        let Some(held) = self.held.take() else {
+            return Ok(());
+        };
+        let hold = self.acquired_at.elapsed();
+        let r = self.lock.unlock_held(held, self.mode);
+        self.lock
+            .metrics
+            .released(self.mode, self.contended, secs(hold));
+        r.map_err(|errno| self.lock.err(Operation::Unlock, errno))
+    }
+}
+
+impl AsFd for FileLockGuard<'_> {
+    /// The locked descriptor (for handing the lock to a child process, as `lockmeter exec`
+    /// does). Closing a duplicate of it does not release a `flock`/OFD lock; for POSIX locks
+    /// any close of any descriptor of the file does.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.held {
+            Some(h) => h.fd(),
+            // Unreachable: `held` is only taken by `release`, which consumes or drops the guard.
+            None => unreachable_released(),
+        }
+    }
+}
+
+#[cold]
+fn unreachable_released() -> ! {
+    // `held` is `None` only inside `release`, which is reached from `unlock(self)` or `drop`;
+    // no `&self` method can observe it.
+    std::process::abort()
+}
+
+impl Drop for FileLockGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            tracing::error!(error = %e, lock.name = %self.lock.name, "failed to release lock");
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The metric schema (see `DESIGN.md`): instrument names, units, attribute keys and values,
+//! histogram boundaries, and the per-lock set of pre-bound instruments.
+//!
+//! Everything a lock records on its hot path goes through handles bound once, when the lock
+//! is created ([`LockMetrics::new`]); cold paths (errors, migrations, violations) build their
+//! attribute lists when they happen.
+
+use opentelemetry::metrics::{
+    BoundCounter, BoundHistogram, BoundUpDownCounter, Counter, Meter,
+};
+use opentelemetry::KeyValue;
+
+/// Instrumentation scope name of every lockmeter instrument.
+pub const SCOPE: &str = "lockmeter";
+
+/// Instrument names, as exported over OTLP. Prometheus names are derived by the exporter
+/// (`lock.duration` with unit `s` becomes `lock_duration_seconds`, counters gain `_total`).
+pub mod names {
+    /// Hold time histogram (seconds): from acquired to released.
+    pub const DURATION: &str = "lock.duration";
+    /// Wait time histogram (seconds): time spent in an acquire call, whatever its outcome.
+    pub const WAIT_DURATION: &str = "lock.wait.duration";
+    /// Successful acquisitions.
+    pub const ACQUISITIONS: &str = "lock.acquisitions";
+    /// Acquires that found the lock taken.
+    pub const CONFLICTS: &str = "lock.conflicts";
+    /// Failed lock operations.
+    pub const ERRORS: &str = "lock.errors";
+    /// Lock files found replaced, unlinked or moved to another device.
+    pub const INODE_MIGRATIONS: &str = "lock.inode.migrations";
+    /// Exclusion violations: someone else acquired a lock we held.
+    pub const VIOLATIONS: &str = "lock.violations";
+    /// Locks held now.
+    pub const HELD: &str = "lock.held";
+}
+
+/// Attribute keys.
+pub mod keys {
+    /// Stable lock name (defaults to the path as given).
+    pub const LOCK_NAME: &str = "lock.name";
+    /// `flock`, `ofd`, `posix`, `mutex`, ...
+    pub const LOCK_KIND: &str = "lock.kind";
+    /// `exclusive` or `shared`.
+    pub const LOCK_MODE: &str = "lock.mode";
+    /// `true` when the acquire found the lock taken.
+    pub const LOCK_CONTENDED: &str = "lock.contended";
+    /// Outcome of an acquire call.
+    pub const LOCK_OUTCOME: &str = "lock.outcome";
+    /// `open`, `lock`, `unlock` or `verify`.
+    pub const LOCK_OPERATION: &str = "lock.operation";
+    /// Errno name.
+    pub const ERROR_TYPE: &str = "error.type";
+    /// `replaced`, `unlinked` or `device_changed`.
+    pub const MIGRATION_KIND: &str = "migration.kind";
+    /// `acquire`, `hold` or `release`.
+    pub const MIGRATION_DETECTED_AT: &str = "migration.detected_at";
+    /// File-system type of a lock file (`ext4`, `tmpfs`, `nfs`, `fuse`, ...).
+    pub const FS_TYPE: &str = "fs.type";
+}
+
+/// Histogram boundaries in seconds, from 1 µs to 5 min. Set explicitly on `lock.duration` and
+/// `lock.wait.duration` because the SDK defaults are meant for milliseconds. Override with an
+/// SDK view (the `telemetry` builder has `histogram_boundaries`).
+pub const DEFAULT_BOUNDARIES: &[f64] = &[
+    1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0,
+    60.0, 300.0,
+];
+
+/// Lock mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LockMode {
+    /// One holder at a time (`LOCK_EX`, `F_WRLCK`, a mutex, a write lock).
+    Exclusive,
+    /// Many holders at once, none exclusive (`LOCK_SH`, `F_RDLCK`, a read lock).
+    Shared,
+}
+
+impl LockMode {
+    /// The attribute value: `exclusive` or `shared`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Exclusive => "exclusive",
+            LockMode::Shared => "shared",
+        }
+    }
+    #[inline]
+    fn idx(self) -> usize {
+        self as usize
+    }
+}
+
+/// Outcome of an acquire call (`lock.outcome` on `lock.wait.duration`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The lock was acquired.
+    Acquired,
+    /// A non-blocking attempt found the lock taken.
+    WouldBlock,
+    /// The deadline passed before the lock was free.
+    Timeout,
+    /// The caller gave up (an async acquire was dropped).
+    Cancelled,
+    /// The acquire failed with an error.
+    Error,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 5] = [
+        Outcome::Acquired,
+        Outcome::WouldBlock,
+        Outcome::Timeout,
+        Outcome::Cancelled,
+        Outcome::Error,
+    ];
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Acquired => "acquired",
+            Outcome::WouldBlock => "would_block",
+            Outcome::Timeout => "timeout",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// How an inode migration showed itself (`migration.kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MigrationKind {
+    /// The path now names another inode on the same device (renamed over, recreated).
+    Replaced,
+    /// The path no longer exists.
+    Unlinked,
+    /// The path now names a file on another device (remounted, another mount on top).
+    DeviceChanged,
+}
+
+impl MigrationKind {
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationKind::Replaced => "replaced",
+            MigrationKind::Unlinked => "unlinked",
+            MigrationKind::DeviceChanged => "device_changed",
+        }
+    }
+}
+
+/// When an inode migration was noticed (`migration.detected_at`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DetectedAt {
+    /// Right after acquiring (lock-then-verify).
+    Acquire,
+    /// While the lock was held.
+    Hold,
+    /// At release.
+    Release,
+}
+
+impl DetectedAt {
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectedAt::Acquire => "acquire",
+            DetectedAt::Hold => "hold",
+            DetectedAt::Release => "release",
+        }
+    }
+}
+
+/// The default meter: the global meter provider's `lockmeter` scope.
+///
+/// The global provider is read when a lock is created, so install telemetry first.
+pub fn default_meter() -> Meter {
+    opentelemetry::global::meter_provider().meter(SCOPE)
+}
+
+/// The schema's instruments, created on one meter. Creating them again on the same meter is
+/// cheap (the SDK returns the same streams), but is only done when a lock is created.
+#[derive(Clone, Debug)]
+struct Instruments {
+    duration: opentelemetry::metrics::Histogram<f64>,
+    wait: opentelemetry::metrics::Histogram<f64>,
+    acquisitions: Counter<u64>,
+    conflicts: Counter<u64>,
+    errors: Counter<u64>,
+    migrations: Counter<u64>,
+    violations: Counter<u64>,
+    held: opentelemetry::metrics::UpDownCounter<i64>,
+}
+
+impl Instruments {
+    fn new(meter: &Meter) -> Self {
+        Instruments {
+            duration: meter
+                .f64_histogram(names::DURATION)
+                .with_unit("s")
+                .with_description("Time a lock was held, from acquired to released.")
+                .with_boundaries(DEFAULT_BOUNDARIES.to_vec())
+                .build(),
+            wait: meter
+                .f64_histogram(names::WAIT_DURATION)
+                .with_unit("s")
+                .with_description("Time spent in an acquire call, whatever its outcome.")
+                .with_boundaries(DEFAULT_BOUNDARIES.to_vec())
+                .build(),
+            acquisitions: meter
+                .u64_counter(names::ACQUISITIONS)
+                .with_unit("{acquisition}")
+                .with_description("Locks acquired.")
+                .build(),
+            conflicts: meter
+                .u64_counter(names::CONFLICTS)
+                .with_unit("{conflict}")
+                .with_description("Acquires that found the lock taken and had to wait or give up.")
+                .build(),
+            errors: meter
+                .u64_counter(names::ERRORS)
+                .with_unit("{error}")
+                .with_description("Failed lock operations, by operation and errno.")
+                .build(),
+            migrations: meter
+                .u64_counter(names::INODE_MIGRATIONS)
+                .with_unit("{migration}")
+                .with_description(
+                    "Lock files replaced, unlinked or moved while being locked or held: the lock guarded an orphaned inode.",
+                )
+                .build(),
+            violations: meter
+                .u64_counter(names::VIOLATIONS)
+                .with_unit("{violation}")
+                .with_description("Exclusion violations: another holder acquired a lock we held.")
+                .build(),
+            held: meter
+                .i64_up_down_counter(names::HELD)
+                .with_unit("{lock}")
+                .with_description("Locks held now.")
+                .build(),
+        }
+    }
+}
+
+/// Per-lock instruments, bound once to the lock's attribute sets.
+///
+/// This is the recording core shared by every lock type in lockmeter. Hot-path methods record
+/// through pre-bound handles and never allocate.
+#[derive(Debug)]
+pub struct LockMetrics {
+    base: Vec<KeyValue>,
+    duration: [[BoundHistogram<f64>; 2]; 2],
+    wait: [[BoundHistogram<f64>; 5]; 2],
+    acquisitions: [[BoundCounter<u64>; 2]; 2],
+    conflicts: [BoundCounter<u64>; 2],
+    held: [BoundUpDownCounter<i64>; 2],
+    errors: Counter<u64>,
+    migrations: Counter<u64>,
+    violations: Counter<u64>,
+}
+
+impl LockMetrics {
+    /// Binds the schema's instruments for one lock. `extra` attributes (such as `fs.type`) are
+    /// added to every series of the lock.
+    pub fn new(meter: &Meter, name: &str, kind: &str, extra: &[KeyValue]) -> Self {
+        let ins = Instruments::new(meter);
+        let mut base = vec![
+            KeyValue::new(keys::LOCK_NAME, name.to_owned()),
+            KeyValue::new(keys::LOCK_KIND, kind.to_owned()),
+        ];
+        base.extend_from_slice(extra);
+        let with = |more: &[KeyValue]| -> Vec<KeyValue> {
+            let mut v = base.clone();
+            v.extend_from_slice(more);
+            v
+        };
+        let mode_kv = |m: LockMode| KeyValue::new(keys::LOCK_MODE, m.as_str());
+        let modes = [LockMode::Exclusive, LockMode::Shared];
+        let contended = |c: bool| KeyValue::new(keys::LOCK_CONTENDED, c);
+        LockMetrics {
+            duration: modes.map(|m| {
+                [false, true].map(|c| ins.duration.bind(&with(&[mode_kv(m), contended(c)])))
+            }),
+            wait: modes.map(|m| {
+                Outcome::ALL.map(|o| {
+                    ins.wait
+                        .bind(&with(&[mode_kv(m), KeyValue::new(keys::LOCK_OUTCOME, o.as_str())]))
+                })
+            }),
+            acquisitions: modes.map(|m| {
+                [false, true].map(|c| ins.acquisitions.bind(&with(&[mode_kv(m), contended(c)])))
+            }),
+            conflicts: modes.map(|m| ins.conflicts.bind(&with(&[mode_kv(m)]))),
+            held: modes.map(|m| ins.held.bind(&with(&[mode_kv(m)]))),
+            errors: ins.errors,
+            migrations: ins.migrations,
+            violations: ins.violations,
+            base,
+        }
+    }
+
+    /// Records a successful acquisition: the wait, the acquisition count and `lock.held` + 1.
+    #[inline]
+    pub fn acquired(&self, mode: LockMode, contended: bool, wait_secs: f64) {
+        let m = mode.idx();
+        self.wait[m][0].record(wait_secs);
+        self.acquisitions[m][contended as usize].add(1);
+        self.held[m].add(1);
+    }
+
+    /// Records a release: the hold time and `lock.held` - 1.
+    #[inline]
+    pub fn released(&self, mode: LockMode, contended: bool, hold_secs: f64) {
+        let m = mode.idx();
+        self.duration[m][contended as usize].record(hold_secs);
+        self.held[m].add(-1);
+    }
+
+    /// Records an acquire that found the lock taken.
+    #[inline]
+    pub fn conflict(&self, mode: LockMode) {
+        self.conflicts[mode.idx()].add(1);
+    }
+
+    /// Records the wait of an acquire call that did not acquire.
+    #[inline]
+    pub fn not_acquired(&self, mode: LockMode, outcome: Outcome, wait_secs: f64) {
+        self.wait[mode.idx()][outcome as usize].record(wait_secs);
+    }
+
+    /// Counts an error (`lock.errors`) with its operation and errno name.
+    #[cold]
+    pub fn error(&self, operation: &str, error_type: &str) {
+        let mut attrs = self.base.clone();
+        attrs.push(KeyValue::new(keys::LOCK_OPERATION, operation.to_owned()));
+        attrs.push(KeyValue::new(keys::ERROR_TYPE, error_type.to_owned()));
+        self.errors.add(1, &attrs);
+    }
+
+    /// Counts an inode migration.
+    #[cold]
+    pub fn migration(&self, kind: MigrationKind, at: DetectedAt) {
+        let mut attrs = self.base.clone();
+        attrs.push(KeyValue::new(keys::MIGRATION_KIND, kind.as_str()));
+        attrs.push(KeyValue::new(keys::MIGRATION_DETECTED_AT, at.as_str()));
+        self.migrations.add(1, &attrs);
+    }
+
+    /// Counts an exclusion violation.
+    #[cold]
+    pub fn violation(&self) {
+        self.violations.add(1, &self.base);
+    }
+
+    /// The attributes every series of this lock carries (`lock.name`, `lock.kind`, extras).
+    pub fn base_attributes(&self) -> &[KeyValue] {
+        &self.base
+    }
+}

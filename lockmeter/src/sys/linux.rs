@@ -1,0 +1,262 @@
+//! Linux implementation of the lock-file system calls.
+//!
+//! `flock(2)` and process-associated POSIX locks go through rustix; OFD locks
+//! (`F_OFD_SETLK`/`F_OFD_SETLKW`) through `libc`, which rustix does not wrap.
+
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
+
+use crate::{LockKind, LockMode};
+
+/// Identity of an inode: what a path named when it was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct FileId {
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+}
+
+impl std::fmt::Display for FileId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:x}:{:x}:{}",
+            rustix::fs::major(self.dev),
+            rustix::fs::minor(self.dev),
+            self.ino
+        )
+    }
+}
+
+/// What `open_lock_file` failed on, beyond a plain errno.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    Errno(Errno),
+    NotRegular(FileType),
+}
+
+/// Opens (and optionally creates) a lock file with `O_CLOEXEC | O_NOFOLLOW | O_NOCTTY`.
+///
+/// Read-write first, as exclusive locks need on NFS and POSIX/OFD write locks need everywhere;
+/// for `flock` a read-only fallback is tried when write access is refused (`EACCES`, `EROFS`),
+/// which is what `flock(1)` does.
+pub(crate) fn open_lock_file(
+    path: &Path,
+    create: bool,
+    mode: u32,
+    kind: LockKind,
+) -> Result<(OwnedFd, FileId), OpenError> {
+    let base = OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY;
+    let create_flag = if create {
+        OFlags::CREATE
+    } else {
+        OFlags::empty()
+    };
+    let perm = Mode::from_raw_mode(mode);
+    let fd = match rustix::fs::open(path, base | OFlags::RDWR | create_flag, perm) {
+        Ok(fd) => fd,
+        Err(e @ (Errno::ACCESS | Errno::ROFS)) if kind == LockKind::Flock => {
+            // The file may exist and be readable: flock works on a read-only descriptor locally.
+            rustix::fs::open(path, base | OFlags::RDONLY, Mode::empty()).map_err(|e2| {
+                OpenError::Errno(if e2 == Errno::NOENT { e } else { e2 })
+            })?
+        }
+        Err(e) => return Err(OpenError::Errno(e)),
+    };
+    let st = rustix::fs::fstat(&fd).map_err(OpenError::Errno)?;
+    let ft = FileType::from_raw_mode(st.st_mode);
+    if ft != FileType::RegularFile {
+        return Err(OpenError::NotRegular(ft));
+    }
+    Ok((fd, id_of(&st)))
+}
+
+fn id_of(st: &rustix::fs::Stat) -> FileId {
+    FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    }
+}
+
+/// Identity of the inode a path names now, without following a final symlink.
+#[inline]
+pub(crate) fn path_id(path: &Path) -> Result<FileId, Errno> {
+    rustix::fs::lstat(path).map(|st| id_of(&st))
+}
+
+/// Takes a lock. Returns `Ok(false)` when `blocking` is false and the lock is held elsewhere.
+/// `EINTR` during a blocking wait is retried: a signal does not abandon the acquire.
+#[inline]
+pub(crate) fn lock(
+    fd: BorrowedFd<'_>,
+    kind: LockKind,
+    mode: LockMode,
+    blocking: bool,
+) -> Result<bool, Errno> {
+    loop {
+        let r = match kind {
+            LockKind::Flock => rustix::fs::flock(fd, flock_op(mode, blocking)),
+            LockKind::Posix => rustix::fs::fcntl_lock(fd, flock_op(mode, blocking)),
+            LockKind::Ofd => ofd(fd, Some(mode), blocking),
+        };
+        match r {
+            Ok(()) => return Ok(true),
+            // flock: EWOULDBLOCK; fcntl: EAGAIN or EACCES for a conflicting lock.
+            Err(Errno::WOULDBLOCK) if !blocking => return Ok(false),
+            Err(Errno::ACCESS) if !blocking && kind != LockKind::Flock => return Ok(false),
+            Err(Errno::INTR) if blocking => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Releases a lock explicitly (`LOCK_UN` / `F_UNLCK`).
+#[inline]
+pub(crate) fn unlock(fd: BorrowedFd<'_>, kind: LockKind) -> Result<(), Errno> {
+    match kind {
+        LockKind::Flock => rustix::fs::flock(fd, FlockOperation::Unlock),
+        LockKind::Posix => rustix::fs::fcntl_lock(fd, FlockOperation::Unlock),
+        LockKind::Ofd => ofd(fd, None, false),
+    }
+}
+
+#[inline]
+fn flock_op(mode: LockMode, blocking: bool) -> FlockOperation {
+    match (mode, blocking) {
+        (LockMode::Exclusive, true) => FlockOperation::LockExclusive,
+        (LockMode::Exclusive, false) => FlockOperation::NonBlockingLockExclusive,
+        (LockMode::Shared, true) => FlockOperation::LockShared,
+        (LockMode::Shared, false) => FlockOperation::NonBlockingLockShared,
+    }
+}
+
+/// Whole-file OFD lock (`F_OFD_SETLK[W]`); `mode == None` unlocks.
+fn ofd(fd: BorrowedFd<'_>, mode: Option<LockMode>, blocking: bool) -> Result<(), Errno> {
+    let l_type = match mode {
+        Some(LockMode::Exclusive) => libc::F_WRLCK,
+        Some(LockMode::Shared) => libc::F_RDLCK,
+        None => libc::F_UNLCK,
+    };
+    // SAFETY: an all-zero `flock` is a valid value; the fields we need are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = l_type as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0; // whole file, including bytes appended later
+    fl.l_pid = 0; // required to be 0 for OFD locks
+    let cmd = if blocking {
+        libc::F_OFD_SETLKW
+    } else {
+        libc::F_OFD_SETLK
+    };
+    // SAFETY: `fd` is a valid open descriptor for the duration of the borrow and `fl` is a
+    // properly initialised `struct flock` that outlives the call.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
+    if r == -1 {
+        Err(Errno::from_raw_os_error(
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Name of the file system a descriptor lives on, from the `statfs(2)` magic number.
+pub(crate) fn fs_type(fd: BorrowedFd<'_>) -> &'static str {
+    match rustix::fs::fstatfs(fd) {
+        Ok(st) => fs_type_name(st.f_type as i64),
+        Err(_) => "unknown",
+    }
+}
+
+/// File-system type of the directory a (possibly missing) path would live in.
+pub(crate) fn fs_type_of_parent(path: &Path) -> &'static str {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match rustix::fs::statfs(parent) {
+        Ok(st) => fs_type_name(st.f_type as i64),
+        Err(_) => "unknown",
+    }
+}
+
+/// Maps a `statfs` `f_type` magic number (see `statfs(2)`, `linux/magic.h`) to a name.
+pub(crate) fn fs_type_name(magic: i64) -> &'static str {
+    match magic as u32 {
+        0xEF53 => "ext4", // ext2/3/4 share the magic
+        0x5846_5342 => "xfs",
+        0x9123_683E => "btrfs",
+        0x0102_1994 => "tmpfs",
+        0x8584_58f6 => "ramfs",
+        0x6969 => "nfs",
+        0x6573_5546 => "fuse",
+        0x794c_7630 => "overlay",
+        0xFF53_4D42 => "cifs",
+        0xFE53_4D42 => "smb2",
+        0x2fc1_2fc1 => "zfs",
+        0x0102_1997 => "9p",
+        0x00c3_6400 => "ceph",
+        0x7371_7368 => "squashfs",
+        0x9fa0 => "proc",
+        0x6265_6572 => "sysfs",
+        0x4d44 => "vfat",
+        0x5346_544e => "ntfs",
+        0x2011_BAB0 => "exfat",
+        0xF2F5_2010 => "f2fs",
+        0x0BD0_0BD0 => "lustre",
+        0x4750_4653 => "gpfs",
+        0x6a65_6a65 => "gfs2",
+        0x7461_636f => "ocfs2",
+        0x5346_414F => "afs",
+        _ => "unknown",
+    }
+}
+
+/// Symbolic name of an errno (`EACCES`, `ENOLCK`, ...), for the `error.type` attribute.
+pub(crate) fn errno_name(e: Errno) -> &'static str {
+    match e {
+        Errno::PERM => "EPERM",
+        Errno::NOENT => "ENOENT",
+        Errno::INTR => "EINTR",
+        Errno::IO => "EIO",
+        Errno::NXIO => "ENXIO",
+        Errno::BADF => "EBADF",
+        Errno::AGAIN => "EAGAIN",
+        Errno::NOMEM => "ENOMEM",
+        Errno::ACCESS => "EACCES",
+        Errno::FAULT => "EFAULT",
+        Errno::BUSY => "EBUSY",
+        Errno::EXIST => "EEXIST",
+        Errno::XDEV => "EXDEV",
+        Errno::NODEV => "ENODEV",
+        Errno::NOTDIR => "ENOTDIR",
+        Errno::ISDIR => "EISDIR",
+        Errno::INVAL => "EINVAL",
+        Errno::NFILE => "ENFILE",
+        Errno::MFILE => "EMFILE",
+        Errno::TXTBSY => "ETXTBSY",
+        Errno::FBIG => "EFBIG",
+        Errno::NOSPC => "ENOSPC",
+        Errno::ROFS => "EROFS",
+        Errno::DEADLK => "EDEADLK",
+        Errno::NAMETOOLONG => "ENAMETOOLONG",
+        Errno::NOLCK => "ENOLCK",
+        Errno::NOSYS => "ENOSYS",
+        Errno::LOOP => "ELOOP",
+        Errno::OVERFLOW => "EOVERFLOW",
+        Errno::OPNOTSUPP => "EOPNOTSUPP",
+        Errno::TIMEDOUT => "ETIMEDOUT",
+        Errno::STALE => "ESTALE",
+        Errno::DQUOT => "EDQUOT",
+        Errno::NOTCONN => "ENOTCONN",
+        Errno::CONNREFUSED => "ECONNREFUSED",
+        Errno::HOSTUNREACH => "EHOSTUNREACH",
+        Errno::NOLINK => "ENOLINK",
+        Errno::COMM => "ECOMM",
+        Errno::REMOTEIO => "EREMOTEIO",
+        _ => "EUNKNOWN",
+    }
+}

@@ -1,0 +1,684 @@
+//! Telemetry set-up for applications (feature `telemetry`): one call installs an SDK meter
+//! provider (and, when asked, a tracer provider and a `tracing` subscriber) from the standard
+//! `OTEL_*` variables, serves Prometheus `/metrics` over HTTP, and pushes OTLP.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let _telemetry = lockmeter::telemetry::init()?; // flushes and shuts down on drop
+//! let lock = lockmeter::FileLock::open("/tmp/app.lock")?;
+//! let _guard = lock.lock()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` | resource | the program name |
+//! | `OTEL_METRICS_EXPORTER` | `prometheus`, `otlp`, `none`, comma-separated | builder default: `prometheus`, plus `otlp` when an OTLP endpoint is set |
+//! | `OTEL_TRACES_EXPORTER` | `otlp` or `none` | `otlp` when an OTLP endpoint is set, else `none` |
+//! | `OTEL_EXPORTER_OTLP_ENDPOINT` | collector address | unset |
+//! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `grpc` or `http/protobuf` | `http/protobuf` (as the OTLP spec says) |
+//! | `OTEL_METRIC_EXPORT_INTERVAL` | OTLP push period, ms | 60000 |
+//! | `OTEL_EXPORTER_PROMETHEUS_HOST` | listen address | `127.0.0.1` |
+//! | `OTEL_EXPORTER_PROMETHEUS_PORT` | listen port | `9464` |
+//!
+//! Recording never waits on the network: OTLP is pushed from the SDK's reader thread, so an
+//! unreachable collector costs the lock path nothing (failed exports are logged by the SDK).
+//! A busy Prometheus port is an error from [`TelemetryBuilder::init`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::metrics::{Aggregation, Instrument, SdkMeterProvider, Stream};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::metrics::{names, DEFAULT_BOUNDARIES, SCOPE};
+
+/// Errors from setting telemetry up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TelemetryError {
+    /// The Prometheus listen address could not be bound (busy port, bad address, permission).
+    #[error("cannot serve Prometheus metrics on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The bind error (`EADDRINUSE`, `EACCES`, ...).
+        source: std::io::Error,
+    },
+    /// A variable has a value lockmeter cannot use.
+    #[error("bad value {value:?} for {var}: {reason}")]
+    BadVariable {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// An exporter could not be built.
+    #[error("cannot build the {what} exporter: {message}")]
+    Exporter {
+        /// Which exporter.
+        what: &'static str,
+        /// The exporter's error.
+        message: String,
+    },
+    /// The background runtime could not be started.
+    #[error("cannot start the telemetry runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// A metrics exporter selectable through `OTEL_METRICS_EXPORTER`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsExporter {
+    /// Serve `/metrics` for Prometheus to scrape.
+    Prometheus,
+    /// Push OTLP to a collector.
+    Otlp,
+}
+
+/// OTLP transport (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// gRPC (port 4317 by convention).
+    Grpc,
+    /// HTTP with protobuf bodies (port 4318 by convention).
+    HttpProtobuf,
+}
+
+/// Builder for [`Telemetry`]. Explicit settings win over variables, which win over defaults.
+#[derive(Debug)]
+#[must_use = "call .init() to install telemetry"]
+pub struct TelemetryBuilder {
+    service_name: Option<String>,
+    metrics_exporters: Option<Vec<MetricsExporter>>,
+    default_metrics_exporters: Option<Vec<MetricsExporter>>,
+    traces: Option<bool>,
+    prometheus_addr: Option<SocketAddr>,
+    export_interval: Option<Duration>,
+    boundaries: Vec<f64>,
+    tracing_subscriber: bool,
+    set_global: bool,
+}
+
+impl Default for TelemetryBuilder {
+    fn default() -> Self {
+        TelemetryBuilder {
+            service_name: None,
+            metrics_exporters: None,
+            default_metrics_exporters: None,
+            traces: None,
+            prometheus_addr: None,
+            export_interval: None,
+            boundaries: DEFAULT_BOUNDARIES.to_vec(),
+            tracing_subscriber: true,
+            set_global: true,
+        }
+    }
+}
+
+/// Installs telemetry from the environment with default settings; see the module docs.
+pub fn init() -> Result<Telemetry, TelemetryError> {
+    Telemetry::builder().init()
+}
+
+impl TelemetryBuilder {
+    /// Service name used when neither `OTEL_SERVICE_NAME` nor `service.name` in
+    /// `OTEL_RESOURCE_ATTRIBUTES` is set (default: the program's file name).
+    pub fn service_name(mut self, name: impl Into<String>) -> Self {
+        self.service_name = Some(name.into());
+        self
+    }
+
+    /// Metrics exporters, overriding `OTEL_METRICS_EXPORTER`.
+    pub fn metrics_exporters(mut self, exporters: &[MetricsExporter]) -> Self {
+        self.metrics_exporters = Some(exporters.to_vec());
+        self
+    }
+
+    /// Metrics exporters used when `OTEL_METRICS_EXPORTER` is unset (default: Prometheus, plus
+    /// OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` or `..._METRICS_ENDPOINT` is set).
+    pub fn default_metrics_exporters(mut self, exporters: &[MetricsExporter]) -> Self {
+        self.default_metrics_exporters = Some(exporters.to_vec());
+        self
+    }
+
+    /// Whether to export traces over OTLP, overriding `OTEL_TRACES_EXPORTER`.
+    pub fn traces(mut self, on: bool) -> Self {
+        self.traces = Some(on);
+        self
+    }
+
+    /// Prometheus listen address, overriding `OTEL_EXPORTER_PROMETHEUS_HOST`/`_PORT`. Port 0
+    /// picks a free port; read it back with [`Telemetry::prometheus_addr`].
+    pub fn prometheus_addr(mut self, addr: SocketAddr) -> Self {
+        self.prometheus_addr = Some(addr);
+        self
+    }
+
+    /// OTLP push period, overriding `OTEL_METRIC_EXPORT_INTERVAL`.
+    pub fn export_interval(mut self, interval: Duration) -> Self {
+        self.export_interval = Some(interval);
+        self
+    }
+
+    /// Histogram boundaries (seconds) for `lock.duration` and `lock.wait.duration`, installed as
+    /// an SDK view (default [`DEFAULT_BOUNDARIES`]).
+    pub fn histogram_boundaries(mut self, boundaries: &[f64]) -> Self {
+        self.boundaries = boundaries.to_vec();
+        self
+    }
+
+    /// Install a global `tracing` subscriber: `fmt` to stderr filtered by `RUST_LOG` (default
+    /// `warn`), plus the OpenTelemetry layer when traces are exported (default `true`). If the
+    /// application already installed one, it is left alone.
+    pub fn tracing_subscriber(mut self, install: bool) -> Self {
+        self.tracing_subscriber = install;
+        self
+    }
+
+    /// Make the meter (and tracer) provider global (default `true`), so that locks created
+    /// without an explicit meter record into it.
+    pub fn set_global(mut self, global: bool) -> Self {
+        self.set_global = global;
+        self
+    }
+
+    /// Installs the providers and starts the exporters.
+    pub fn init(self) -> Result<Telemetry, TelemetryError> {
+        let otlp_endpoint_set = env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
+            || env_set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT");
+        let metrics_exporters = match self.metrics_exporters.clone() {
+            Some(e) => e,
+            None => match std::env::var("OTEL_METRICS_EXPORTER") {
+                Ok(v) if !v.trim().is_empty() => parse_metrics_exporters(&v)?,
+                _ => self.default_metrics_exporters.clone().unwrap_or_else(|| {
+                    let mut d = vec![MetricsExporter::Prometheus];
+                    if otlp_endpoint_set {
+                        d.push(MetricsExporter::Otlp);
+                    }
+                    d
+                }),
+            },
+        };
+        let traces = match self.traces {
+            Some(t) => t,
+            None => match std::env::var("OTEL_TRACES_EXPORTER") {
+                Ok(v) if !v.trim().is_empty() => parse_traces_exporter(&v)?,
+                _ => env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            },
+        };
+        let needs_otlp = traces || metrics_exporters.contains(&MetricsExporter::Otlp);
+        let protocol = if needs_otlp {
+            otlp_protocol()?
+        } else {
+            OtlpProtocol::HttpProtobuf
+        };
+        let resource = self.resource();
+
+        // A runtime of our own, on its own thread: tonic's gRPC client and the HTTP server run
+        // there whatever runtime (or none) the application has.
+        let needs_runtime = metrics_exporters.contains(&MetricsExporter::Prometheus)
+            || (needs_otlp && protocol == OtlpProtocol::Grpc);
+        let runtime = if needs_runtime {
+            Some(BackgroundRuntime::start()?)
+        } else {
+            None
+        };
+
+        let mut mp = SdkMeterProvider::builder().with_resource(resource.clone());
+        let boundaries = self.boundaries.clone();
+        mp = mp.with_view(move |i: &Instrument| {
+            if i.name() == names::DURATION || i.name() == names::WAIT_DURATION {
+                Stream::builder()
+                    .with_aggregation(Aggregation::ExplicitBucketHistogram {
+                        boundaries: boundaries.clone(),
+                        record_min_max: true,
+                    })
+                    .build()
+                    .ok()
+            } else {
+                None
+            }
+        });
+
+        let mut prometheus = None;
+        if metrics_exporters.contains(&MetricsExporter::Prometheus) {
+            let addr = match self.prometheus_addr {
+                Some(a) => a,
+                None => prometheus_addr_from_env()?,
+            };
+            let registry = prometheus::Registry::new();
+            let exporter = opentelemetry_prometheus::exporter()
+                .with_registry(registry.clone())
+                .build()
+                .map_err(|e| TelemetryError::Exporter {
+                    what: "prometheus",
+                    message: e.to_string(),
+                })?;
+            mp = mp.with_reader(exporter);
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| TelemetryError::Bind { addr, source })?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| TelemetryError::Bind { addr, source })?;
+            if let Some(rt) = &runtime {
+                rt.serve_prometheus(listener, registry)?;
+            }
+            prometheus = Some(local);
+        }
+
+        if metrics_exporters.contains(&MetricsExporter::Otlp) {
+            let _enter = runtime.as_ref().map(|rt| rt.handle.enter());
+            let exporter = match protocol {
+                OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
+                    .with_tonic()
+                    .build(),
+                OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .build(),
+            }
+            .map_err(|e| TelemetryError::Exporter {
+                what: "OTLP metrics",
+                message: e.to_string(),
+            })?;
+            let mut reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter);
+            if let Some(i) = self.export_interval {
+                reader = reader.with_interval(i);
+            }
+            mp = mp.with_reader(reader.build());
+        }
+        let meter_provider = mp.build();
+
+        let tracer_provider = if traces {
+            let _enter = runtime.as_ref().map(|rt| rt.handle.enter());
+            let exporter = match protocol {
+                OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .build(),
+                OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .build(),
+            }
+            .map_err(|e| TelemetryError::Exporter {
+                what: "OTLP traces",
+                message: e.to_string(),
+            })?;
+            Some(
+                SdkTracerProvider::builder()
+                    .with_resource(resource)
+                    .with_batch_exporter(exporter)
+                    .build(),
+            )
+        } else {
+            None
+        };
+
+        if self.set_global {
+            opentelemetry::global::set_meter_provider(meter_provider.clone());
+            if let Some(tp) = &tracer_provider {
+                opentelemetry::global::set_tracer_provider(tp.clone());
+            }
+        }
+
+        let mut tracing_installed = false;
+        if self.tracing_subscriber {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+            let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+            let otel = tracer_provider
+                .as_ref()
+                .map(|tp| tracing_opentelemetry::layer().with_tracer(tp.tracer(SCOPE)));
+            tracing_installed = tracing_subscriber::registry()
+                .with(filter)
+                .with(fmt)
+                .with(otel)
+                .try_init()
+                .is_ok();
+        }
+
+        Ok(Telemetry {
+            meter_provider,
+            tracer_provider,
+            prometheus,
+            metrics_exporters,
+            protocol: needs_otlp.then_some(protocol),
+            tracing_installed,
+            runtime,
+        })
+    }
+
+    fn resource(&self) -> Resource {
+        let env_names_service = env_set("OTEL_SERVICE_NAME")
+            || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
+                .map(|v| v.split(',').any(|kv| kv.trim().starts_with("service.name=")))
+                .unwrap_or(false);
+        let mut b = Resource::builder();
+        if !env_names_service {
+            let name = self.service_name.clone().unwrap_or_else(program_name);
+            b = b.with_service_name(name);
+        }
+        b.build()
+    }
+}
+
+fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "lockmeter".to_owned())
+}
+
+fn env_set(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| !v.is_empty())
+}
+
+fn parse_metrics_exporters(v: &str) -> Result<Vec<MetricsExporter>, TelemetryError> {
+    let mut out = Vec::new();
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "prometheus" => out.push(MetricsExporter::Prometheus),
+            "otlp" => out.push(MetricsExporter::Otlp),
+            "none" => {}
+            _ => {
+                return Err(TelemetryError::BadVariable {
+                    var: "OTEL_METRICS_EXPORTER",
+                    value: v.to_owned(),
+                    reason: "expected a comma-separated list of prometheus, otlp, none",
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_traces_exporter(v: &str) -> Result<bool, TelemetryError> {
+    let mut on = false;
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "otlp" => on = true,
+            "none" => {}
+            _ => {
+                return Err(TelemetryError::BadVariable {
+                    var: "OTEL_TRACES_EXPORTER",
+                    value: v.to_owned(),
+                    reason: "expected otlp or none",
+                })
+            }
+        }
+    }
+    Ok(on)
+}
+
+fn otlp_protocol() -> Result<OtlpProtocol, TelemetryError> {
+    match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL") {
+        Err(_) => Ok(OtlpProtocol::HttpProtobuf),
+        Ok(v) => match v.trim() {
+            "" | "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
+            "grpc" => Ok(OtlpProtocol::Grpc),
+            _ => Err(TelemetryError::BadVariable {
+                var: "OTEL_EXPORTER_OTLP_PROTOCOL",
+                value: v,
+                reason: "expected grpc or http/protobuf",
+            }),
+        },
+    }
+}
+
+fn prometheus_addr_from_env() -> Result<SocketAddr, TelemetryError> {
+    let host = std::env::var("OTEL_EXPORTER_PROMETHEUS_HOST")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "127.0.0.1".to_owned());
+    let ip: IpAddr = match host.as_str() {
+        "localhost" => IpAddr::from([127, 0, 0, 1]),
+        h => h
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse()
+            .map_err(|_| TelemetryError::BadVariable {
+                var: "OTEL_EXPORTER_PROMETHEUS_HOST",
+                value: host.clone(),
+                reason: "expected an IP address or localhost",
+            })?,
+    };
+    let port = match std::env::var("OTEL_EXPORTER_PROMETHEUS_PORT") {
+        Ok(p) if !p.is_empty() => p.parse().map_err(|_| TelemetryError::BadVariable {
+            var: "OTEL_EXPORTER_PROMETHEUS_PORT",
+            value: p.clone(),
+            reason: "expected a port number 0-65535",
+        })?,
+        _ => 9464,
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// A current-thread tokio runtime on a thread of its own.
+struct BackgroundRuntime {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundRuntime {
+    fn start() -> Result<Self, TelemetryError> {
+        let (tx, rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("lockmeter-telemetry".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match rt {
+                    Ok(rt) => {
+                        let _ = tx.send(Ok(rt.handle().clone()));
+                        // Runs the server and gRPC connections until told to stop.
+                        let _ = rt.block_on(stop_rx);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(TelemetryError::Runtime)?;
+        let handle = rx
+            .recv()
+            .map_err(|_| {
+                TelemetryError::Runtime(std::io::Error::other("telemetry thread died at start"))
+            })?
+            .map_err(TelemetryError::Runtime)?;
+        Ok(BackgroundRuntime {
+            handle,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn serve_prometheus(
+        &self,
+        listener: std::net::TcpListener,
+        registry: prometheus::Registry,
+    ) -> Result<(), TelemetryError> {
+        let _enter = self.handle.enter();
+        let addr = listener
+            .local_addr()
+            .map_err(|source| TelemetryError::Bind {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|source| TelemetryError::Bind { addr, source })?;
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let registry = registry.clone();
+                    async move { render_metrics(&registry) }
+                }),
+            )
+            .route(
+                "/",
+                axum::routing::get(|| async {
+                    "lockmeter: metrics at /metrics\n"
+                }),
+            );
+        self.handle.spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, %addr, "Prometheus endpoint stopped");
+            }
+        });
+        Ok(())
+    }
+}
+
+fn render_metrics(registry: &prometheus::Registry) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    use prometheus::Encoder as _;
+    let encoder = prometheus::TextEncoder::new();
+    let mut body = Vec::new();
+    match encoder.encode(&registry.gather(), &mut body) {
+        Ok(()) => (
+            [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+            body,
+        )
+            .into_response(),
+        Err(e) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics failed: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+impl Drop for BackgroundRuntime {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                eprintln!("lockmeter: telemetry thread panicked");
+            }
+        }
+    }
+}
+
+/// Installed telemetry. Dropping it flushes pending metrics and spans, shuts the providers down
+/// and stops the `/metrics` server.
+pub struct Telemetry {
+    meter_provider: SdkMeterProvider,
+    tracer_provider: Option<SdkTracerProvider>,
+    prometheus: Option<SocketAddr>,
+    metrics_exporters: Vec<MetricsExporter>,
+    protocol: Option<OtlpProtocol>,
+    tracing_installed: bool,
+    runtime: Option<BackgroundRuntime>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("metrics_exporters", &self.metrics_exporters)
+            .field("prometheus", &self.prometheus)
+            .field("otlp_protocol", &self.protocol)
+            .field("traces", &self.tracer_provider.is_some())
+            .field("tracing_installed", &self.tracing_installed)
+            .finish()
+    }
+}
+
+impl Telemetry {
+    /// A builder; see the module docs for the variables it reads.
+    pub fn builder() -> TelemetryBuilder {
+        TelemetryBuilder::default()
+    }
+
+    /// The installed meter provider.
+    pub fn meter_provider(&self) -> &SdkMeterProvider {
+        &self.meter_provider
+    }
+
+    /// The `lockmeter` meter of the installed provider (for [`crate::FileLockBuilder::meter`]
+    /// when the provider is not global).
+    pub fn meter(&self) -> Meter {
+        self.meter_provider.meter(SCOPE)
+    }
+
+    /// The address `/metrics` is served on, if the Prometheus exporter is on.
+    pub fn prometheus_addr(&self) -> Option<SocketAddr> {
+        self.prometheus
+    }
+
+    /// The metrics exporters in use.
+    pub fn metrics_exporters(&self) -> &[MetricsExporter] {
+        &self.metrics_exporters
+    }
+
+    /// Whether spans are exported over OTLP.
+    pub fn traces_enabled(&self) -> bool {
+        self.tracer_provider.is_some()
+    }
+
+    /// Pushes pending metrics and spans now (for short-lived programs).
+    pub fn flush(&self) -> Result<(), TelemetryError> {
+        let m = self.meter_provider.force_flush();
+        let t = self
+            .tracer_provider
+            .as_ref()
+            .map(|tp| tp.force_flush())
+            .unwrap_or(Ok(()));
+        m.and(t).map_err(|e| TelemetryError::Exporter {
+            what: "flush",
+            message: e.to_string(),
+        })
+    }
+
+    /// Flushes and shuts down, returning the first error (dropping does the same and logs it).
+    pub fn shutdown(mut self) -> Result<(), TelemetryError> {
+        self.shutdown_inner()
+    }
+
+    fn shutdown_inner(&mut self) -> Result<(), TelemetryError> {
+        let t = match self.tracer_provider.take() {
+            Some(tp) => tp.shutdown(),
+            None => Ok(()),
+        };
+        let m = self.meter_provider.shutdown();
+        // Stop the server and the runtime only after the final export went out through it.
+        drop(self.runtime.take());
+        match (m, t) {
+            (Ok(()), Ok(())) => Ok(()),
+            // Already shut down (explicit `shutdown` then drop) is not an error.
+            (Err(opentelemetry_sdk::error::OTelSdkError::AlreadyShutdown), Ok(())) => Ok(()),
+            (Err(e), _) | (_, Err(e)) => Err(TelemetryError::Exporter {
+                what: "shutdown",
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown_inner() {
+            // The subscriber may be gone at exit; make sure the message is seen.
+            eprintln!("lockmeter: telemetry shutdown: {e}");
+        }
+    }
+}
