@@ -1,1 +1,75 @@
-fn main() {}
+//! `lockmeter`: an instrumented `flock(1)`, a demo, and lock diagnostics.
+
+mod demo;
+mod exec;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for bad usage, as `flock(1)` (sysexits `EX_USAGE`).
+pub(crate) const EX_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lockmeter",
+    version,
+    about = "Observable, honest locks: an instrumented flock(1) and a live demo",
+    long_about = "lockmeter measures how long locks are waited for and held, counts conflicts, \
+and notices lock files that were replaced under a lock. Metrics go out through OpenTelemetry \
+(OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, or a Prometheus /metrics endpoint)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run COMMAND while holding a lock on LOCKFILE (a drop-in for common flock(1) forms).
+    Exec(exec::ExecArgs),
+    /// Run workers that contend on a few lock files, serve /metrics and print a live summary.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                )
+            {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(EX_USAGE)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            // One line naming the problem; `lockmeter exec --help` has the rest.
+            let rendered = e.render().to_string();
+            let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut msg = lines
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ")
+                .to_owned();
+            // "the following required arguments were not provided:" names them on the next line.
+            if msg.ends_with(':') {
+                if let Some(next) = lines.next() {
+                    msg = format!("{msg} {next}");
+                }
+            }
+            eprintln!("lockmeter: {msg}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match cli.command {
+        Command::Exec(args) => exec::run(args),
+        Command::Demo(args) => demo::run(args),
+    }
+}

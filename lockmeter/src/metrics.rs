@@ -5,9 +5,9 @@
 //! is created ([`LockMetrics::new`]); cold paths (errors, migrations, violations) build their
 //! attribute lists when they happen.
 
-use opentelemetry::metrics::{
-    BoundCounter, BoundHistogram, BoundUpDownCounter, Counter, Meter,
-};
+use opentelemetry::metrics::{BoundCounter, BoundHistogram, BoundUpDownCounter, Counter, Meter};
+use std::sync::OnceLock;
+
 use opentelemetry::KeyValue;
 
 /// Instrumentation scope name of every lockmeter instrument.
@@ -242,88 +242,113 @@ impl Instruments {
 
 /// Per-lock instruments, bound once to the lock's attribute sets.
 ///
-/// This is the recording core shared by every lock type in lockmeter. Hot-path methods record
-/// through pre-bound handles and never allocate.
+/// This is the recording core shared by every lock type in lockmeter. Each (mode, contended,
+/// outcome) combination is bound the first time it is recorded, so a lock that is never taken
+/// shared exports no shared series; after that, hot-path methods are one atomic load plus the
+/// bound instrument's own update, and never allocate.
 #[derive(Debug)]
 pub struct LockMetrics {
     base: Vec<KeyValue>,
-    duration: [[BoundHistogram<f64>; 2]; 2],
-    wait: [[BoundHistogram<f64>; 5]; 2],
-    acquisitions: [[BoundCounter<u64>; 2]; 2],
-    conflicts: [BoundCounter<u64>; 2],
-    held: [BoundUpDownCounter<i64>; 2],
-    errors: Counter<u64>,
-    migrations: Counter<u64>,
-    violations: Counter<u64>,
+    ins: Instruments,
+    duration: [[OnceLock<BoundHistogram<f64>>; 2]; 2],
+    wait: [[OnceLock<BoundHistogram<f64>>; 5]; 2],
+    acquisitions: [[OnceLock<BoundCounter<u64>>; 2]; 2],
+    conflicts: [OnceLock<BoundCounter<u64>>; 2],
+    held: [OnceLock<BoundUpDownCounter<i64>>; 2],
 }
 
+const MODES: [LockMode; 2] = [LockMode::Exclusive, LockMode::Shared];
+
 impl LockMetrics {
-    /// Binds the schema's instruments for one lock. `extra` attributes (such as `fs.type`) are
-    /// added to every series of the lock.
+    /// Creates the schema's instruments for one lock. `extra` attributes (such as `fs.type`)
+    /// are added to every series of the lock.
     pub fn new(meter: &Meter, name: &str, kind: &str, extra: &[KeyValue]) -> Self {
-        let ins = Instruments::new(meter);
         let mut base = vec![
             KeyValue::new(keys::LOCK_NAME, name.to_owned()),
             KeyValue::new(keys::LOCK_KIND, kind.to_owned()),
         ];
         base.extend_from_slice(extra);
-        let with = |more: &[KeyValue]| -> Vec<KeyValue> {
-            let mut v = base.clone();
-            v.extend_from_slice(more);
-            v
-        };
-        let mode_kv = |m: LockMode| KeyValue::new(keys::LOCK_MODE, m.as_str());
-        let modes = [LockMode::Exclusive, LockMode::Shared];
-        let contended = |c: bool| KeyValue::new(keys::LOCK_CONTENDED, c);
         LockMetrics {
-            duration: modes.map(|m| {
-                [false, true].map(|c| ins.duration.bind(&with(&[mode_kv(m), contended(c)])))
-            }),
-            wait: modes.map(|m| {
-                Outcome::ALL.map(|o| {
-                    ins.wait
-                        .bind(&with(&[mode_kv(m), KeyValue::new(keys::LOCK_OUTCOME, o.as_str())]))
-                })
-            }),
-            acquisitions: modes.map(|m| {
-                [false, true].map(|c| ins.acquisitions.bind(&with(&[mode_kv(m), contended(c)])))
-            }),
-            conflicts: modes.map(|m| ins.conflicts.bind(&with(&[mode_kv(m)]))),
-            held: modes.map(|m| ins.held.bind(&with(&[mode_kv(m)]))),
-            errors: ins.errors,
-            migrations: ins.migrations,
-            violations: ins.violations,
             base,
+            ins: Instruments::new(meter),
+            duration: Default::default(),
+            wait: Default::default(),
+            acquisitions: Default::default(),
+            conflicts: Default::default(),
+            held: Default::default(),
         }
+    }
+
+    #[cold]
+    fn attrs(&self, mode: usize, more: &[KeyValue]) -> Vec<KeyValue> {
+        let mut v = Vec::with_capacity(self.base.len() + 1 + more.len());
+        v.extend_from_slice(&self.base);
+        v.push(KeyValue::new(keys::LOCK_MODE, MODES[mode].as_str()));
+        v.extend_from_slice(more);
+        v
+    }
+
+    #[inline]
+    fn contended_kv(c: usize) -> KeyValue {
+        KeyValue::new(keys::LOCK_CONTENDED, c == 1)
     }
 
     /// Records a successful acquisition: the wait, the acquisition count and `lock.held` + 1.
     #[inline]
     pub fn acquired(&self, mode: LockMode, contended: bool, wait_secs: f64) {
-        let m = mode.idx();
-        self.wait[m][0].record(wait_secs);
-        self.acquisitions[m][contended as usize].add(1);
-        self.held[m].add(1);
+        let (m, c) = (mode.idx(), contended as usize);
+        self.wait_handle(m, Outcome::Acquired as usize)
+            .record(wait_secs);
+        self.acquisitions[m][c]
+            .get_or_init(|| {
+                self.ins
+                    .acquisitions
+                    .bind(&self.attrs(m, &[Self::contended_kv(c)]))
+            })
+            .add(1);
+        self.held[m]
+            .get_or_init(|| self.ins.held.bind(&self.attrs(m, &[])))
+            .add(1);
     }
 
     /// Records a release: the hold time and `lock.held` - 1.
     #[inline]
     pub fn released(&self, mode: LockMode, contended: bool, hold_secs: f64) {
-        let m = mode.idx();
-        self.duration[m][contended as usize].record(hold_secs);
-        self.held[m].add(-1);
+        let (m, c) = (mode.idx(), contended as usize);
+        self.duration[m][c]
+            .get_or_init(|| {
+                self.ins
+                    .duration
+                    .bind(&self.attrs(m, &[Self::contended_kv(c)]))
+            })
+            .record(hold_secs);
+        self.held[m]
+            .get_or_init(|| self.ins.held.bind(&self.attrs(m, &[])))
+            .add(-1);
     }
 
     /// Records an acquire that found the lock taken.
     #[inline]
     pub fn conflict(&self, mode: LockMode) {
-        self.conflicts[mode.idx()].add(1);
+        let m = mode.idx();
+        self.conflicts[m]
+            .get_or_init(|| self.ins.conflicts.bind(&self.attrs(m, &[])))
+            .add(1);
     }
 
     /// Records the wait of an acquire call that did not acquire.
     #[inline]
     pub fn not_acquired(&self, mode: LockMode, outcome: Outcome, wait_secs: f64) {
-        self.wait[mode.idx()][outcome as usize].record(wait_secs);
+        self.wait_handle(mode.idx(), outcome as usize)
+            .record(wait_secs);
+    }
+
+    #[inline]
+    fn wait_handle(&self, m: usize, o: usize) -> &BoundHistogram<f64> {
+        self.wait[m][o].get_or_init(|| {
+            let kv = KeyValue::new(keys::LOCK_OUTCOME, Outcome::ALL[o].as_str());
+            self.ins.wait.bind(&self.attrs(m, &[kv]))
+        })
     }
 
     /// Counts an error (`lock.errors`) with its operation and errno name.
@@ -332,7 +357,7 @@ impl LockMetrics {
         let mut attrs = self.base.clone();
         attrs.push(KeyValue::new(keys::LOCK_OPERATION, operation.to_owned()));
         attrs.push(KeyValue::new(keys::ERROR_TYPE, error_type.to_owned()));
-        self.errors.add(1, &attrs);
+        self.ins.errors.add(1, &attrs);
     }
 
     /// Counts an inode migration.
@@ -341,13 +366,13 @@ impl LockMetrics {
         let mut attrs = self.base.clone();
         attrs.push(KeyValue::new(keys::MIGRATION_KIND, kind.as_str()));
         attrs.push(KeyValue::new(keys::MIGRATION_DETECTED_AT, at.as_str()));
-        self.migrations.add(1, &attrs);
+        self.ins.migrations.add(1, &attrs);
     }
 
     /// Counts an exclusion violation.
     #[cold]
     pub fn violation(&self) {
-        self.violations.add(1, &self.base);
+        self.ins.violations.add(1, &self.base);
     }
 
     /// The attributes every series of this lock carries (`lock.name`, `lock.kind`, extras).

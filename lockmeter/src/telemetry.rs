@@ -106,6 +106,7 @@ pub struct TelemetryBuilder {
     export_interval: Option<Duration>,
     boundaries: Vec<f64>,
     tracing_subscriber: bool,
+    log_filter: String,
     set_global: bool,
 }
 
@@ -120,6 +121,7 @@ impl Default for TelemetryBuilder {
             export_interval: None,
             boundaries: DEFAULT_BOUNDARIES.to_vec(),
             tracing_subscriber: true,
+            log_filter: "warn".to_owned(),
             set_global: true,
         }
     }
@@ -185,6 +187,13 @@ impl TelemetryBuilder {
         self
     }
 
+    /// The `tracing` filter used when `RUST_LOG` is unset (default `warn`: migrations and
+    /// failed unlocks are shown).
+    pub fn default_log_filter(mut self, filter: impl Into<String>) -> Self {
+        self.log_filter = filter.into();
+        self
+    }
+
     /// Make the meter (and tracer) provider global (default `true`), so that locks created
     /// without an explicit meter record into it.
     pub fn set_global(mut self, global: bool) -> Self {
@@ -213,8 +222,10 @@ impl TelemetryBuilder {
             Some(t) => t,
             None => match std::env::var("OTEL_TRACES_EXPORTER") {
                 Ok(v) if !v.trim().is_empty() => parse_traces_exporter(&v)?,
-                _ => env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
-                    || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+                _ => {
+                    env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
+                        || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                }
             },
         };
         let needs_otlp = traces || metrics_exporters.contains(&MetricsExporter::Otlp);
@@ -252,6 +263,7 @@ impl TelemetryBuilder {
         });
 
         let mut prometheus = None;
+        let mut prom_registry = None;
         if metrics_exporters.contains(&MetricsExporter::Prometheus) {
             let addr = match self.prometheus_addr {
                 Some(a) => a,
@@ -273,8 +285,9 @@ impl TelemetryBuilder {
                 .local_addr()
                 .map_err(|source| TelemetryError::Bind { addr, source })?;
             if let Some(rt) = &runtime {
-                rt.serve_prometheus(listener, registry)?;
+                rt.serve_prometheus(listener, registry.clone())?;
             }
+            prom_registry = Some(registry);
             prometheus = Some(local);
         }
 
@@ -336,7 +349,7 @@ impl TelemetryBuilder {
         let mut tracing_installed = false;
         if self.tracing_subscriber {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&self.log_filter));
             let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
             let otel = tracer_provider
                 .as_ref()
@@ -353,6 +366,7 @@ impl TelemetryBuilder {
             meter_provider,
             tracer_provider,
             prometheus,
+            registry: prom_registry,
             metrics_exporters,
             protocol: needs_otlp.then_some(protocol),
             tracing_installed,
@@ -363,7 +377,10 @@ impl TelemetryBuilder {
     fn resource(&self) -> Resource {
         let env_names_service = env_set("OTEL_SERVICE_NAME")
             || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
-                .map(|v| v.split(',').any(|kv| kv.trim().starts_with("service.name=")))
+                .map(|v| {
+                    v.split(',')
+                        .any(|kv| kv.trim().starts_with("service.name="))
+                })
                 .unwrap_or(false);
         let mut b = Resource::builder();
         if !env_names_service {
@@ -534,9 +551,7 @@ impl BackgroundRuntime {
             )
             .route(
                 "/",
-                axum::routing::get(|| async {
-                    "lockmeter: metrics at /metrics\n"
-                }),
+                axum::routing::get(|| async { "lockmeter: metrics at /metrics\n" }),
             );
         self.handle.spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -585,6 +600,7 @@ pub struct Telemetry {
     meter_provider: SdkMeterProvider,
     tracer_provider: Option<SdkTracerProvider>,
     prometheus: Option<SocketAddr>,
+    registry: Option<prometheus::Registry>,
     metrics_exporters: Vec<MetricsExporter>,
     protocol: Option<OtlpProtocol>,
     tracing_installed: bool,
@@ -623,6 +639,12 @@ impl Telemetry {
     /// The address `/metrics` is served on, if the Prometheus exporter is on.
     pub fn prometheus_addr(&self) -> Option<SocketAddr> {
         self.prometheus
+    }
+
+    /// The Prometheus registry behind `/metrics`, for reading the current values in-process
+    /// (the demo's summary table does).
+    pub fn prometheus_registry(&self) -> Option<&prometheus::Registry> {
+        self.registry.as_ref()
     }
 
     /// The metrics exporters in use.

@@ -138,7 +138,10 @@ impl FileLockBuilder {
             .name
             .clone()
             .unwrap_or_else(|| self.path.to_string_lossy().into_owned());
-        let meter = self.meter.clone().unwrap_or_else(crate::metrics::default_meter);
+        let meter = self
+            .meter
+            .clone()
+            .unwrap_or_else(crate::metrics::default_meter);
         let opened = open_fd(&self.path, self.create, self.mode, self.kind);
         let fs_type = match &opened {
             Ok(fd) => sys::fs_type(fd.fd.as_fd()),

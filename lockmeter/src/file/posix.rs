@@ -120,7 +120,11 @@ impl Drop for PosixHandle {
             }
             None => false,
         };
-        let removed = if last { reg.remove(&self.file.id) } else { None };
+        let removed = if last {
+            reg.remove(&self.file.id)
+        } else {
+            None
+        };
         // SAFETY: `self.file` is not used after this point; dropping here (instead of after the
         // registry lock is released) makes the descriptors close while no other thread can
         // register the same inode and lock it.

@@ -59,9 +59,8 @@ pub(crate) fn open_lock_file(
         Ok(fd) => fd,
         Err(e @ (Errno::ACCESS | Errno::ROFS)) if kind == LockKind::Flock => {
             // The file may exist and be readable: flock works on a read-only descriptor locally.
-            rustix::fs::open(path, base | OFlags::RDONLY, Mode::empty()).map_err(|e2| {
-                OpenError::Errno(if e2 == Errno::NOENT { e } else { e2 })
-            })?
+            rustix::fs::open(path, base | OFlags::RDONLY, Mode::empty())
+                .map_err(|e2| OpenError::Errno(if e2 == Errno::NOENT { e } else { e2 }))?
         }
         Err(e) => return Err(OpenError::Errno(e)),
     };
@@ -166,7 +165,7 @@ fn ofd(fd: BorrowedFd<'_>, mode: Option<LockMode>, blocking: bool) -> Result<(),
 /// Name of the file system a descriptor lives on, from the `statfs(2)` magic number.
 pub(crate) fn fs_type(fd: BorrowedFd<'_>) -> &'static str {
     match rustix::fs::fstatfs(fd) {
-        Ok(st) => fs_type_name(st.f_type as i64),
+        Ok(st) => fs_type_name(st.f_type as u32),
         Err(_) => "unknown",
     }
 }
@@ -178,14 +177,14 @@ pub(crate) fn fs_type_of_parent(path: &Path) -> &'static str {
         _ => Path::new("."),
     };
     match rustix::fs::statfs(parent) {
-        Ok(st) => fs_type_name(st.f_type as i64),
+        Ok(st) => fs_type_name(st.f_type as u32),
         Err(_) => "unknown",
     }
 }
 
 /// Maps a `statfs` `f_type` magic number (see `statfs(2)`, `linux/magic.h`) to a name.
-pub(crate) fn fs_type_name(magic: i64) -> &'static str {
-    match magic as u32 {
+pub(crate) fn fs_type_name(magic: u32) -> &'static str {
+    match magic {
         0xEF53 => "ext4", // ext2/3/4 share the magic
         0x5846_5342 => "xfs",
         0x9123_683E => "btrfs",
