@@ -37,7 +37,7 @@ pub struct ExecArgs {
     #[arg(short = 'n', long = "nonblock", conflicts_with = "timeout")]
     nonblock: bool,
     /// Give up after SECS seconds (fractions allowed).
-    #[arg(short = 'w', long = "timeout", value_name = "SECS", value_parser = parse_timeout)]
+    #[arg(short = 'w', long = "timeout", value_name = "SECS", value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: Option<Duration>,
     /// Exit status on conflict or timeout.
     #[arg(

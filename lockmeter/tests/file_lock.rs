@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{child, flock_cli_can_lock, read_line_starting, require_tool, Recorder};
+use common::child;
 use lockmeter::metrics::DEFAULT_BOUNDARIES;
 use lockmeter::{Error, FileLock, LockKind, Operation};
+use lockmeter_testkit::{flock_cli_can_lock, read_line_starting, require_tool, Recorder};
 
 const KINDS: [LockKind; 3] = [LockKind::Flock, LockKind::Ofd, LockKind::Posix];
 

@@ -1,0 +1,246 @@
+//! Helpers shared by lockmeter's test suites: an in-memory metrics pipeline, required external
+//! tools (which fail the test under `CI=true` instead of skipping), child-process plumbing and a
+//! small HTTP GET.
+#![allow(missing_docs, clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+
+/// An SDK meter provider exporting into memory, read on demand.
+pub struct Recorder {
+    exporter: InMemoryMetricExporter,
+    provider: SdkMeterProvider,
+}
+
+impl Recorder {
+    pub fn new() -> Self {
+        let exporter = InMemoryMetricExporter::default();
+        let provider = SdkMeterProvider::builder()
+            .with_reader(
+                PeriodicReader::builder(exporter.clone())
+                    .with_interval(Duration::from_secs(3600))
+                    .build(),
+            )
+            .build();
+        Recorder { exporter, provider }
+    }
+
+    pub fn meter(&self) -> Meter {
+        self.provider.meter("lockmeter")
+    }
+
+    /// Flushes and returns the newest cumulative export.
+    pub fn snapshot(&self) -> Snapshot {
+        self.exporter.reset();
+        self.provider.force_flush().unwrap();
+        let mut all = self.exporter.get_finished_metrics().unwrap();
+        // The SDK skips the export when nothing was recorded yet.
+        Snapshot(all.pop())
+    }
+
+    /// Waits until `pred` holds on a fresh snapshot (for "the waiter is now waiting").
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&Snapshot) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if pred(&self.snapshot()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+pub struct Snapshot(Option<ResourceMetrics>);
+
+fn matches<'a>(
+    attrs: impl Iterator<Item = &'a opentelemetry::KeyValue>,
+    want: &[(&str, &str)],
+) -> bool {
+    let attrs: Vec<_> = attrs.collect();
+    want.iter().all(|(k, v)| {
+        attrs
+            .iter()
+            .any(|kv| kv.key.as_str() == *k && kv.value.as_str() == *v)
+    })
+}
+
+impl Snapshot {
+    fn metric(&self, name: &str) -> Option<&opentelemetry_sdk::metrics::data::Metric> {
+        self.0
+            .as_ref()?
+            .scope_metrics()
+            .filter(|s| s.scope().name() == "lockmeter")
+            .flat_map(|s| s.metrics())
+            .find(|m| m.name() == name)
+    }
+
+    /// Sum of a u64 counter over the data points matching `want`.
+    pub fn counter(&self, name: &str, want: &[(&str, &str)]) -> u64 {
+        match self.metric(name).map(|m| m.data()) {
+            Some(AggregatedMetrics::U64(MetricData::Sum(s))) => s
+                .data_points()
+                .filter(|dp| matches(dp.attributes(), want))
+                .map(|dp| dp.value())
+                .sum(),
+            None => 0,
+            Some(_) => panic!("{name} is not a u64 sum"),
+        }
+    }
+
+    /// Sum of an i64 up-down counter over the data points matching `want`.
+    pub fn updown(&self, name: &str, want: &[(&str, &str)]) -> i64 {
+        match self.metric(name).map(|m| m.data()) {
+            Some(AggregatedMetrics::I64(MetricData::Sum(s))) => s
+                .data_points()
+                .filter(|dp| matches(dp.attributes(), want))
+                .map(|dp| dp.value())
+                .sum(),
+            None => 0,
+            Some(_) => panic!("{name} is not an i64 sum"),
+        }
+    }
+
+    /// Count of an f64 histogram over the data points matching `want`.
+    pub fn hist_count(&self, name: &str, want: &[(&str, &str)]) -> u64 {
+        match self.metric(name).map(|m| m.data()) {
+            Some(AggregatedMetrics::F64(MetricData::Histogram(h))) => h
+                .data_points()
+                .filter(|dp| matches(dp.attributes(), want))
+                .map(|dp| dp.count())
+                .sum(),
+            None => 0,
+            Some(_) => panic!("{name} is not an f64 histogram"),
+        }
+    }
+
+    /// Bucket boundaries of a histogram (first data point).
+    pub fn hist_bounds(&self, name: &str) -> Vec<f64> {
+        match self.metric(name).map(|m| m.data()) {
+            Some(AggregatedMetrics::F64(MetricData::Histogram(h))) => h
+                .data_points()
+                .next()
+                .map(|dp| dp.bounds().collect())
+                .unwrap_or_default(),
+            _ => panic!("{name} is not an f64 histogram"),
+        }
+    }
+
+    /// Unit of a metric.
+    pub fn unit(&self, name: &str) -> String {
+        self.metric(name)
+            .map(|m| m.unit().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// All attribute sets of a metric's data points, as sorted `key=value` strings.
+    pub fn attribute_sets(&self, name: &str) -> Vec<Vec<String>> {
+        fn sets<'a, I: Iterator<Item = &'a opentelemetry::KeyValue>>(
+            it: impl Iterator<Item = I>,
+        ) -> Vec<Vec<String>> {
+            it.map(|a| {
+                let mut v: Vec<String> = a.map(|kv| format!("{}={}", kv.key, kv.value)).collect();
+                v.sort();
+                v
+            })
+            .collect()
+        }
+        match self.metric(name).map(|m| m.data()) {
+            Some(AggregatedMetrics::U64(MetricData::Sum(s))) => {
+                sets(s.data_points().map(|d| d.attributes()))
+            }
+            Some(AggregatedMetrics::I64(MetricData::Sum(s))) => {
+                sets(s.data_points().map(|d| d.attributes()))
+            }
+            Some(AggregatedMetrics::F64(MetricData::Histogram(h))) => {
+                sets(h.data_points().map(|d| d.attributes()))
+            }
+            _ => vec![],
+        }
+    }
+}
+
+/// Fails when a required external tool is missing and `CI=true`; otherwise tells the caller to
+/// skip (returns false) with a visible message.
+pub fn require_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("required tool {tool} is not installed (CI=true: .ci/run must install it)");
+        }
+        eprintln!("SKIPPED: {tool} is not installed");
+    }
+    found
+}
+
+/// Runs `flock -n PATH true` (util-linux) and returns whether it got the lock.
+pub fn flock_cli_can_lock(path: &Path) -> bool {
+    let st = Command::new("flock")
+        .arg("-n")
+        .arg(path)
+        .arg("true")
+        .status()
+        .expect("run flock(1)");
+    match st.code() {
+        Some(0) => true,
+        Some(1) => false,
+        other => panic!("flock(1) exited with {other:?}"),
+    }
+}
+
+/// Reads lines from a child's stdout until one starts with `prefix`; returns it.
+pub fn read_line_starting(child: &mut Child, prefix: &str) -> String {
+    let out = child.stdout.as_mut().expect("piped stdout");
+    let mut r = BufReader::new(out);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = r.read_line(&mut line).unwrap();
+        assert!(n > 0, "child closed stdout before printing {prefix:?}");
+        if line.starts_with(prefix) {
+            return line.trim_end().to_owned();
+        }
+    }
+}
+
+/// Retries `f` until it returns true or 10 s pass.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// GET `url` and return the body (status must be 200).
+pub fn http_get(url: &str) -> String {
+    let mut resp = ureq::get(url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    resp.body_mut().read_to_string().unwrap()
+}
+
+/// GET with retries until it answers (a server that is still starting).
+pub fn http_get_eventually(url: &str) -> String {
+    let mut body = None;
+    eventually(&format!("{url} to answer"), || {
+        body = ureq::get(url)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok());
+        body.is_some()
+    });
+    body.unwrap_or_default()
+}
