@@ -62,6 +62,8 @@ fn child_entry() {
         "hold_and_spawn" => {
             let lock = FileLock::open(var("LOCK")).unwrap();
             let _g = lock.lock().unwrap();
+            // Deliberately outlives this process (the test kills it by pid afterwards).
+            #[allow(clippy::zombie_processes)]
             let sleeper = Command::new("sleep").arg("600").spawn().unwrap();
             println!("ready {}", sleeper.id());
             std::io::stdout().flush().unwrap();

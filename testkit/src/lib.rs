@@ -18,6 +18,12 @@ pub struct Recorder {
     provider: SdkMeterProvider,
 }
 
+impl Default for Recorder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Recorder {
     pub fn new() -> Self {
         let exporter = InMemoryMetricExporter::default();

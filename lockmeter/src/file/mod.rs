@@ -7,6 +7,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use quanta::Instant as Tsc;
+
 use lock_api::RawRwLock as _;
 use opentelemetry::metrics::Meter;
 use opentelemetry::KeyValue;
@@ -343,7 +345,7 @@ impl FileLock {
     // ---- acquire paths -------------------------------------------------------------------
 
     fn acquire_blocking(&self, mode: LockMode) -> Result<FileLockGuard<'_>> {
-        let start = Instant::now();
+        let start = Tsc::now();
         let mut contended = false;
         match self.attempt(mode, Wait::Block, &mut contended) {
             Ok(Some(held)) => Ok(self.guard(held, mode, contended, start)),
@@ -363,7 +365,7 @@ impl FileLock {
     }
 
     fn acquire_try(&self, mode: LockMode) -> Result<Option<FileLockGuard<'_>>> {
-        let start = Instant::now();
+        let start = Tsc::now();
         let mut contended = false;
         match self.attempt(mode, Wait::No, &mut contended) {
             Ok(Some(held)) => Ok(Some(self.guard(held, mode, contended, start))),
@@ -381,8 +383,8 @@ impl FileLock {
         mode: LockMode,
         timeout: Duration,
     ) -> Result<Option<FileLockGuard<'_>>> {
-        let start = Instant::now();
-        let deadline = start + timeout;
+        let start = Tsc::now();
+        let deadline = Instant::now() + timeout;
         let mut contended = false;
         let mut backoff = POLL_MIN;
         loop {
@@ -394,7 +396,7 @@ impl FileLock {
             let now = Instant::now();
             if now >= deadline {
                 self.metrics
-                    .not_acquired(mode, Outcome::Timeout, secs(now - start));
+                    .not_acquired(mode, Outcome::Timeout, secs(start.elapsed()));
                 return Ok(None);
             }
             std::thread::sleep(backoff.min(deadline - now));
@@ -408,7 +410,7 @@ impl FileLock {
         struct Pending<'a> {
             lock: &'a FileLock,
             mode: LockMode,
-            start: Instant,
+            start: Tsc,
             done: bool,
         }
         impl Drop for Pending<'_> {
@@ -422,7 +424,7 @@ impl FileLock {
                 }
             }
         }
-        let start = Instant::now();
+        let start = Tsc::now();
         let mut pending = Pending {
             lock: self,
             mode,
@@ -451,14 +453,8 @@ impl FileLock {
     }
 
     #[inline]
-    fn guard(
-        &self,
-        held: Held,
-        mode: LockMode,
-        contended: bool,
-        start: Instant,
-    ) -> FileLockGuard<'_> {
-        let acquired_at = Instant::now();
+    fn guard(&self, held: Held, mode: LockMode, contended: bool, start: Tsc) -> FileLockGuard<'_> {
+        let acquired_at = Tsc::now();
         self.metrics
             .acquired(mode, contended, secs(acquired_at - start));
         FileLockGuard {
@@ -471,7 +467,7 @@ impl FileLock {
     }
 
     #[cold]
-    fn fail_wait(&self, mode: LockMode, start: Instant, e: Error) -> Error {
+    fn fail_wait(&self, mode: LockMode, start: Tsc, e: Error) -> Error {
         self.metrics
             .not_acquired(mode, Outcome::Error, secs(start.elapsed()));
         e
@@ -805,7 +801,7 @@ pub struct FileLockGuard<'a> {
     held: Option<Held>,
     mode: LockMode,
     contended: bool,
-    acquired_at: Instant,
+    acquired_at: Tsc,
 }
 
 impl fmt::Debug for FileLockGuard<'_> {
@@ -829,9 +825,9 @@ impl FileLockGuard<'_> {
         self.contended
     }
 
-    /// When the lock was acquired.
-    pub fn acquired_at(&self) -> Instant {
-        self.acquired_at
+    /// How long the lock has been held so far.
+    pub fn held_for(&self) -> Duration {
+        self.acquired_at.elapsed()
     }
 
     /// Releases the lock, returning the unlock error if there is one (it is also counted).

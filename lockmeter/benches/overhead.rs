@@ -1,0 +1,139 @@
+//! Uncontended lock + unlock: lockmeter against the raw system calls, measured in one run.
+//!
+//! `cargo bench -p lockmeter --bench overhead` prints ns/op (median of interleaved rounds, so
+//! machine noise hits every variant alike) and the ratios the project targets:
+//!
+//! - `verify_inode(false)` ≤ 1.10 × raw `flock(LOCK_EX)` + `flock(LOCK_UN)` on a kept-open fd;
+//! - default (verify on)  ≤ 1.10 × (raw + one `stat(path)`).
+//!
+//! A real SDK `MeterProvider` (periodic reader, in-memory exporter) records every measurement.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::hint::black_box;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use lockmeter::FileLock;
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+use rustix::fs::FlockOperation;
+
+const ROUNDS: usize = 21;
+const ITERS: u32 = 100_000;
+
+fn time(mut f: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    for _ in 0..ITERS {
+        f();
+    }
+    start.elapsed().as_nanos() as f64 / ITERS as f64
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` runs it once quickly.
+    let quick = std::env::args().any(|a| a == "--test") || std::env::var_os("QUICK").is_some();
+    let rounds = if quick { 1 } else { ROUNDS };
+
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_reader(
+            PeriodicReader::builder(exporter)
+                .with_interval(Duration::from_secs(3600))
+                .build(),
+        )
+        .build();
+    let meter = provider.meter("lockmeter");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.lock");
+    let raw_file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .unwrap();
+    let raw = raw_file.as_fd();
+    let noverify = FileLock::builder(&path)
+        .meter(meter.clone())
+        .verify_inode(false)
+        .open()
+        .unwrap();
+    let verify = FileLock::builder(&path)
+        .meter(meter.clone())
+        .open()
+        .unwrap();
+    let noop = FileLock::builder(&path)
+        .meter(opentelemetry::metrics::NoopMeterProvider::new().meter("lockmeter"))
+        .verify_inode(false)
+        .open()
+        .unwrap();
+
+    let names = [
+        "raw flock EX+UN (kept-open fd)",
+        "raw flock EX+UN + stat(path)",
+        "lockmeter verify_inode(false)",
+        "lockmeter default (verify on)",
+        "lockmeter verify off, no-op meter",
+        "component: std Instant::now()",
+        "component: TSC clock read (quanta)",
+        "component: bound histogram record",
+        "component: bound counter add",
+    ];
+    let h = opentelemetry::metrics::Meter::f64_histogram(&meter, "x.h")
+        .build()
+        .bind(&[opentelemetry::KeyValue::new("a", "b")]);
+    let c = opentelemetry::metrics::Meter::u64_counter(&meter, "x.c")
+        .build()
+        .bind(&[opentelemetry::KeyValue::new("a", "b")]);
+
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for _ in 0..rounds {
+        samples[0].push(time(|| {
+            rustix::fs::flock(raw, FlockOperation::NonBlockingLockExclusive).unwrap();
+            rustix::fs::flock(raw, FlockOperation::Unlock).unwrap();
+        }));
+        samples[1].push(time(|| {
+            rustix::fs::flock(raw, FlockOperation::NonBlockingLockExclusive).unwrap();
+            black_box(rustix::fs::lstat(&path).unwrap());
+            rustix::fs::flock(raw, FlockOperation::Unlock).unwrap();
+        }));
+        samples[2].push(time(|| {
+            drop(black_box(noverify.lock().unwrap()));
+        }));
+        samples[3].push(time(|| {
+            drop(black_box(verify.lock().unwrap()));
+        }));
+        samples[4].push(time(|| {
+            drop(black_box(noop.lock().unwrap()));
+        }));
+        samples[5].push(time(|| {
+            black_box(Instant::now());
+        }));
+        samples[6].push(time(|| {
+            black_box(quanta::Instant::now());
+        }));
+        samples[7].push(time(|| h.record(black_box(0.000_3))));
+        samples[8].push(time(|| c.add(black_box(1))));
+    }
+    let m: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
+    println!("uncontended lock + unlock, median of {rounds} rounds x {ITERS} iterations");
+    for (name, ns) in names.iter().zip(&m) {
+        println!("  {name:<34} {ns:>8.1} ns/op");
+    }
+    println!(
+        "  ratio verify off / raw            {:>8.3}  (target <= 1.10)",
+        m[2] / m[0]
+    );
+    println!(
+        "  ratio verify on / (raw + stat)    {:>8.3}  (target <= 1.10)",
+        m[3] / m[1]
+    );
+    // Sanity: the SDK really recorded (bound instruments enabled in the SDK).
+    provider.force_flush().unwrap();
+}
