@@ -100,7 +100,7 @@ pub fn run(args: ExecArgs) -> ExitCode {
     let code = run_locked(&args);
     if let Some(t) = telemetry {
         if let Err(e) = t.shutdown() {
-            eprintln!("lockmeter: warning: could not flush metrics: {e}");
+            eprintln!("lockmeter: warning: {e}");
         }
     }
     code

@@ -337,3 +337,36 @@ fn stdin_and_stdout_are_the_commands() {
     assert_eq!(out, "hello\n");
     assert!(c.wait().unwrap().success());
 }
+
+#[test]
+fn an_unreachable_collector_is_a_warning_not_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("otlp.lock");
+    // A port nothing listens on: bind one, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for proto in ["grpc", "http/protobuf"] {
+        let o = lm()
+            .args(["exec", p(&lock), "--", "sh", "-c", "exit 5"])
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{port}"),
+            )
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", proto)
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(5),
+            "{proto}: COMMAND's status still passes through"
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("warning") && err.contains("telemetry"),
+            "{proto}: {err}"
+        );
+    }
+}

@@ -71,6 +71,15 @@ pub enum TelemetryError {
         /// The exporter's error.
         message: String,
     },
+    /// Pending telemetry could not be delivered at flush or shutdown (an unreachable collector,
+    /// a timeout). Recording was not affected.
+    #[error("could not deliver telemetry at {stage}: {message} (is the collector at OTEL_EXPORTER_OTLP_ENDPOINT reachable?)")]
+    Flush {
+        /// `flush` or `shutdown`.
+        stage: &'static str,
+        /// The SDK's error.
+        message: String,
+    },
     /// The background runtime could not be started.
     #[error("cannot start the telemetry runtime: {0}")]
     Runtime(std::io::Error),
@@ -665,8 +674,8 @@ impl Telemetry {
             .as_ref()
             .map(|tp| tp.force_flush())
             .unwrap_or(Ok(()));
-        m.and(t).map_err(|e| TelemetryError::Exporter {
-            what: "flush",
+        m.and(t).map_err(|e| TelemetryError::Flush {
+            stage: "flush",
             message: e.to_string(),
         })
     }
@@ -688,8 +697,8 @@ impl Telemetry {
             (Ok(()), Ok(())) => Ok(()),
             // Already shut down (explicit `shutdown` then drop) is not an error.
             (Err(opentelemetry_sdk::error::OTelSdkError::AlreadyShutdown), Ok(())) => Ok(()),
-            (Err(e), _) | (_, Err(e)) => Err(TelemetryError::Exporter {
-                what: "shutdown",
+            (Err(e), _) | (_, Err(e)) => Err(TelemetryError::Flush {
+                stage: "shutdown",
                 message: e.to_string(),
             }),
         }
