@@ -77,6 +77,7 @@ mod error;
 mod file;
 pub mod metrics;
 mod sys;
+mod trace;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
 

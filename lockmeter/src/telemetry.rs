@@ -357,14 +357,20 @@ impl TelemetryBuilder {
 
         let mut tracing_installed = false;
         if self.tracing_subscriber {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            use tracing_subscriber::Layer as _;
+            // Per-layer filters: the console shows warnings (or RUST_LOG), while spans at INFO
+            // (`lock.acquire`, `lock.hold`) and warnings go to OpenTelemetry when traces are on.
+            let console = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&self.log_filter));
-            let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-            let otel = tracer_provider
-                .as_ref()
-                .map(|tp| tracing_opentelemetry::layer().with_tracer(tp.tracer(SCOPE)));
+            let fmt = tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(console);
+            let otel = tracer_provider.as_ref().map(|tp| {
+                tracing_opentelemetry::layer()
+                    .with_tracer(tp.tracer(SCOPE))
+                    .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+            });
             tracing_installed = tracing_subscriber::registry()
-                .with(filter)
                 .with(fmt)
                 .with(otel)
                 .try_init()

@@ -18,6 +18,7 @@ use rustix::io::Errno;
 use crate::error::{Error, Operation, Result};
 use crate::metrics::{keys, DetectedAt, LockMetrics, LockMode, MigrationKind, Outcome};
 use crate::sys::{self, FileId};
+use crate::trace;
 use posix::PosixHandle;
 
 /// How many times one acquire re-locks after finding the lock file replaced before it gives up
@@ -345,36 +346,40 @@ impl FileLock {
     // ---- acquire paths -------------------------------------------------------------------
 
     fn acquire_blocking(&self, mode: LockMode) -> Result<FileLockGuard<'_>> {
+        let span = trace::acquire(self.span_attrs(), mode);
+        let _entered = span.enter();
         let start = Tsc::now();
         let mut contended = false;
         match self.attempt(mode, Wait::Block, &mut contended) {
-            Ok(Some(held)) => Ok(self.guard(held, mode, contended, start)),
+            Ok(Some(held)) => Ok(self.guard(held, mode, contended, start, &span)),
             // A blocking attempt only returns None if the kernel said "would block" to a
             // blocking call, which it does not; treat it as an error rather than loop.
             Ok(None) => Err(self.fail_wait(
                 mode,
                 start,
+                &span,
                 Error::Os {
                     path: self.path.clone(),
                     operation: Operation::Lock,
                     errno: Errno::AGAIN,
                 },
             )),
-            Err(e) => Err(self.fail_wait(mode, start, e)),
+            Err(e) => Err(self.fail_wait(mode, start, &span, e)),
         }
     }
 
     fn acquire_try(&self, mode: LockMode) -> Result<Option<FileLockGuard<'_>>> {
+        let span = trace::acquire(self.span_attrs(), mode);
+        let _entered = span.enter();
         let start = Tsc::now();
         let mut contended = false;
         match self.attempt(mode, Wait::No, &mut contended) {
-            Ok(Some(held)) => Ok(Some(self.guard(held, mode, contended, start))),
+            Ok(Some(held)) => Ok(Some(self.guard(held, mode, contended, start, &span))),
             Ok(None) => {
-                self.metrics
-                    .not_acquired(mode, Outcome::WouldBlock, secs(start.elapsed()));
+                self.not_acquired(mode, Outcome::WouldBlock, start, &span);
                 Ok(None)
             }
-            Err(e) => Err(self.fail_wait(mode, start, e)),
+            Err(e) => Err(self.fail_wait(mode, start, &span, e)),
         }
     }
 
@@ -383,20 +388,23 @@ impl FileLock {
         mode: LockMode,
         timeout: Duration,
     ) -> Result<Option<FileLockGuard<'_>>> {
+        let span = trace::acquire(self.span_attrs(), mode);
+        let _entered = span.enter();
         let start = Tsc::now();
         let deadline = Instant::now() + timeout;
         let mut contended = false;
         let mut backoff = POLL_MIN;
         loop {
             match self.attempt(mode, Wait::No, &mut contended) {
-                Ok(Some(held)) => return Ok(Some(self.guard(held, mode, contended, start))),
+                Ok(Some(held)) => {
+                    return Ok(Some(self.guard(held, mode, contended, start, &span)))
+                }
                 Ok(None) => {}
-                Err(e) => return Err(self.fail_wait(mode, start, e)),
+                Err(e) => return Err(self.fail_wait(mode, start, &span, e)),
             }
             let now = Instant::now();
             if now >= deadline {
-                self.metrics
-                    .not_acquired(mode, Outcome::Timeout, secs(start.elapsed()));
+                self.not_acquired(mode, Outcome::Timeout, start, &span);
                 return Ok(None);
             }
             std::thread::sleep(backoff.min(deadline - now));
@@ -411,16 +419,14 @@ impl FileLock {
             lock: &'a FileLock,
             mode: LockMode,
             start: Tsc,
+            span: tracing::Span,
             done: bool,
         }
         impl Drop for Pending<'_> {
             fn drop(&mut self) {
                 if !self.done {
-                    self.lock.metrics.not_acquired(
-                        self.mode,
-                        Outcome::Cancelled,
-                        secs(self.start.elapsed()),
-                    );
+                    self.lock
+                        .not_acquired(self.mode, Outcome::Cancelled, self.start, &self.span);
                 }
             }
         }
@@ -429,6 +435,7 @@ impl FileLock {
             lock: self,
             mode,
             start,
+            span: trace::acquire(self.span_attrs(), mode),
             done: false,
         };
         let mut contended = false;
@@ -436,15 +443,18 @@ impl FileLock {
         loop {
             // A non-blocking attempt holds nothing when it returns None, and returns the guard
             // in the same poll when it succeeds: there is no await point while the lock is held.
-            match self.attempt(mode, Wait::No, &mut contended) {
+            let attempt = pending
+                .span
+                .in_scope(|| self.attempt(mode, Wait::No, &mut contended));
+            match attempt {
                 Ok(Some(held)) => {
                     pending.done = true;
-                    return Ok(self.guard(held, mode, contended, start));
+                    return Ok(self.guard(held, mode, contended, start, &pending.span));
                 }
                 Ok(None) => {}
                 Err(e) => {
                     pending.done = true;
-                    return Err(self.fail_wait(mode, start, e));
+                    return Err(self.fail_wait(mode, start, &pending.span, e));
                 }
             }
             tokio::time::sleep(backoff).await;
@@ -453,23 +463,48 @@ impl FileLock {
     }
 
     #[inline]
-    fn guard(&self, held: Held, mode: LockMode, contended: bool, start: Tsc) -> FileLockGuard<'_> {
+    fn guard(
+        &self,
+        held: Held,
+        mode: LockMode,
+        contended: bool,
+        start: Tsc,
+        acquire_span: &tracing::Span,
+    ) -> FileLockGuard<'_> {
         let acquired_at = Tsc::now();
         self.metrics
             .acquired(mode, contended, secs(acquired_at - start));
+        trace::acquire_done(acquire_span, Outcome::Acquired, contended);
         FileLockGuard {
             lock: self,
             held: Some(held),
             mode,
             contended,
             acquired_at,
+            _span: trace::hold(self.span_attrs(), mode, contended),
         }
     }
 
+    #[inline]
+    fn span_attrs(&self) -> trace::SpanAttrs<'_> {
+        trace::SpanAttrs {
+            name: &self.name,
+            kind: self.kind.as_str(),
+            fs_type: Some(self.fs_type),
+        }
+    }
+
+    fn not_acquired(&self, mode: LockMode, outcome: Outcome, start: Tsc, span: &tracing::Span) {
+        self.metrics
+            .not_acquired(mode, outcome, secs(start.elapsed()));
+        trace::acquire_done(span, outcome, true);
+    }
+
     #[cold]
-    fn fail_wait(&self, mode: LockMode, start: Tsc, e: Error) -> Error {
+    fn fail_wait(&self, mode: LockMode, start: Tsc, span: &tracing::Span, e: Error) -> Error {
         self.metrics
             .not_acquired(mode, Outcome::Error, secs(start.elapsed()));
+        trace::acquire_done(span, Outcome::Error, false);
         e
     }
 
@@ -802,6 +837,8 @@ pub struct FileLockGuard<'a> {
     mode: LockMode,
     contended: bool,
     acquired_at: Tsc,
+    /// The `lock.hold` span, kept for its lifetime: it closes when the guard goes.
+    _span: tracing::Span,
 }
 
 impl fmt::Debug for FileLockGuard<'_> {
