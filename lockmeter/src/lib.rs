@@ -77,9 +77,9 @@ mod error;
 mod file;
 pub mod metrics;
 mod sys;
-mod trace;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
+mod trace;
 
 pub use error::{Error, Operation, Result};
 pub use file::{FileLock, FileLockBuilder, FileLockGuard, LockKind};

@@ -250,3 +250,157 @@ pub fn http_get_eventually(url: &str) -> String {
     });
     body.unwrap_or_default()
 }
+
+/// Finds a free TCP port on 127.0.0.1 (bind to 0, read it, release it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs an instant PromQL query against a Prometheus server; returns the `data` object.
+/// Panics when Prometheus rejects the expression, with the expression and the error.
+pub fn prom_query(base: &str, expr: &str) -> serde_json::Value {
+    let url = format!("{base}/api/v1/query");
+    let mut resp = ureq::get(&url)
+        .query("query", expr)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap_or_else(|e| panic!("query {expr}: {e}"));
+    let body: serde_json::Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap())
+        .unwrap_or_else(|e| panic!("query {expr}: bad JSON: {e}"));
+    assert_eq!(body["status"], "success", "invalid PromQL {expr}: {body}");
+    body["data"].clone()
+}
+
+/// One metric data point as printed by a collector debug exporter (`--debug-log-verbosity
+/// detailed`, as rotel-agent and otelcol's `debug` exporter print them).
+#[derive(Debug, Default, Clone)]
+pub struct DebugPoint {
+    pub attrs: std::collections::BTreeMap<String, String>,
+    pub count: Option<u64>,
+    pub value: Option<f64>,
+    pub bounds: Vec<f64>,
+}
+
+/// One metric from a debug-exporter dump.
+#[derive(Debug, Default, Clone)]
+pub struct DebugMetric {
+    pub service: String,
+    pub scope: String,
+    pub name: String,
+    pub unit: String,
+    pub data_type: String,
+    pub points: Vec<DebugPoint>,
+}
+
+/// One span from a debug-exporter dump.
+#[derive(Debug, Default, Clone)]
+pub struct DebugSpan {
+    pub service: String,
+    pub scope: String,
+    pub name: String,
+    pub attrs: std::collections::BTreeMap<String, String>,
+}
+
+/// Parses a debug-exporter dump into metrics and spans.
+pub fn parse_debug_dump(text: &str) -> (Vec<DebugMetric>, Vec<DebugSpan>) {
+    #[derive(PartialEq)]
+    enum Ctx {
+        None,
+        Resource,
+        Descriptor,
+        Point,
+        Span,
+    }
+    fn attr(line: &str) -> Option<(String, String)> {
+        let rest = line.trim().strip_prefix("-> ")?;
+        let (k, v) = rest.split_once(": ")?;
+        let v = match v.find('(') {
+            Some(i) if v.ends_with(')') => &v[i + 1..v.len() - 1],
+            _ => v,
+        };
+        Some((k.to_owned(), v.to_owned()))
+    }
+    let (mut metrics, mut spans) = (Vec::<DebugMetric>::new(), Vec::<DebugSpan>::new());
+    let (mut service, mut scope, mut ctx) = (String::new(), String::new(), Ctx::None);
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with("ResourceMetrics #") || t.starts_with("ResourceSpans #") {
+            service.clear();
+            ctx = Ctx::None;
+        } else if t == "Resource attributes:" {
+            ctx = Ctx::Resource;
+        } else if let Some(s) = t.strip_prefix("InstrumentationScope ") {
+            scope = s.split_whitespace().next().unwrap_or("").to_owned();
+        } else if t.starts_with("Metric #") {
+            metrics.push(DebugMetric {
+                service: service.clone(),
+                scope: scope.clone(),
+                ..Default::default()
+            });
+            ctx = Ctx::None;
+        } else if t == "Descriptor:" {
+            ctx = Ctx::Descriptor;
+        } else if t.starts_with("HistogramDataPoints #") || t.starts_with("NumberDataPoints #") {
+            if let Some(m) = metrics.last_mut() {
+                m.points.push(DebugPoint::default());
+            }
+            ctx = Ctx::Point;
+        } else if t.starts_with("Span #") {
+            spans.push(DebugSpan {
+                service: service.clone(),
+                scope: scope.clone(),
+                ..Default::default()
+            });
+            ctx = Ctx::Span;
+        } else if let Some(n) = t.strip_prefix("Name").filter(|_| ctx == Ctx::Span) {
+            if let (Some(s), Some((_, v))) = (spans.last_mut(), n.split_once(": ")) {
+                s.name = v.trim().to_owned();
+            }
+        } else if let Some((k, v)) = attr(t) {
+            match ctx {
+                Ctx::Resource if k == "service.name" => service = v,
+                Ctx::Descriptor => {
+                    if let Some(m) = metrics.last_mut() {
+                        match k.as_str() {
+                            "Name" => m.name = v,
+                            "Unit" => m.unit = v,
+                            "DataType" => m.data_type = v,
+                            _ => {}
+                        }
+                    }
+                }
+                Ctx::Point => {
+                    if let Some(p) = metrics.last_mut().and_then(|m| m.points.last_mut()) {
+                        p.attrs.insert(k, v);
+                    }
+                }
+                Ctx::Span => {
+                    if let Some(s) = spans.last_mut() {
+                        s.attrs.insert(k, v);
+                    }
+                }
+                _ => {}
+            }
+        } else if ctx == Ctx::Point {
+            let p = metrics.last_mut().and_then(|m| m.points.last_mut());
+            if let Some(p) = p {
+                if let Some(v) = t.strip_prefix("Count: ") {
+                    p.count = v.parse().ok();
+                } else if let Some(v) = t.strip_prefix("Value: ") {
+                    p.value = v.parse().ok();
+                } else if t.starts_with("ExplicitBounds #") {
+                    if let Some(v) = t.split_once(": ").and_then(|(_, v)| v.parse().ok()) {
+                        p.bounds.push(v);
+                    }
+                }
+            }
+        }
+    }
+    (metrics, spans)
+}

@@ -396,9 +396,7 @@ impl FileLock {
         let mut backoff = POLL_MIN;
         loop {
             match self.attempt(mode, Wait::No, &mut contended) {
-                Ok(Some(held)) => {
-                    return Ok(Some(self.guard(held, mode, contended, start, &span)))
-                }
+                Ok(Some(held)) => return Ok(Some(self.guard(held, mode, contended, start, &span))),
                 Ok(None) => {}
                 Err(e) => return Err(self.fail_wait(mode, start, &span, e)),
             }
