@@ -73,6 +73,7 @@
 #![deny(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+mod clock;
 mod error;
 mod file;
 pub mod metrics;

@@ -7,14 +7,13 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use quanta::Instant as Tsc;
-
 use lock_api::RawRwLock as _;
 use opentelemetry::metrics::Meter;
 use opentelemetry::KeyValue;
 use parking_lot::Mutex;
 use rustix::io::Errno;
 
+use crate::clock::Ticks as Tsc;
 use crate::error::{Error, Operation, Result};
 use crate::metrics::{keys, DetectedAt, LockMetrics, LockMode, MigrationKind, Outcome};
 use crate::sys::{self, FileId};
@@ -471,7 +470,7 @@ impl FileLock {
     ) -> FileLockGuard<'_> {
         let acquired_at = Tsc::now();
         self.metrics
-            .acquired(mode, contended, secs(acquired_at - start));
+            .acquired(mode, contended, start.secs_until(acquired_at));
         trace::acquire_done(acquire_span, Outcome::Acquired, contended);
         FileLockGuard {
             lock: self,
@@ -494,14 +493,14 @@ impl FileLock {
 
     fn not_acquired(&self, mode: LockMode, outcome: Outcome, start: Tsc, span: &tracing::Span) {
         self.metrics
-            .not_acquired(mode, outcome, secs(start.elapsed()));
+            .not_acquired(mode, outcome, start.elapsed_secs());
         trace::acquire_done(span, outcome, true);
     }
 
     #[cold]
     fn fail_wait(&self, mode: LockMode, start: Tsc, span: &tracing::Span, e: Error) -> Error {
         self.metrics
-            .not_acquired(mode, Outcome::Error, secs(start.elapsed()));
+            .not_acquired(mode, Outcome::Error, start.elapsed_secs());
         trace::acquire_done(span, Outcome::Error, false);
         e
     }
@@ -820,11 +819,6 @@ fn open_fd(path: &Path, create: bool, mode: u32, kind: LockKind) -> Result<LockF
     }
 }
 
-#[inline]
-fn secs(d: Duration) -> f64 {
-    d.as_secs_f64()
-}
-
 /// A held file lock. Dropping it releases the lock with an explicit unlock (`LOCK_UN` /
 /// `F_UNLCK`); a failed unlock is counted in `lock.errors` and logged at `error` level. Call
 /// [`FileLockGuard::unlock`] to get the error instead.
@@ -862,7 +856,7 @@ impl FileLockGuard<'_> {
 
     /// How long the lock has been held so far.
     pub fn held_for(&self) -> Duration {
-        self.acquired_at.elapsed()
+        Duration::from_secs_f64(self.acquired_at.elapsed_secs())
     }
 
     /// Releases the lock, returning the unlock error if there is one (it is also counted).
@@ -874,11 +868,9 @@ impl FileLockGuard<'_> {
         let Some(held) = self.held.take() else {
             return Ok(());
         };
-        let hold = self.acquired_at.elapsed();
+        let hold = self.acquired_at.elapsed_secs();
         let r = self.lock.unlock_held(held, self.mode);
-        self.lock
-            .metrics
-            .released(self.mode, self.contended, secs(hold));
+        self.lock.metrics.released(self.mode, self.contended, hold);
         r.map_err(|errno| self.lock.err(Operation::Unlock, errno))
     }
 }
