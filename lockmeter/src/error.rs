@@ -71,6 +71,19 @@ pub enum Error {
         /// The lock file as given.
         path: PathBuf,
     },
+    /// The lock file's file system cannot be trusted to make locks exclude, and the builder's
+    /// policy is [`FsPolicy::Refuse`](crate::FsPolicy::Refuse).
+    #[error("refusing lock file {}: locks on this {fs_type} file system are {coherence}: {reasons}", path.display())]
+    UntrustedFileSystem {
+        /// The lock file as given.
+        path: PathBuf,
+        /// File-system type from the mount table.
+        fs_type: String,
+        /// The classification.
+        coherence: crate::fs::Coherence,
+        /// Why.
+        reasons: String,
+    },
     /// The lock file kept being replaced between locking and verifying.
     #[error("lock file {} was replaced {attempts} times in a row while locking; giving up", path.display())]
     Unstable {
@@ -89,6 +102,7 @@ impl Error {
             | Error::IsDirectory { path }
             | Error::Symlink { path }
             | Error::NotRegularFile { path }
+            | Error::UntrustedFileSystem { path, .. }
             | Error::Unstable { path, .. } => path,
         }
     }
@@ -97,21 +111,23 @@ impl Error {
     pub fn operation(&self) -> Operation {
         match self {
             Error::Os { operation, .. } => *operation,
-            Error::IsDirectory { .. } | Error::Symlink { .. } | Error::NotRegularFile { .. } => {
-                Operation::Open
-            }
+            Error::IsDirectory { .. }
+            | Error::Symlink { .. }
+            | Error::NotRegularFile { .. }
+            | Error::UntrustedFileSystem { .. } => Operation::Open,
             Error::Unstable { .. } => Operation::Verify,
         }
     }
 
-    /// The errno behind the error (`EISDIR` for a directory, `ELOOP` for a symlink, `ESTALE`
-    /// for a lock file that kept being replaced).
+    /// The errno behind the error (`EISDIR` for a directory, `ELOOP` for a symlink, `ENOLCK`
+    /// for a refused file system, `ESTALE` for a lock file that kept being replaced).
     pub fn errno(&self) -> Errno {
         match self {
             Error::Os { errno, .. } => *errno,
             Error::IsDirectory { .. } => Errno::ISDIR,
             Error::Symlink { .. } => Errno::LOOP,
             Error::NotRegularFile { .. } => Errno::INVAL,
+            Error::UntrustedFileSystem { .. } => Errno::NOLCK,
             Error::Unstable { .. } => Errno::STALE,
         }
     }

@@ -76,6 +76,7 @@
 mod clock;
 mod error;
 mod file;
+pub mod fs;
 pub mod metrics;
 mod sys;
 #[cfg(feature = "telemetry")]
@@ -83,7 +84,7 @@ pub mod telemetry;
 mod trace;
 
 pub use error::{Error, Operation, Result};
-pub use file::{FileLock, FileLockBuilder, FileLockGuard, LockKind};
+pub use file::{FileLock, FileLockBuilder, FileLockGuard, FsPolicy, LockKind};
 pub use metrics::{LockMode, Outcome};
 
 /// Raw errno type used in [`Error`] (re-exported from `rustix`).

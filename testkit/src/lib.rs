@@ -404,3 +404,54 @@ pub fn parse_debug_dump(text: &str) -> (Vec<DebugMetric>, Vec<DebugSpan>) {
     }
     (metrics, spans)
 }
+
+/// Two bindfs (FUSE) mounts `a` and `b` of one directory `src`, unmounted on drop. Plain mounts
+/// are two lock domains; `--multithreaded --enable-lock-forwarding` makes them one.
+pub struct Bindfs {
+    /// Holds `src`, `a` and `b`.
+    pub dir: tempfile::TempDir,
+    mounts: Vec<std::path::PathBuf>,
+}
+
+impl Bindfs {
+    /// Mounts `src` twice with `extra` bindfs options; `None` (skip) if bindfs is missing.
+    pub fn new(extra: &[&str]) -> Option<Bindfs> {
+        if !require_tool("bindfs") {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let mut mounts = Vec::new();
+        for name in ["a", "b"] {
+            let mp = dir.path().join(name);
+            std::fs::create_dir(&mp).unwrap();
+            let st = Command::new("bindfs")
+                .args(extra)
+                .arg(&src)
+                .arg(&mp)
+                .status()
+                .unwrap();
+            assert!(st.success(), "bindfs failed");
+            mounts.push(mp);
+        }
+        Some(Bindfs { dir, mounts })
+    }
+    /// The first mount.
+    pub fn a(&self) -> std::path::PathBuf {
+        self.mounts[0].clone()
+    }
+
+    /// The second mount.
+    pub fn b(&self) -> std::path::PathBuf {
+        self.mounts[1].clone()
+    }
+}
+
+impl Drop for Bindfs {
+    fn drop(&mut self) {
+        for m in &self.mounts {
+            let _ = Command::new("fusermount").arg("-u").arg(m).status();
+        }
+    }
+}

@@ -75,6 +75,20 @@ impl std::str::FromStr for LockKind {
     }
 }
 
+/// What to do when the lock file's file system cannot be trusted to make the lock exclude
+/// (see [`crate::fs::Coherence`]): NFS with `nolock`/`local_lock`, FUSE without known lock
+/// forwarding, sshfs, 9p, an unknown file system.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum FsPolicy {
+    /// Open it anyway, silently.
+    Allow,
+    /// Open it and emit one `warn!` event per lock file per process (the default).
+    #[default]
+    Warn,
+    /// Refuse with [`Error::UntrustedFileSystem`].
+    Refuse,
+}
+
 /// Builder for a [`FileLock`]; see [`FileLock::builder`].
 #[derive(Debug)]
 #[must_use = "call .open() to create the lock"]
@@ -86,6 +100,7 @@ pub struct FileLockBuilder {
     mode: u32,
     verify_inode: bool,
     meter: Option<Meter>,
+    fs_policy: FsPolicy,
 }
 
 impl FileLockBuilder {
@@ -123,6 +138,13 @@ impl FileLockBuilder {
         self
     }
 
+    /// What to do when the file system cannot be trusted to make this lock exclude (default
+    /// [`FsPolicy::Warn`]).
+    pub fn fs_policy(mut self, policy: FsPolicy) -> Self {
+        self.fs_policy = policy;
+        self
+    }
+
     /// The meter to record on (default: the global meter provider's `lockmeter` meter, read
     /// when the lock is opened).
     pub fn meter(mut self, meter: Meter) -> Self {
@@ -145,10 +167,16 @@ impl FileLockBuilder {
             .clone()
             .unwrap_or_else(crate::metrics::default_meter);
         let opened = open_fd(&self.path, self.create, self.mode, self.kind);
-        let fs_type = match &opened {
-            Ok(fd) => sys::fs_type(fd.fd.as_fd()),
-            Err(_) => sys::fs_type_of_parent(&self.path),
+        let fs_info = match &opened {
+            Ok(fd) => crate::fs::fs_info(&self.path, fd.fd.as_fd(), self.kind),
+            Err(_) => crate::fs::FsInfo {
+                fs_type: sys::fs_type_of_parent(&self.path).to_owned(),
+                mount: None,
+                coherence: crate::fs::Coherence::Unknown,
+                reasons: vec![],
+            },
         };
+        let fs_type: &'static str = intern(fs_info.metric_fs_type());
         let metrics = LockMetrics::new(
             &meter,
             &name,
@@ -159,6 +187,23 @@ impl FileLockBuilder {
             Ok(fd) => fd,
             Err(e) => return Err(count_error(&metrics, e)),
         };
+        if !fs_info.coherence.is_trustworthy() {
+            match self.fs_policy {
+                FsPolicy::Allow => {}
+                FsPolicy::Warn => warn_untrusted_once(&self.path, fd.id, &fs_info),
+                FsPolicy::Refuse => {
+                    return Err(count_error(
+                        &metrics,
+                        Error::UntrustedFileSystem {
+                            path: self.path.clone(),
+                            fs_type: fs_info.fs_type.clone(),
+                            coherence: fs_info.coherence,
+                            reasons: fs_info.reasons.join("; "),
+                        },
+                    ))
+                }
+            }
+        }
         let backend = match self.kind {
             LockKind::Flock | LockKind::Ofd => Backend::Fds(Mutex::new(vec![fd])),
             LockKind::Posix => Backend::Posix(Mutex::new(PosixHandle::register(fd.fd, fd.id))),
@@ -171,6 +216,7 @@ impl FileLockBuilder {
             mode: self.mode,
             verify: self.verify_inode,
             fs_type,
+            fs_info,
             backend,
             metrics,
         })
@@ -228,6 +274,7 @@ pub struct FileLock {
     mode: u32,
     verify: bool,
     fs_type: &'static str,
+    fs_info: crate::fs::FsInfo,
     backend: Backend,
     metrics: LockMetrics,
 }
@@ -270,6 +317,7 @@ impl FileLock {
             mode: 0o644,
             verify_inode: true,
             meter: None,
+            fs_policy: FsPolicy::Warn,
         }
     }
 
@@ -288,9 +336,15 @@ impl FileLock {
         self.kind
     }
 
-    /// The file-system type the lock file was on when opened (`fs.type`).
+    /// The file-system type the lock file was on when opened (the `fs.type` attribute).
     pub fn fs_type(&self) -> &'static str {
         self.fs_type
+    }
+
+    /// The file system the lock file was on when opened: mount, options, and whether locks
+    /// there exclude host-wide, across clients, or only locally.
+    pub fn fs_info(&self) -> &crate::fs::FsInfo {
+        &self.fs_info
     }
 
     /// Takes the lock exclusively, waiting as long as it takes.
@@ -783,6 +837,38 @@ impl FileLock {
                 errno,
             },
         )
+    }
+}
+
+/// `fs.type` values are few (one per file-system type); keep one `'static` copy of each.
+fn intern(s: &str) -> &'static str {
+    static SEEN: std::sync::OnceLock<Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let mut seen = SEEN.get_or_init(Default::default).lock();
+    match seen.get(s) {
+        Some(v) => v,
+        None => {
+            let v: &'static str = Box::leak(s.to_owned().into_boxed_str());
+            seen.insert(v);
+            v
+        }
+    }
+}
+
+/// One `warn!` per lock file (inode) per process about a file system that may not exclude.
+#[cold]
+fn warn_untrusted_once(path: &Path, id: FileId, info: &crate::fs::FsInfo) {
+    static WARNED: std::sync::OnceLock<Mutex<std::collections::HashSet<FileId>>> =
+        std::sync::OnceLock::new();
+    if WARNED.get_or_init(Default::default).lock().insert(id) {
+        tracing::warn!(
+            lock.path = %path.display(),
+            fs.type = %info.fs_type,
+            fs.coherence = info.coherence.as_str(),
+            mount.source = info.mount.as_ref().map(|m| m.source.as_str()).unwrap_or(""),
+            "locks on this file system may not exclude other holders: {}",
+            info.reasons.join("; "),
+        );
     }
 }
 
