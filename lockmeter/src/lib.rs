@@ -78,6 +78,7 @@ mod error;
 mod file;
 pub mod fs;
 pub mod metrics;
+pub mod owner;
 mod sys;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;

@@ -16,6 +16,7 @@ use rustix::io::Errno;
 use crate::clock::Ticks as Tsc;
 use crate::error::{Error, Operation, Result};
 use crate::metrics::{keys, DetectedAt, LockMetrics, LockMode, MigrationKind, Outcome};
+use crate::owner;
 use crate::sys::{self, FileId};
 use crate::trace;
 use posix::PosixHandle;
@@ -101,6 +102,7 @@ pub struct FileLockBuilder {
     verify_inode: bool,
     meter: Option<Meter>,
     fs_policy: FsPolicy,
+    owner_record: bool,
 }
 
 impl FileLockBuilder {
@@ -135,6 +137,15 @@ impl FileLockBuilder {
     /// per acquire.
     pub fn verify_inode(mut self, verify: bool) -> Self {
         self.verify_inode = verify;
+        self
+    }
+
+    /// Write an owner record with a fencing token into the lock file after every exclusive
+    /// acquire, and check it before release (default `false`); see [`crate::owner`]. A
+    /// different token at release means another holder got the lock meanwhile: counted in
+    /// `lock.violations`. Costs a write and an `fdatasync` per exclusive acquire.
+    pub fn owner_record(mut self, on: bool) -> Self {
+        self.owner_record = on;
         self
     }
 
@@ -215,6 +226,7 @@ impl FileLockBuilder {
             create: self.create,
             mode: self.mode,
             verify: self.verify_inode,
+            owner_record: self.owner_record,
             fs_type,
             fs_info,
             backend,
@@ -235,6 +247,19 @@ enum Backend {
     Fds(Mutex<Vec<LockFd>>),
     /// POSIX: one descriptor per inode per process, behind an in-process gate.
     Posix(Mutex<PosixHandle>),
+}
+
+/// A successful acquire: the lock and, with owner records, this holder's record state.
+struct Acquired {
+    held: Held,
+    owner: Option<Box<OwnerState>>,
+}
+
+/// This holder's owner record: its token and fence, and whether a violation was counted.
+struct OwnerState {
+    token: String,
+    fence: u64,
+    violated: bool,
 }
 
 /// What a guard holds.
@@ -273,6 +298,7 @@ pub struct FileLock {
     create: bool,
     mode: u32,
     verify: bool,
+    owner_record: bool,
     fs_type: &'static str,
     fs_info: crate::fs::FsInfo,
     backend: Backend,
@@ -318,6 +344,7 @@ impl FileLock {
             verify_inode: true,
             meter: None,
             fs_policy: FsPolicy::Warn,
+            owner_record: false,
         }
     }
 
@@ -345,6 +372,31 @@ impl FileLock {
     /// there exclude host-wide, across clients, or only locally.
     pub fn fs_info(&self) -> &crate::fs::FsInfo {
         &self.fs_info
+    }
+
+    /// The owner record currently in the lock file (written by the last exclusive holder that
+    /// used [`FileLockBuilder::owner_record`]), read bypassing cached pages. `Ok(None)` when
+    /// the file holds no record.
+    pub fn holder(&self) -> Result<Option<owner::OwnerRecord>> {
+        let read = |fd: BorrowedFd<'_>| {
+            owner::read(fd).map_err(|errno| self.err(Operation::Verify, errno))
+        };
+        match &self.backend {
+            Backend::Fds(pool) => {
+                let popped = pool.lock().pop();
+                let fd = match popped {
+                    Some(fd) => fd,
+                    None => self.reopen()?,
+                };
+                let r = read(fd.fd.as_fd());
+                self.give_back(pool, fd);
+                r
+            }
+            Backend::Posix(current) => {
+                let handle = current.lock().clone();
+                read(handle.file().fd())
+            }
+        }
     }
 
     /// Takes the lock exclusively, waiting as long as it takes.
@@ -516,7 +568,7 @@ impl FileLock {
     #[inline]
     fn guard(
         &self,
-        held: Held,
+        acquired: Acquired,
         mode: LockMode,
         contended: bool,
         start: Tsc,
@@ -528,7 +580,8 @@ impl FileLock {
         trace::acquire_done(acquire_span, Outcome::Acquired, contended);
         FileLockGuard {
             lock: self,
-            held: Some(held),
+            held: Some(acquired.held),
+            owner: acquired.owner,
             mode,
             contended,
             acquired_at,
@@ -563,7 +616,54 @@ impl FileLock {
     /// re-lock on a migration. Counts a conflict the first time the lock is found taken.
     /// Errors are counted here; the caller records the wait.
     #[inline]
-    fn attempt(&self, mode: LockMode, wait: Wait, contended: &mut bool) -> Result<Option<Held>> {
+    fn attempt(
+        &self,
+        mode: LockMode,
+        wait: Wait,
+        contended: &mut bool,
+    ) -> Result<Option<Acquired>> {
+        let Some(held) = self.attempt_inner(mode, wait, contended)? else {
+            return Ok(None);
+        };
+        let owner = if self.owner_record && mode == LockMode::Exclusive {
+            match self.stamp(held.fd()) {
+                Ok(o) => Some(o),
+                Err(errno) => {
+                    // Asked for a record and could not write it: do not hand out the lock.
+                    let e = self.err(Operation::Lock, errno);
+                    if let Err(errno) = self.unlock_held(held, mode) {
+                        self.err(Operation::Unlock, errno);
+                    }
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Some(Acquired { held, owner }))
+    }
+
+    /// Writes this acquisition's owner record (fence = previous + 1).
+    #[cold]
+    fn stamp(&self, fd: BorrowedFd<'_>) -> std::result::Result<Box<OwnerState>, Errno> {
+        let previous = owner::read(fd)?;
+        let fence = previous.map_or(1, |p| p.fence.wrapping_add(1));
+        let rec = owner::OwnerRecord::new_for_self(fence)?;
+        owner::write(fd, &rec)?;
+        Ok(Box::new(OwnerState {
+            token: rec.token,
+            fence,
+            violated: false,
+        }))
+    }
+
+    #[inline]
+    fn attempt_inner(
+        &self,
+        mode: LockMode,
+        wait: Wait,
+        contended: &mut bool,
+    ) -> Result<Option<Held>> {
         let mut migrations = 0;
         loop {
             let held = match &self.backend {
@@ -604,6 +704,33 @@ impl FileLock {
                     },
                 ));
             }
+        }
+    }
+
+    /// Counts an exclusion violation and says so loudly.
+    #[cold]
+    fn violation(&self, ours: &str, fence: u64, theirs: Option<&owner::OwnerRecord>) {
+        self.metrics.violation();
+        match theirs {
+            Some(t) => tracing::error!(
+                lock.name = %self.name,
+                lock.path = %self.path.display(),
+                our.token = ours,
+                our.fence = fence,
+                other.host = %t.host,
+                other.pid = t.pid,
+                other.token = %t.token,
+                other.fence = t.fence,
+                "exclusion violation: {}:{} acquired this lock while we held it exclusively; the lock does not exclude here (check the file system with `lockmeter probe`)",
+                t.host, t.pid,
+            ),
+            None => tracing::error!(
+                lock.name = %self.name,
+                lock.path = %self.path.display(),
+                our.token = ours,
+                our.fence = fence,
+                "exclusion violation: our owner record in the lock file was overwritten or removed while we held the lock exclusively",
+            ),
         }
     }
 
@@ -912,6 +1039,7 @@ fn open_fd(path: &Path, create: bool, mode: u32, kind: LockKind) -> Result<LockF
 pub struct FileLockGuard<'a> {
     lock: &'a FileLock,
     held: Option<Held>,
+    owner: Option<Box<OwnerState>>,
     mode: LockMode,
     contended: bool,
     acquired_at: Tsc,
@@ -945,12 +1073,43 @@ impl FileLockGuard<'_> {
         Duration::from_secs_f64(self.acquired_at.elapsed_secs())
     }
 
+    /// The fencing number of this acquisition (with owner records, exclusive mode): one more
+    /// than the previous holder's. Pass it to the storage the lock protects and have it reject
+    /// writes carrying a smaller one.
+    pub fn fencing_token(&self) -> Option<u64> {
+        self.owner.as_ref().map(|o| o.fence)
+    }
+
+    /// Re-reads the owner record (bypassing caches) and checks it is still ours. `Ok(false)`
+    /// means another holder acquired this "exclusive" lock while we held it: the lock does not
+    /// exclude. The first such finding per guard is counted in `lock.violations` and logged at
+    /// `error` level. Always `Ok(true)` without owner records. Also done at release.
+    pub fn check_owner(&mut self) -> Result<bool> {
+        let (Some(owner), Some(held)) = (self.owner.as_mut(), self.held.as_ref()) else {
+            return Ok(true);
+        };
+        let current =
+            owner::read(held.fd()).map_err(|errno| self.lock.err(Operation::Verify, errno))?;
+        if current.as_ref().map(|r| r.token.as_str()) == Some(owner.token.as_str()) {
+            return Ok(true);
+        }
+        if !owner.violated {
+            owner.violated = true;
+            self.lock
+                .violation(&owner.token, owner.fence, current.as_ref());
+        }
+        Ok(false)
+    }
+
     /// Releases the lock, returning the unlock error if there is one (it is also counted).
     pub fn unlock(mut self) -> Result<()> {
         self.release()
     }
 
     fn release(&mut self) -> Result<()> {
+        // Last chance to notice that someone else held the lock with us. A failed read is
+        // counted (lock.errors, verify) and does not stop the release.
+        let _ = self.check_owner();
         let Some(held) = self.held.take() else {
             return Ok(());
         };

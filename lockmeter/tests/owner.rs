@@ -1,0 +1,162 @@
+//! Owner records, fencing tokens and exclusion violations, on a local file system and on real
+//! FUSE mounts (split-brain and lock-forwarding bindfs).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::child;
+use lockmeter::{FileLock, FsPolicy};
+use lockmeter_testkit::{Bindfs, Recorder};
+
+/// Helper-process entry point: does nothing unless started by `common::child`.
+#[test]
+#[ignore = "helper process entry point, started by other tests"]
+fn child_entry() {
+    let Ok(role) = std::env::var("LOCKMETER_TEST_ROLE") else {
+        return;
+    };
+    let var = |k: &str| std::env::var(k).unwrap();
+    assert_eq!(role, "owner_loop");
+    let rec = Recorder::new();
+    let lock = FileLock::builder(var("LOCK"))
+        .owner_record(true)
+        .fs_policy(FsPolicy::Allow)
+        .meter(rec.meter())
+        .open()
+        .unwrap();
+    let iters: u32 = var("ITERS").parse().unwrap();
+    let mut fences = Vec::new();
+    for _ in 0..iters {
+        let g = lock.lock().unwrap();
+        fences.push(g.fencing_token().unwrap());
+        std::thread::sleep(Duration::from_micros(500));
+        g.unlock().unwrap();
+    }
+    let v = rec.snapshot().counter("lock.violations", &[]);
+    println!("violations {v}");
+    println!(
+        "fences_increasing {}",
+        fences.windows(2).all(|w| w[0] < w[1])
+    );
+}
+
+#[test]
+fn fencing_tokens_increase_and_the_holder_is_readable() {
+    let rec = Recorder::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fenced.lock");
+    let lock = FileLock::builder(&path)
+        .owner_record(true)
+        .meter(rec.meter())
+        .open()
+        .unwrap();
+    assert!(
+        lock.holder().unwrap().is_none(),
+        "a new lock file holds no record"
+    );
+    let mut g = lock.lock().unwrap();
+    assert_eq!(g.fencing_token(), Some(1));
+    let h = lock.holder().unwrap().unwrap();
+    assert_eq!(h.pid, std::process::id());
+    assert_eq!(h.fence, 1);
+    assert_eq!(h.token.len(), 32);
+    assert!(!h.boot_id.is_empty() && !h.host.is_empty() && h.start_time > 0);
+    assert!(g.check_owner().unwrap());
+    drop(g);
+    let g = lock.lock().unwrap();
+    assert_eq!(g.fencing_token(), Some(2));
+    drop(g);
+    // Shared holders write no record; a plain FileLock reads the last one.
+    let s = lock.lock_shared().unwrap();
+    assert_eq!(s.fencing_token(), None);
+    drop(s);
+    let plain = FileLock::open(&path).unwrap();
+    assert_eq!(plain.holder().unwrap().unwrap().fence, 2);
+    assert_eq!(rec.snapshot().counter("lock.violations", &[]), 0);
+}
+
+#[test]
+fn an_overwritten_record_is_one_violation() {
+    let rec = Recorder::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stolen.lock");
+    let lock = FileLock::builder(&path)
+        .owner_record(true)
+        .meter(rec.meter())
+        .open()
+        .unwrap();
+    let mut g = lock.lock().unwrap();
+    // Another "holder" (a client the lock did not exclude) writes its own record.
+    std::fs::write(
+        &path,
+        "lockmeter-owner v1\nhost=elsewhere\nboot_id=x\npid=99\nstart_time=1\ntoken=ffffffffffffffffffffffffffffffff\nfence=2\nacquired_at=0\n",
+    )
+    .unwrap();
+    assert!(!g.check_owner().unwrap());
+    assert!(!g.check_owner().unwrap());
+    drop(g); // checked again at release: still counted once
+    let s = rec.snapshot();
+    assert_eq!(s.counter("lock.violations", &[]), 1);
+    assert_eq!(
+        s.counter("lock.violations", &[("lock.name", path.to_str().unwrap())]),
+        1
+    );
+}
+
+/// Two processes taking the "same" exclusive lock through two mounts of one directory.
+fn two_mounts_under_load(bf: &Bindfs) -> (u64, bool) {
+    let procs: Vec<_> = [bf.a(), bf.b()]
+        .iter()
+        .map(|m| {
+            child(
+                "owner_loop",
+                &[
+                    ("LOCK", m.join("shared.lock").to_str().unwrap()),
+                    ("ITERS", "150"),
+                ],
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let mut violations = 0;
+    let mut increasing = true;
+    for p in procs {
+        let out = p.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("violations ") {
+                violations += v.parse::<u64>().unwrap();
+            }
+            if let Some(v) = line.strip_prefix("fences_increasing ") {
+                increasing &= v == "true";
+            }
+        }
+    }
+    (violations, increasing)
+}
+
+#[test]
+fn split_brain_fuse_mounts_are_caught_as_violations() {
+    let Some(bf) = Bindfs::new(&[]) else { return };
+    let (violations, _) = two_mounts_under_load(&bf);
+    assert!(
+        violations > 0,
+        "two lock domains must show up as violations"
+    );
+}
+
+#[test]
+fn lock_forwarding_fuse_mounts_show_no_violations() {
+    let Some(bf) = Bindfs::new(&["--multithreaded", "--enable-lock-forwarding"]) else {
+        return;
+    };
+    let (violations, increasing) = two_mounts_under_load(&bf);
+    assert_eq!(violations, 0);
+    assert!(increasing, "fencing tokens increase for each holder");
+}
