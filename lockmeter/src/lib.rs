@@ -83,6 +83,7 @@ mod sys;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
 mod trace;
+mod watch;
 
 pub use error::{Error, Operation, Result};
 pub use file::{FileLock, FileLockBuilder, FileLockGuard, FsPolicy, LockKind};

@@ -364,6 +364,7 @@ impl TelemetryBuilder {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&self.log_filter));
             let fmt = tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_filter(console);
             let otel = tracer_provider.as_ref().map(|tp| {
                 tracing_opentelemetry::layer()

@@ -5,6 +5,8 @@ mod posix;
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lock_api::RawRwLock as _;
@@ -19,6 +21,7 @@ use crate::metrics::{keys, DetectedAt, LockMetrics, LockMode, MigrationKind, Out
 use crate::owner;
 use crate::sys::{self, FileId};
 use crate::trace;
+use crate::watch::{self, WatchHandle, WatchSpec};
 use posix::PosixHandle;
 
 /// How many times one acquire re-locks after finding the lock file replaced before it gives up
@@ -103,6 +106,7 @@ pub struct FileLockBuilder {
     meter: Option<Meter>,
     fs_policy: FsPolicy,
     owner_record: bool,
+    watch: Option<Duration>,
 }
 
 impl FileLockBuilder {
@@ -149,6 +153,23 @@ impl FileLockBuilder {
         self
     }
 
+    /// Watch held locks (default off): notice within milliseconds (inotify on the lock file's
+    /// directory) or within `interval` (periodic re-validation, for changes inotify cannot see
+    /// such as another NFS client's) that the lock file was replaced, renamed away or unlinked
+    /// while held, and with owner records that another holder took the lock. Counted as
+    /// `lock.inode.migrations{migration.detected_at="hold"}` / `lock.violations`, logged with
+    /// `warn!`/`error!`, and visible on the guard ([`FileLockGuard::is_valid`],
+    /// [`FileLockGuard::wait_invalidated`]). Also re-validates once more at release.
+    ///
+    /// A change made elsewhere becomes visible here only when the file system's own caches let
+    /// it through: FUSE caches lookups for `entry_timeout` (libfuse default 1 s), NFS for
+    /// `actimeo`/`lookupcache` (3 to 60 s by default). Detection of such changes takes up to
+    /// that plus `interval`.
+    pub fn watch(mut self, interval: Duration) -> Self {
+        self.watch = Some(interval);
+        self
+    }
+
     /// What to do when the file system cannot be trusted to make this lock exclude (default
     /// [`FsPolicy::Warn`]).
     pub fn fs_policy(mut self, policy: FsPolicy) -> Self {
@@ -188,12 +209,12 @@ impl FileLockBuilder {
             },
         };
         let fs_type: &'static str = intern(fs_info.metric_fs_type());
-        let metrics = LockMetrics::new(
+        let metrics = Arc::new(LockMetrics::new(
             &meter,
             &name,
             self.kind.as_str(),
             &[KeyValue::new(keys::FS_TYPE, fs_type)],
-        );
+        ));
         let fd = match opened {
             Ok(fd) => fd,
             Err(e) => return Err(count_error(&metrics, e)),
@@ -227,6 +248,7 @@ impl FileLockBuilder {
             mode: self.mode,
             verify: self.verify_inode,
             owner_record: self.owner_record,
+            watch: self.watch,
             fs_type,
             fs_info,
             backend,
@@ -259,7 +281,8 @@ struct Acquired {
 struct OwnerState {
     token: String,
     fence: u64,
-    violated: bool,
+    /// Shared with the watcher: a violation is counted once per guard, by whoever sees it.
+    violated: Arc<AtomicBool>,
 }
 
 /// What a guard holds.
@@ -299,10 +322,11 @@ pub struct FileLock {
     mode: u32,
     verify: bool,
     owner_record: bool,
+    watch: Option<Duration>,
     fs_type: &'static str,
     fs_info: crate::fs::FsInfo,
     backend: Backend,
-    metrics: LockMetrics,
+    metrics: Arc<LockMetrics>,
 }
 
 impl fmt::Debug for FileLock {
@@ -345,6 +369,7 @@ impl FileLock {
             meter: None,
             fs_policy: FsPolicy::Warn,
             owner_record: false,
+            watch: None,
         }
     }
 
@@ -578,8 +603,12 @@ impl FileLock {
         self.metrics
             .acquired(mode, contended, start.secs_until(acquired_at));
         trace::acquire_done(acquire_span, Outcome::Acquired, contended);
+        let watch = self
+            .watch
+            .map(|interval| self.start_watch(&acquired, interval));
         FileLockGuard {
             lock: self,
+            watch,
             held: Some(acquired.held),
             owner: acquired.owner,
             mode,
@@ -587,6 +616,33 @@ impl FileLock {
             acquired_at,
             _span: trace::hold(self.span_attrs(), mode, contended),
         }
+    }
+
+    #[cold]
+    fn start_watch(&self, acquired: &Acquired, interval: Duration) -> WatchHandle {
+        // The watcher re-reads the owner record through its own duplicate of the locked
+        // descriptor. Not for POSIX locks: closing any descriptor of the file would drop them.
+        let owner = match (&acquired.owner, &acquired.held) {
+            (Some(o), Held::Fd(fd)) => match fd.fd.try_clone() {
+                Ok(dup) => Some((dup, o.token.clone(), Arc::clone(&o.violated))),
+                Err(e) => {
+                    self.metrics.error(
+                        "verify",
+                        sys::errno_name(Errno::from_io_error(&e).unwrap_or(Errno::MFILE)),
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        watch::register(WatchSpec {
+            path: self.path.clone(),
+            id: acquired.held.id(),
+            lock_name: self.name.clone(),
+            metrics: Arc::clone(&self.metrics),
+            interval,
+            owner,
+        })
     }
 
     #[inline]
@@ -653,7 +709,7 @@ impl FileLock {
         Ok(Box::new(OwnerState {
             token: rec.token,
             fence,
-            violated: false,
+            violated: Arc::new(AtomicBool::new(false)),
         }))
     }
 
@@ -1038,6 +1094,7 @@ fn open_fd(path: &Path, create: bool, mode: u32, kind: LockKind) -> Result<LockF
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct FileLockGuard<'a> {
     lock: &'a FileLock,
+    watch: Option<WatchHandle>,
     held: Option<Held>,
     owner: Option<Box<OwnerState>>,
     mode: LockMode,
@@ -1093,12 +1150,44 @@ impl FileLockGuard<'_> {
         if current.as_ref().map(|r| r.token.as_str()) == Some(owner.token.as_str()) {
             return Ok(true);
         }
-        if !owner.violated {
-            owner.violated = true;
+        if !owner.violated.swap(true, Ordering::AcqRel) {
             self.lock
                 .violation(&owner.token, owner.fence, current.as_ref());
         }
         Ok(false)
+    }
+
+    /// Whether the lock still protects what it should: the path still names the locked inode
+    /// and (with owner records) no other holder's record appeared. With
+    /// [`FileLockBuilder::watch`] this reads what the watcher found (cheap); without it, it
+    /// checks the path now. A holder that sees `false` should stop its critical section.
+    pub fn is_valid(&self) -> bool {
+        match (&self.watch, &self.held) {
+            (Some(w), _) => w.watch().is_valid(),
+            (None, Some(h)) => sys::path_id(&self.lock.path).is_ok_and(|id| id == h.id()),
+            (None, None) => false,
+        }
+    }
+
+    /// Blocks until the watcher finds the lock invalid (returns `true`) or `timeout` passes
+    /// (`false`). Needs [`FileLockBuilder::watch`]; without it, returns `!is_valid()` at once.
+    pub fn wait_invalidated(&self, timeout: Duration) -> bool {
+        match &self.watch {
+            Some(w) => w.watch().wait_invalid(timeout),
+            None => !self.is_valid(),
+        }
+    }
+
+    /// Resolves when the watcher finds the lock invalid (pending forever without
+    /// [`FileLockBuilder::watch`] while the lock stays valid). Use it in a `select!` beside the
+    /// critical section's work.
+    #[cfg(feature = "tokio")]
+    pub async fn invalidated(&self) {
+        match &self.watch {
+            Some(w) => w.watch().invalidated().await,
+            None if !self.is_valid() => {}
+            None => std::future::pending().await,
+        }
     }
 
     /// Releases the lock, returning the unlock error if there is one (it is also counted).
@@ -1110,6 +1199,10 @@ impl FileLockGuard<'_> {
         // Last chance to notice that someone else held the lock with us. A failed read is
         // counted (lock.errors, verify) and does not stop the release.
         let _ = self.check_owner();
+        if let Some(w) = self.watch.take() {
+            // Once more at release; counted only if the watcher has not already.
+            w.watch().revalidate(crate::metrics::DetectedAt::Release);
+        }
         let Some(held) = self.held.take() else {
             return Ok(());
         };
