@@ -54,6 +54,14 @@ pub struct ExecArgs {
     /// Kernel lock to take.
     #[arg(long, value_name = "flock|ofd|posix", default_value = "flock")]
     kind: LockKind,
+    /// Write an owner record with a fencing token into LOCKFILE (exclusive locks) and check it
+    /// at release: another holder's record means the lock did not exclude (a violation).
+    #[arg(long)]
+    owner_record: bool,
+    /// Watch the lock while COMMAND runs: warn if LOCKFILE is replaced, renamed or unlinked
+    /// (inotify, plus re-validation every SECS seconds: `--watch=0.5`; default 1).
+    #[arg(long, value_name = "SECS", num_args = 0..=1, require_equals = true, default_missing_value = "1", value_parser = parse_timeout)]
+    watch: Option<Duration>,
     /// Stable lock name for metrics (default: LOCKFILE as given).
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
@@ -88,6 +96,7 @@ pub fn run(args: ExecArgs) -> ExitCode {
     let defaults: &[MetricsExporter] = if otlp { &[MetricsExporter::Otlp] } else { &[] };
     let telemetry = match Telemetry::builder()
         .service_name("lockmeter-exec")
+        .compact_console(true)
         .default_metrics_exporters(defaults)
         .init()
     {
@@ -107,7 +116,12 @@ pub fn run(args: ExecArgs) -> ExitCode {
 }
 
 fn run_locked(args: &ExecArgs) -> ExitCode {
-    let mut builder = FileLock::builder(&args.lockfile).kind(args.kind);
+    let mut builder = FileLock::builder(&args.lockfile)
+        .kind(args.kind)
+        .owner_record(args.owner_record);
+    if let Some(interval) = args.watch {
+        builder = builder.watch(interval);
+    }
     if let Some(name) = &args.name {
         builder = builder.name(name.clone());
     }

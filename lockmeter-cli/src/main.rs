@@ -2,6 +2,8 @@
 
 mod demo;
 mod exec;
+mod probe;
+mod who;
 
 use std::process::ExitCode;
 
@@ -30,6 +32,13 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Run workers that contend on a few lock files, serve /metrics and print a live summary.
     Demo(demo::DemoArgs),
+    /// Check whether locking on PATH can be trusted (file system, exclusion, split brain).
+    Probe(probe::ProbeArgs),
+    /// Show who holds PATH: its owner record and the kernel's locks on it.
+    Who(who::WhoArgs),
+    /// Internal: try a lock from a second process for `probe`.
+    #[command(hide = true)]
+    ProbeHelper(probe::HelperArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,5 +80,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Exec(args) => exec::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Probe(args) => probe::run(args),
+        Command::Who(args) => who::run(args),
+        Command::ProbeHelper(args) => probe::helper(args),
     }
 }

@@ -115,6 +115,7 @@ pub struct TelemetryBuilder {
     export_interval: Option<Duration>,
     boundaries: Vec<f64>,
     tracing_subscriber: bool,
+    compact_console: bool,
     log_filter: String,
     set_global: bool,
 }
@@ -130,6 +131,7 @@ impl Default for TelemetryBuilder {
             export_interval: None,
             boundaries: DEFAULT_BOUNDARIES.to_vec(),
             tracing_subscriber: true,
+            compact_console: false,
             log_filter: "warn".to_owned(),
             set_global: true,
         }
@@ -193,6 +195,13 @@ impl TelemetryBuilder {
     /// application already installed one, it is left alone.
     pub fn tracing_subscriber(mut self, install: bool) -> Self {
         self.tracing_subscriber = install;
+        self
+    }
+
+    /// Print console events as single lines without timestamp or target, for command-line
+    /// tools whose stderr a person reads (default `false`).
+    pub fn compact_console(mut self, on: bool) -> Self {
+        self.compact_console = on;
         self
     }
 
@@ -364,8 +373,13 @@ impl TelemetryBuilder {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&self.log_filter));
             let fmt = tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_filter(console);
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+            let fmt = if self.compact_console {
+                fmt.without_time().with_target(false).boxed()
+            } else {
+                fmt.boxed()
+            }
+            .with_filter(console);
             let otel = tracer_provider.as_ref().map(|tp| {
                 tracing_opentelemetry::layer()
                     .with_tracer(tp.tracer(SCOPE))
