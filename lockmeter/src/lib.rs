@@ -77,16 +77,21 @@ mod clock;
 mod error;
 mod file;
 pub mod fs;
+mod meter;
 pub mod metrics;
 pub mod owner;
+pub mod sync;
 mod sys;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 mod trace;
 mod watch;
 
 pub use error::{Error, Operation, Result};
 pub use file::{FileLock, FileLockBuilder, FileLockGuard, FsPolicy, LockKind};
+pub use meter::{Attempt, Hold, LockMeter, Metered};
 pub use metrics::{LockMode, Outcome};
 
 /// Raw errno type used in [`Error`] (re-exported from `rustix`).

@@ -84,7 +84,7 @@ impl LockMode {
         }
     }
     #[inline]
-    fn idx(self) -> usize {
+    pub(crate) fn idx(self) -> usize {
         self as usize
     }
 }
@@ -178,7 +178,7 @@ pub fn default_meter() -> Meter {
 /// The schema's instruments, created on one meter. Creating them again on the same meter is
 /// cheap (the SDK returns the same streams), but is only done when a lock is created.
 #[derive(Clone, Debug)]
-struct Instruments {
+pub(crate) struct Instruments {
     duration: opentelemetry::metrics::Histogram<f64>,
     wait: opentelemetry::metrics::Histogram<f64>,
     acquisitions: Counter<u64>,
@@ -252,9 +252,9 @@ pub struct LockMetrics {
     ins: Instruments,
     duration: [[OnceLock<BoundHistogram<f64>>; 2]; 2],
     wait: [[OnceLock<BoundHistogram<f64>>; 5]; 2],
-    acquisitions: [[OnceLock<BoundCounter<u64>>; 2]; 2],
-    conflicts: [OnceLock<BoundCounter<u64>>; 2],
-    held: [OnceLock<BoundUpDownCounter<i64>>; 2],
+    pub(crate) acquisitions: [[OnceLock<BoundCounter<u64>>; 2]; 2],
+    pub(crate) conflicts: [OnceLock<BoundCounter<u64>>; 2],
+    pub(crate) held: [OnceLock<BoundUpDownCounter<i64>>; 2],
 }
 
 const MODES: [LockMode; 2] = [LockMode::Exclusive, LockMode::Shared];
@@ -280,7 +280,7 @@ impl LockMetrics {
     }
 
     #[cold]
-    fn attrs(&self, mode: usize, more: &[KeyValue]) -> Vec<KeyValue> {
+    pub(crate) fn attrs(&self, mode: usize, more: &[KeyValue]) -> Vec<KeyValue> {
         let mut v = Vec::with_capacity(self.base.len() + 1 + more.len());
         v.extend_from_slice(&self.base);
         v.push(KeyValue::new(keys::LOCK_MODE, MODES[mode].as_str()));
@@ -289,7 +289,7 @@ impl LockMetrics {
     }
 
     #[inline]
-    fn contended_kv(c: usize) -> KeyValue {
+    pub(crate) fn contended_kv(c: usize) -> KeyValue {
         KeyValue::new(keys::LOCK_CONTENDED, c == 1)
     }
 
@@ -309,6 +309,26 @@ impl LockMetrics {
         self.held[m]
             .get_or_init(|| self.ins.held.bind(&self.attrs(m, &[])))
             .add(1);
+    }
+
+    /// Records a hold time only (counts are kept elsewhere, see `LockStats`).
+    #[inline]
+    pub fn record_hold(&self, mode: LockMode, contended: bool, hold_secs: f64) {
+        let (m, c) = (mode.idx(), contended as usize);
+        self.duration[m][c]
+            .get_or_init(|| {
+                self.ins
+                    .duration
+                    .bind(&self.attrs(m, &[Self::contended_kv(c)]))
+            })
+            .record(hold_secs);
+    }
+
+    /// Records the wait of an acquire call with its outcome (counts are kept elsewhere).
+    #[inline]
+    pub fn record_wait(&self, mode: LockMode, outcome: Outcome, wait_secs: f64) {
+        self.wait_handle(mode.idx(), outcome as usize)
+            .record(wait_secs);
     }
 
     /// Records a release: the hold time and `lock.held` - 1.
@@ -378,5 +398,162 @@ impl LockMetrics {
     /// The attributes every series of this lock carries (`lock.name`, `lock.kind`, extras).
     pub fn base_attributes(&self) -> &[KeyValue] {
         &self.base
+    }
+}
+
+/// Counters of one in-process lock, updated on its hot path with plain atomics and published
+/// into the SDK's (bound, synchronous) instruments by a background flusher.
+///
+/// Publishing is what costs on the hot path (a bound counter update is ~3 ns, a histogram record
+/// ~15 ns, against ~4 ns for a whole uncontended `std::sync::Mutex` cycle), so in-process locks
+/// count into these atomics and the flusher adds the differences to `lock.acquisitions`,
+/// `lock.conflicts` and `lock.held` every [`FLUSH_INTERVAL`] and on [`flush`]. Every acquisition
+/// and every conflict is counted; the exported value lags by at most one interval.
+#[derive(Debug)]
+pub(crate) struct LockStats {
+    name: String,
+    pub(crate) metrics: LockMetrics,
+    /// Acquisitions by [mode][contended].
+    pub(crate) acquisitions: [[std::sync::atomic::AtomicU64; 2]; 2],
+    /// Releases by mode.
+    pub(crate) releases: [std::sync::atomic::AtomicU64; 2],
+    /// Conflicts by mode.
+    pub(crate) conflicts: [std::sync::atomic::AtomicU64; 2],
+    published: parking_lot::Mutex<Published>,
+    /// Time 1 in `sample_mask + 1` uncontended acquisitions (a power of two; contended ones
+    /// always).
+    pub(crate) sample_mask: u64,
+}
+
+#[derive(Debug, Default)]
+struct Published {
+    acquisitions: [[u64; 2]; 2],
+    releases: [u64; 2],
+    conflicts: [u64; 2],
+}
+
+/// How often in-process lock counts are published into the SDK instruments.
+pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn stats_registry() -> &'static parking_lot::Mutex<Vec<std::sync::Weak<LockStats>>> {
+    static REG: OnceLock<parking_lot::Mutex<Vec<std::sync::Weak<LockStats>>>> = OnceLock::new();
+    REG.get_or_init(|| {
+        // The flusher thread: publishes every interval for as long as the process runs.
+        let spawned = std::thread::Builder::new()
+            .name("lockmeter-flush".into())
+            .spawn(|| loop {
+                std::thread::sleep(FLUSH_INTERVAL);
+                flush();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "lockmeter: cannot start the metrics flusher; call lockmeter::metrics::flush() before exporting");
+        }
+        parking_lot::Mutex::new(Vec::new())
+    })
+}
+
+/// Publishes the counts of every in-process lock (`sync`/`tokio` wrappers, [`crate::LockMeter`])
+/// into the SDK instruments now. The flusher does this every [`FLUSH_INTERVAL`]; call it
+/// before reading or exporting metrics when exact, current counts matter (tests, shutdown; the
+/// `telemetry` guard does it on drop).
+pub fn flush() {
+    let live: Vec<std::sync::Arc<LockStats>> = {
+        let mut reg = stats_registry().lock();
+        reg.retain(|w| w.strong_count() > 0);
+        reg.iter().filter_map(std::sync::Weak::upgrade).collect()
+    };
+    for s in live {
+        s.publish();
+    }
+}
+
+impl LockStats {
+    pub(crate) fn new(
+        name: &str,
+        metrics: LockMetrics,
+        sample_every: u32,
+    ) -> std::sync::Arc<LockStats> {
+        let s = std::sync::Arc::new(LockStats {
+            name: name.to_owned(),
+            metrics,
+            acquisitions: Default::default(),
+            releases: Default::default(),
+            conflicts: Default::default(),
+            published: parking_lot::Mutex::new(Published::default()),
+            sample_mask: u64::from(sample_every.max(1).next_power_of_two()) - 1,
+        });
+        stats_registry().lock().push(std::sync::Arc::downgrade(&s));
+        s
+    }
+
+    /// Adds what changed since the last publication to the SDK instruments.
+    pub(crate) fn publish(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut p = self.published.lock();
+        for m in 0..MODES.len() {
+            let mut acquired = 0;
+            for c in 0..2 {
+                let now = self.acquisitions[m][c].load(Relaxed);
+                let delta = now.wrapping_sub(p.acquisitions[m][c]);
+                if delta > 0 {
+                    self.metrics.acquisitions[m][c]
+                        .get_or_init(|| {
+                            self.metrics
+                                .ins
+                                .acquisitions
+                                .bind(&self.metrics.attrs(m, &[LockMetrics::contended_kv(c)]))
+                        })
+                        .add(delta);
+                    p.acquisitions[m][c] = now;
+                    acquired += delta;
+                }
+            }
+            let released_now = self.releases[m].load(Relaxed);
+            let released = released_now.wrapping_sub(p.releases[m]);
+            p.releases[m] = released_now;
+            let held = acquired as i64 - released as i64;
+            if held != 0 {
+                self.metrics.held[m]
+                    .get_or_init(|| self.metrics.ins.held.bind(&self.metrics.attrs(m, &[])))
+                    .add(held);
+            }
+            let conflicts_now = self.conflicts[m].load(Relaxed);
+            let conflicts = conflicts_now.wrapping_sub(p.conflicts[m]);
+            if conflicts > 0 {
+                self.metrics.conflicts[m]
+                    .get_or_init(|| self.metrics.ins.conflicts.bind(&self.metrics.attrs(m, &[])))
+                    .add(conflicts);
+                p.conflicts[m] = conflicts_now;
+            }
+        }
+    }
+
+    /// The lock's `lock.name`.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Counts an uncontended acquisition and says whether to time it: the `n`-th acquisition
+    /// is timed when `n` is a multiple of the sampling period. `exclusive` callers hold the
+    /// lock exclusively, so a plain load and store is enough (no atomic read-modify-write).
+    #[inline]
+    pub(crate) fn count_uncontended(&self, mode: LockMode, exclusive: bool) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let a = &self.acquisitions[mode.idx()][0];
+        let n = if exclusive {
+            let n = a.load(Relaxed);
+            a.store(n.wrapping_add(1), Relaxed);
+            n
+        } else {
+            a.fetch_add(1, Relaxed)
+        };
+        n & self.sample_mask == 0
+    }
+}
+
+impl Drop for LockStats {
+    fn drop(&mut self) {
+        // Publish what the last interval counted before the lock goes away.
+        self.publish();
     }
 }

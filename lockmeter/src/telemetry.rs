@@ -689,6 +689,7 @@ impl Telemetry {
 
     /// Pushes pending metrics and spans now (for short-lived programs).
     pub fn flush(&self) -> Result<(), TelemetryError> {
+        crate::metrics::flush();
         let m = self.meter_provider.force_flush();
         let t = self
             .tracer_provider
@@ -707,6 +708,8 @@ impl Telemetry {
     }
 
     fn shutdown_inner(&mut self) -> Result<(), TelemetryError> {
+        // In-process lock counts are published by a flusher; push the last ones first.
+        crate::metrics::flush();
         let t = match self.tracer_provider.take() {
             Some(tp) => tp.shutdown(),
             None => Ok(()),

@@ -1,0 +1,131 @@
+//! In-process lock overhead: `cargo bench -p lockmeter --bench mutex`.
+//!
+//! Prints, from one run, uncontended lock + unlock for `std::sync::Mutex`,
+//! `parking_lot::Mutex` and `lockmeter::sync::Mutex` (a real SDK `MeterProvider` installed,
+//! default sampling and sampling off), and contended throughput with 2 threads. Targets:
+//! lockmeter uncontended <= 3x std; contended throughput >= 0.8x std.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+
+const ROUNDS: usize = 15;
+const ITERS: u32 = 2_000_000;
+
+fn time(mut f: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    for _ in 0..ITERS {
+        f();
+    }
+    start.elapsed().as_nanos() as f64 / ITERS as f64
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Operations per second with 2 threads each doing lock + increment + unlock.
+fn contended<M: Send + Sync + 'static>(m: Arc<M>, op: fn(&M)) -> f64 {
+    let per_thread = 1_000_000u32;
+    let start = Instant::now();
+    let ts: Vec<_> = (0..2)
+        .map(|_| {
+            let m = Arc::clone(&m);
+            std::thread::spawn(move || {
+                for _ in 0..per_thread {
+                    op(&m);
+                }
+            })
+        })
+        .collect();
+    for t in ts {
+        t.join().unwrap();
+    }
+    2.0 * per_thread as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--test") || std::env::var_os("QUICK").is_some();
+    let rounds = if quick { 1 } else { ROUNDS };
+    let provider = SdkMeterProvider::builder()
+        .with_reader(
+            PeriodicReader::builder(InMemoryMetricExporter::default())
+                .with_interval(Duration::from_secs(3600))
+                .build(),
+        )
+        .build();
+    let meter = provider.meter("lockmeter");
+
+    let std_m = std::sync::Mutex::new(0u64);
+    let pl_m = parking_lot::Mutex::new(0u64);
+    let lm_m = lockmeter::sync::Mutex::builder("bench")
+        .meter(meter.clone())
+        .build_mutex(0u64);
+    let lm_all = lockmeter::sync::Mutex::builder("bench-all")
+        .meter(meter.clone())
+        .sample_every(1)
+        .build_mutex(0u64);
+
+    let names = [
+        "std::sync::Mutex",
+        "parking_lot::Mutex",
+        "lockmeter::sync::Mutex (sample 1/16)",
+        "lockmeter::sync::Mutex (time every)",
+    ];
+    let mut s: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for _ in 0..rounds {
+        s[0].push(time(|| *black_box(&std_m).lock().unwrap() += 1));
+        s[1].push(time(|| *black_box(&pl_m).lock() += 1));
+        s[2].push(time(|| *black_box(&lm_m).lock().unwrap() += 1));
+        s[3].push(time(|| *black_box(&lm_all).lock().unwrap() += 1));
+    }
+    let m: Vec<f64> = s.iter_mut().map(|v| median(v)).collect();
+    println!("uncontended lock + unlock, median of {rounds} rounds x {ITERS}");
+    for (n, v) in names.iter().zip(&m) {
+        println!("  {n:<38} {v:>7.2} ns/op  {:>5.2}x std", v / m[0]);
+    }
+    println!(
+        "  target: lockmeter (default) <= 3.00x std  -> {:.2}x",
+        m[2] / m[0]
+    );
+
+    let crounds = if quick { 1 } else { 5 };
+    let mut c: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    for _ in 0..crounds {
+        c[0].push(contended(Arc::new(std::sync::Mutex::new(0u64)), |m| {
+            *m.lock().unwrap() += 1
+        }));
+        c[1].push(contended(Arc::new(parking_lot::Mutex::new(0u64)), |m| {
+            *m.lock() += 1
+        }));
+        let lm = Arc::new(
+            lockmeter::sync::Mutex::builder("bench-contended")
+                .meter(meter.clone())
+                .build_mutex(0u64),
+        );
+        c[2].push(contended(lm, |m| *m.lock().unwrap() += 1));
+    }
+    let cm: Vec<f64> = c.iter_mut().map(|v| median(v)).collect();
+    println!("contended, 2 threads, median of {crounds} runs x 2M ops");
+    for (n, v) in [
+        "std::sync::Mutex",
+        "parking_lot::Mutex",
+        "lockmeter::sync::Mutex (1/16)",
+    ]
+    .iter()
+    .zip(&cm)
+    {
+        println!("  {n:<38} {:>7.2} Mops/s  {:>5.2}x std", v / 1e6, v / cm[0]);
+    }
+    println!(
+        "  target: lockmeter >= 0.80x std throughput -> {:.2}x",
+        cm[2] / cm[0]
+    );
+    lockmeter::metrics::flush();
+    provider.force_flush().unwrap();
+}

@@ -1,0 +1,272 @@
+//! [`LockMeter`]: the metric schema for any lock call lockmeter does not wrap itself: a
+//! `parking_lot` lock, a Redis `SET NX PX`, an etcd or database advisory lock.
+//!
+//! ```
+//! use lockmeter::{LockMeter, LockMode};
+//!
+//! let meter = LockMeter::new("jobs", "parking_lot_mutex");
+//! let jobs = parking_lot::Mutex::new(Vec::<u32>::new());
+//!
+//! // Try first, then block: contention is measured, not guessed.
+//! let mut guard = meter.lock(LockMode::Exclusive, || jobs.try_lock(), || jobs.lock());
+//! guard.push(7);
+//! drop(guard); // hold time recorded
+//!
+//! // Any call that may fail or give up: report how it ended.
+//! let attempt = meter.start(LockMode::Exclusive);
+//! let got_it = true; // e.g. redis SET key token NX PX 30000 returned OK
+//! if got_it {
+//!     let hold = attempt.acquired(false);
+//!     // ... critical section ...
+//!     hold.released();
+//! } else {
+//!     attempt.would_block();
+//! }
+//! ```
+
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use opentelemetry::metrics::Meter;
+
+use crate::clock::Ticks;
+use crate::metrics::{LockMetrics, LockMode, LockStats, Outcome};
+
+/// Records the schema for one lock whose acquire and release calls are not lockmeter's.
+#[derive(Debug, Clone)]
+pub struct LockMeter {
+    stats: Arc<LockStats>,
+}
+
+impl LockMeter {
+    /// A meter for the lock `name` of kind `kind` (`lock.kind`: `redis`, `etcd`,
+    /// `parking_lot_mutex`, `pg_advisory`, ...) on the global meter provider.
+    pub fn new(name: &str, kind: &str) -> LockMeter {
+        LockMeter::with_meter(name, kind, &crate::metrics::default_meter())
+    }
+
+    /// The same on an explicit meter.
+    pub fn with_meter(name: &str, kind: &str, meter: &Meter) -> LockMeter {
+        LockMeter {
+            stats: LockStats::new(name, LockMetrics::new(meter, name, kind, &[]), 1),
+        }
+    }
+
+    /// Starts measuring an acquire call: the wait runs from now until the attempt is resolved
+    /// with [`Attempt::acquired`], [`Attempt::would_block`], [`Attempt::timed_out`] or
+    /// [`Attempt::failed`]. An attempt dropped unresolved (an async acquire cancelled) records
+    /// `lock.outcome = cancelled`.
+    pub fn start(&self, mode: LockMode) -> Attempt<'_> {
+        Attempt {
+            stats: &self.stats,
+            mode,
+            start: Ticks::now(),
+            resolved: false,
+        }
+    }
+
+    /// Measures a lock with a non-blocking and a blocking acquire (most lock APIs): tries
+    /// first; if that fails, counts a conflict and blocks. Returns the lock's guard wrapped so
+    /// that dropping it records the hold.
+    pub fn lock<G>(
+        &self,
+        mode: LockMode,
+        try_lock: impl FnOnce() -> Option<G>,
+        lock: impl FnOnce() -> G,
+    ) -> Metered<'_, G> {
+        let attempt = self.start(mode);
+        match try_lock() {
+            Some(g) => Metered {
+                guard: Some(g),
+                hold: attempt.acquired(false),
+            },
+            None => {
+                attempt.conflict();
+                let g = lock();
+                Metered {
+                    guard: Some(g),
+                    hold: attempt.acquired(true),
+                }
+            }
+        }
+    }
+
+    /// Measures an async acquire (any future yielding the lock). Cancelled futures record
+    /// `cancelled`. `contended` is unknown for an opaque future: pass what you know.
+    pub async fn lock_async<G>(
+        &self,
+        mode: LockMode,
+        contended: bool,
+        acquire: impl std::future::Future<Output = G>,
+    ) -> Metered<'_, G> {
+        let attempt = self.start(mode);
+        let g = acquire.await;
+        Metered {
+            guard: Some(g),
+            hold: attempt.acquired(contended),
+        }
+    }
+}
+
+/// An acquire in progress; resolve it with how it ended.
+#[must_use = "resolve the attempt (acquired, would_block, timed_out, failed); dropping it records a cancellation"]
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    stats: &'a LockStats,
+    mode: LockMode,
+    start: Ticks,
+    resolved: bool,
+}
+
+impl<'a> Attempt<'a> {
+    /// Counts a conflict (the lock was found taken) without resolving the attempt: call it
+    /// when a first try failed and the caller goes on waiting.
+    pub fn conflict(&self) {
+        self.stats.conflicts[self.mode as usize].fetch_add(1, Relaxed);
+    }
+
+    /// The lock was acquired (`contended`: the acquire had to wait for another holder).
+    pub fn acquired(mut self, contended: bool) -> Hold<'a> {
+        self.resolved = true;
+        let now = Ticks::now();
+        let m = self.mode as usize;
+        self.stats
+            .metrics
+            .record_wait(self.mode, Outcome::Acquired, self.start.secs_until(now));
+        self.stats.acquisitions[m][contended as usize].fetch_add(1, Relaxed);
+        Hold {
+            stats: self.stats,
+            mode: self.mode,
+            contended,
+            since: now,
+            released: false,
+        }
+    }
+
+    /// A non-blocking attempt found the lock taken (counted as a conflict).
+    pub fn would_block(self) {
+        self.conflict();
+        self.end(Outcome::WouldBlock);
+    }
+
+    /// The caller's deadline passed (counted as a conflict).
+    pub fn timed_out(self) {
+        self.conflict();
+        self.end(Outcome::Timeout);
+    }
+
+    /// The acquire failed; `error_type` is recorded as `error.type` on `lock.errors`
+    /// (an errno name, or the client's error kind such as `ConnectionRefused`).
+    pub fn failed(self, error_type: &str) {
+        self.stats.metrics.error("lock", error_type);
+        self.end(Outcome::Error);
+    }
+
+    fn end(mut self, outcome: Outcome) {
+        self.resolved = true;
+        self.stats
+            .metrics
+            .record_wait(self.mode, outcome, self.start.elapsed_secs());
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.resolved {
+            self.stats.metrics.record_wait(
+                self.mode,
+                Outcome::Cancelled,
+                self.start.elapsed_secs(),
+            );
+        }
+    }
+}
+
+/// A measured hold: [`Hold::released`] (or dropping it) records the hold time.
+#[derive(Debug)]
+#[must_use = "the hold ends (and is recorded) when this is dropped"]
+pub struct Hold<'a> {
+    stats: &'a LockStats,
+    mode: LockMode,
+    contended: bool,
+    since: Ticks,
+    released: bool,
+}
+
+impl Hold<'_> {
+    /// The lock was released.
+    pub fn released(mut self) {
+        self.release();
+    }
+
+    /// The release call failed: counted in `lock.errors` (operation `unlock`) and the hold
+    /// ends here.
+    pub fn release_failed(mut self, error_type: &str) {
+        self.stats.metrics.error("unlock", error_type);
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if !self.released {
+            self.released = true;
+            self.stats.releases[self.mode as usize].fetch_add(1, Relaxed);
+            self.stats
+                .metrics
+                .record_hold(self.mode, self.contended, self.since.elapsed_secs());
+        }
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// A lock guard with its measured hold; derefs to the guard.
+#[derive(Debug)]
+pub struct Metered<'a, G> {
+    // Dropped first: the underlying lock is released before the hold is recorded as ended.
+    guard: Option<G>,
+    hold: Hold<'a>,
+}
+
+impl<G> Metered<'_, G> {
+    /// Whether the acquire had to wait.
+    pub fn was_contended(&self) -> bool {
+        self.hold.contended
+    }
+}
+
+impl<G> Deref for Metered<'_, G> {
+    type Target = G;
+    fn deref(&self) -> &G {
+        match &self.guard {
+            Some(g) => g,
+            None => unreachable_taken(),
+        }
+    }
+}
+
+impl<G> DerefMut for Metered<'_, G> {
+    fn deref_mut(&mut self) -> &mut G {
+        match &mut self.guard {
+            Some(g) => g,
+            None => unreachable_taken(),
+        }
+    }
+}
+
+#[cold]
+fn unreachable_taken() -> ! {
+    // `guard` is only taken in `Drop`, after which no method can run.
+    std::process::abort()
+}
+
+impl<G> Drop for Metered<'_, G> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.hold.release();
+    }
+}

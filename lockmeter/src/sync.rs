@@ -1,0 +1,538 @@
+//! Instrumented drop-ins for `std::sync::Mutex` and `std::sync::RwLock`.
+//!
+//! Same API shape and poisoning as std; each lock is named at construction and records the
+//! metric schema with `lock.kind` = `mutex` / `rwlock`:
+//!
+//! ```
+//! use lockmeter::sync::Mutex;
+//!
+//! let cache = Mutex::named("cache", Vec::<u32>::new());
+//! cache.lock().unwrap().push(1);
+//! assert_eq!(cache.lock().unwrap().len(), 1);
+//! ```
+//!
+//! Cost model: the uncontended path is std's `try_lock` plus a couple of plain stores into
+//! per-lock counters (published by a background flusher, see [`crate::metrics::flush`]), and a
+//! timestamp pair plus two histogram records for 1 in `sample_every` acquisitions (default 16;
+//! [`MutexBuilder::sample_every`]). Contended acquisitions are always counted as conflicts and
+//! always timed. So `lock_duration_seconds{lock_contended="false"}` and the uncontended share of
+//! `lock_wait_duration_seconds` are sampled; `lock_acquisitions_total`, `lock_conflicts_total`
+//! and `lock_held` are exact.
+//!
+//! Leaked guards and panics: a guard leaked with `mem::forget` never unlocks the std lock
+//! either, so `lock_held` stays raised, which is the truth. A thread that panics while holding
+//! the lock drops the guard during unwinding: the release is counted and, as with std, the lock
+//! is poisoned.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
+
+use opentelemetry::metrics::Meter;
+
+use crate::clock::Ticks;
+use crate::metrics::{LockMetrics, LockMode, LockStats, Outcome};
+
+/// Default sampling of uncontended acquisitions for in-process locks.
+pub const DEFAULT_SAMPLE_EVERY: u32 = 16;
+
+const EX: usize = 0;
+
+/// Builder shared by the in-process lock wrappers.
+#[derive(Debug)]
+#[must_use = "call .build(value)"]
+pub struct MutexBuilder {
+    name: String,
+    meter: Option<Meter>,
+    sample_every: u32,
+}
+
+impl MutexBuilder {
+    pub(crate) fn new(name: impl Into<String>) -> Self {
+        MutexBuilder {
+            name: name.into(),
+            meter: None,
+            sample_every: DEFAULT_SAMPLE_EVERY,
+        }
+    }
+
+    /// The meter to record on (default: the global provider's `lockmeter` meter).
+    pub fn meter(mut self, meter: Meter) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// Time 1 in `n` uncontended acquisitions (default 16; 1 times every one). Contended
+    /// acquisitions are always timed; counts are always exact.
+    pub fn sample_every(mut self, n: u32) -> Self {
+        self.sample_every = n.max(1);
+        self
+    }
+
+    pub(crate) fn stats(self, kind: &str) -> Arc<LockStats> {
+        let meter = self.meter.unwrap_or_else(crate::metrics::default_meter);
+        LockStats::new(
+            &self.name,
+            LockMetrics::new(&meter, &self.name, kind, &[]),
+            self.sample_every,
+        )
+    }
+
+    /// Builds a [`Mutex`].
+    pub fn build_mutex<T>(self, value: T) -> Mutex<T> {
+        Mutex {
+            stats: self.stats("mutex"),
+            inner: std::sync::Mutex::new(value),
+        }
+    }
+
+    /// Builds a [`RwLock`].
+    pub fn build_rwlock<T>(self, value: T) -> RwLock<T> {
+        RwLock {
+            stats: self.stats("rwlock"),
+            inner: std::sync::RwLock::new(value),
+        }
+    }
+}
+
+/// What a guard needs to record its release.
+pub(crate) struct Hold<'a> {
+    pub(crate) stats: &'a LockStats,
+    pub(crate) mode: LockMode,
+    pub(crate) contended: bool,
+    /// Set when this acquisition is timed.
+    pub(crate) since: Option<Ticks>,
+}
+
+impl Hold<'_> {
+    /// Counts the release (before the underlying lock is released: for exclusive locks the
+    /// store below is then protected by the lock itself).
+    #[inline]
+    pub(crate) fn release(&self, exclusive_store: bool) {
+        let r = &self.stats.releases[self.mode as usize];
+        if exclusive_store {
+            r.store(r.load(Relaxed).wrapping_add(1), Relaxed);
+        } else {
+            r.fetch_add(1, Relaxed);
+        }
+        if let Some(t) = self.since {
+            self.stats
+                .metrics
+                .record_hold(self.mode, self.contended, t.elapsed_secs());
+        }
+    }
+}
+
+/// The acquire protocol shared by every in-process wrapper: try first; on conflict count it,
+/// time the wait and block. `exclusive_store` says the counters may be updated with plain
+/// stores because the lock is held exclusively when they are touched.
+#[inline]
+pub(crate) fn acquire<'s, G, E>(
+    stats: &'s LockStats,
+    mode: LockMode,
+    exclusive_store: bool,
+    try_acquire: impl FnOnce() -> Result<G, TryLockError<E>>,
+    block: impl FnOnce() -> G,
+) -> (G, Hold<'s>, bool)
+where
+    G: From<E>,
+{
+    let (g, poisoned) = match try_acquire() {
+        Ok(g) => (g, false),
+        Err(TryLockError::Poisoned(p)) => (G::from(p.into_inner()), true),
+        Err(TryLockError::WouldBlock) => return acquire_contended(stats, mode, block),
+    };
+    (g, uncontended(stats, mode, exclusive_store), poisoned)
+}
+
+/// Counts an uncontended acquisition; for 1 in N also records its wait, as 0 s: it was one
+/// successful try, a few nanoseconds, inside the lowest bucket (1 µs) either way.
+#[inline]
+pub(crate) fn uncontended(stats: &LockStats, mode: LockMode, exclusive_store: bool) -> Hold<'_> {
+    let since = if stats.count_uncontended(mode, exclusive_store) {
+        sampled_start(stats, mode)
+    } else {
+        None
+    };
+    Hold {
+        stats,
+        mode,
+        contended: false,
+        since,
+    }
+}
+
+#[cold]
+fn sampled_start(stats: &LockStats, mode: LockMode) -> Option<Ticks> {
+    stats.metrics.record_wait(mode, Outcome::Acquired, 0.0);
+    Some(Ticks::now())
+}
+
+#[cold]
+fn acquire_contended<'s, G, P>(
+    stats: &'s LockStats,
+    mode: LockMode,
+    block: impl FnOnce() -> G,
+) -> (G, Hold<'s>, P)
+where
+    P: Default,
+{
+    let m = mode as usize;
+    stats.conflicts[m].fetch_add(1, Relaxed);
+    let t0 = Ticks::now();
+    let g = block();
+    let now = Ticks::now();
+    stats
+        .metrics
+        .record_wait(mode, Outcome::Acquired, t0.secs_until(now));
+    stats.acquisitions[m][1].fetch_add(1, Relaxed);
+    (
+        g,
+        Hold {
+            stats,
+            mode,
+            contended: true,
+            since: Some(now),
+        },
+        P::default(),
+    )
+}
+
+// ---- Mutex --------------------------------------------------------------------------------
+
+/// An instrumented `std::sync::Mutex`. `Send`/`Sync` exactly when std's is.
+pub struct Mutex<T: ?Sized> {
+    stats: Arc<LockStats>,
+    inner: std::sync::Mutex<T>,
+}
+
+impl<T> Mutex<T> {
+    /// A mutex recording as `lock.name = name` on the global meter.
+    pub fn named(name: impl Into<String>, value: T) -> Mutex<T> {
+        MutexBuilder::new(name).build_mutex(value)
+    }
+
+    /// Consumes the mutex, returning the value (an error if poisoned, as std).
+    pub fn into_inner(self) -> LockResult<T> {
+        self.inner.into_inner()
+    }
+}
+
+impl Mutex<()> {
+    /// A builder for a mutex named `name` (meter, sampling); finish with
+    /// [`MutexBuilder::build_mutex`].
+    pub fn builder(name: impl Into<String>) -> MutexBuilder {
+        MutexBuilder::new(name)
+    }
+}
+
+/// Wraps a std guard from a poisoned lock so `acquire` can treat it like a fresh one.
+struct Raw<G>(G);
+impl<G> From<G> for Raw<G> {
+    fn from(g: G) -> Self {
+        Raw(g)
+    }
+}
+
+impl<T: ?Sized> Mutex<T> {
+    /// Acquires the mutex, blocking; poisoned as std's is after a panic while held.
+    pub fn lock(&self) -> LockResult<MutexGuard<'_, T>> {
+        let (Raw(inner), hold, poisoned) = acquire(
+            &self.stats,
+            LockMode::Exclusive,
+            true,
+            || self.inner.try_lock().map(Raw),
+            || Raw(self.inner.lock().unwrap_or_else(PoisonError::into_inner)),
+        );
+        let g = MutexGuard { hold, inner };
+        if poisoned || self.inner.is_poisoned() {
+            Err(PoisonError::new(g))
+        } else {
+            Ok(g)
+        }
+    }
+
+    /// Tries to acquire without blocking; `WouldBlock` is counted as a conflict.
+    pub fn try_lock(&self) -> TryLockResult<MutexGuard<'_, T>> {
+        let t0 = Ticks::now();
+        match self.inner.try_lock() {
+            Ok(inner) => Ok(self.fresh(inner, false)),
+            Err(TryLockError::Poisoned(p)) => Err(TryLockError::Poisoned(PoisonError::new(
+                self.fresh(p.into_inner(), false),
+            ))),
+            Err(TryLockError::WouldBlock) => {
+                self.stats.conflicts[EX].fetch_add(1, Relaxed);
+                self.stats.metrics.record_wait(
+                    LockMode::Exclusive,
+                    Outcome::WouldBlock,
+                    t0.elapsed_secs(),
+                );
+                Err(TryLockError::WouldBlock)
+            }
+        }
+    }
+
+    fn fresh<'a>(
+        &'a self,
+        inner: std::sync::MutexGuard<'a, T>,
+        _contended: bool,
+    ) -> MutexGuard<'a, T> {
+        MutexGuard {
+            hold: uncontended(&self.stats, LockMode::Exclusive, true),
+            inner,
+        }
+    }
+
+    /// Whether the mutex is poisoned.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.is_poisoned()
+    }
+
+    /// Clears the poisoned state.
+    pub fn clear_poison(&self) {
+        self.inner.clear_poison()
+    }
+
+    /// Mutable access without locking (an error if poisoned, as std).
+    pub fn get_mut(&mut self) -> LockResult<&mut T> {
+        self.inner.get_mut()
+    }
+}
+
+impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mutex")
+            .field("name", &self.stats.name())
+            .field("inner", &&self.inner)
+            .finish()
+    }
+}
+
+/// Guard of a [`Mutex`]; `Send`/`Sync` exactly as `std::sync::MutexGuard`.
+pub struct MutexGuard<'a, T: ?Sized> {
+    hold: Hold<'a>,
+    inner: std::sync::MutexGuard<'a, T>,
+}
+
+impl<T: ?Sized> Drop for MutexGuard<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        // Still holding the std lock here; it is released when `inner` drops after this.
+        self.hold.release(true);
+    }
+}
+
+impl<T: ?Sized> Deref for MutexGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
+impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.inner, f)
+    }
+}
+
+// ---- RwLock -------------------------------------------------------------------------------
+
+/// An instrumented `std::sync::RwLock`: `read` is `lock.mode = shared`, `write` exclusive.
+pub struct RwLock<T: ?Sized> {
+    stats: Arc<LockStats>,
+    inner: std::sync::RwLock<T>,
+}
+
+impl<T> RwLock<T> {
+    /// A reader-writer lock recording as `lock.name = name` on the global meter.
+    pub fn named(name: impl Into<String>, value: T) -> RwLock<T> {
+        MutexBuilder::new(name).build_rwlock(value)
+    }
+
+    /// Consumes the lock, returning the value (an error if poisoned, as std).
+    pub fn into_inner(self) -> LockResult<T> {
+        self.inner.into_inner()
+    }
+}
+
+impl RwLock<()> {
+    /// A builder for a lock named `name` (meter, sampling); finish with
+    /// [`MutexBuilder::build_rwlock`].
+    pub fn builder(name: impl Into<String>) -> MutexBuilder {
+        MutexBuilder::new(name)
+    }
+}
+
+impl<T: ?Sized> RwLock<T> {
+    /// Shared access, blocking.
+    pub fn read(&self) -> LockResult<RwLockReadGuard<'_, T>> {
+        let (Raw(inner), hold, poisoned) = acquire(
+            &self.stats,
+            LockMode::Shared,
+            false,
+            || self.inner.try_read().map(Raw),
+            || Raw(self.inner.read().unwrap_or_else(PoisonError::into_inner)),
+        );
+        let g = RwLockReadGuard { hold, inner };
+        if poisoned || self.inner.is_poisoned() {
+            Err(PoisonError::new(g))
+        } else {
+            Ok(g)
+        }
+    }
+
+    /// Exclusive access, blocking.
+    pub fn write(&self) -> LockResult<RwLockWriteGuard<'_, T>> {
+        let (Raw(inner), hold, poisoned) = acquire(
+            &self.stats,
+            LockMode::Exclusive,
+            true,
+            || self.inner.try_write().map(Raw),
+            || Raw(self.inner.write().unwrap_or_else(PoisonError::into_inner)),
+        );
+        let g = RwLockWriteGuard { hold, inner };
+        if poisoned || self.inner.is_poisoned() {
+            Err(PoisonError::new(g))
+        } else {
+            Ok(g)
+        }
+    }
+
+    /// Shared access without blocking.
+    pub fn try_read(&self) -> TryLockResult<RwLockReadGuard<'_, T>> {
+        let t0 = Ticks::now();
+        match self.inner.try_read() {
+            Ok(inner) => Ok(RwLockReadGuard {
+                hold: self.fresh(LockMode::Shared),
+                inner,
+            }),
+            Err(TryLockError::Poisoned(p)) => {
+                Err(TryLockError::Poisoned(PoisonError::new(RwLockReadGuard {
+                    hold: self.fresh(LockMode::Shared),
+                    inner: p.into_inner(),
+                })))
+            }
+            Err(TryLockError::WouldBlock) => Err(self.would_block(LockMode::Shared, t0)),
+        }
+    }
+
+    /// Exclusive access without blocking.
+    pub fn try_write(&self) -> TryLockResult<RwLockWriteGuard<'_, T>> {
+        let t0 = Ticks::now();
+        match self.inner.try_write() {
+            Ok(inner) => Ok(RwLockWriteGuard {
+                hold: self.fresh(LockMode::Exclusive),
+                inner,
+            }),
+            Err(TryLockError::Poisoned(p)) => {
+                Err(TryLockError::Poisoned(PoisonError::new(RwLockWriteGuard {
+                    hold: self.fresh(LockMode::Exclusive),
+                    inner: p.into_inner(),
+                })))
+            }
+            Err(TryLockError::WouldBlock) => Err(self.would_block(LockMode::Exclusive, t0)),
+        }
+    }
+
+    fn fresh(&self, mode: LockMode) -> Hold<'_> {
+        uncontended(&self.stats, mode, mode == LockMode::Exclusive)
+    }
+
+    #[cold]
+    fn would_block<E>(&self, mode: LockMode, t0: Ticks) -> TryLockError<E> {
+        self.stats.conflicts[mode as usize].fetch_add(1, Relaxed);
+        self.stats
+            .metrics
+            .record_wait(mode, Outcome::WouldBlock, t0.elapsed_secs());
+        TryLockError::WouldBlock
+    }
+
+    /// Whether the lock is poisoned.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.is_poisoned()
+    }
+
+    /// Clears the poisoned state.
+    pub fn clear_poison(&self) {
+        self.inner.clear_poison()
+    }
+
+    /// Mutable access without locking (an error if poisoned, as std).
+    pub fn get_mut(&mut self) -> LockResult<&mut T> {
+        self.inner.get_mut()
+    }
+}
+
+impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RwLock")
+            .field("name", &self.stats.name())
+            .field("inner", &&self.inner)
+            .finish()
+    }
+}
+
+/// Shared guard of an [`RwLock`].
+pub struct RwLockReadGuard<'a, T: ?Sized> {
+    hold: Hold<'a>,
+    inner: std::sync::RwLockReadGuard<'a, T>,
+}
+
+/// Exclusive guard of an [`RwLock`].
+pub struct RwLockWriteGuard<'a, T: ?Sized> {
+    hold: Hold<'a>,
+    inner: std::sync::RwLockWriteGuard<'a, T>,
+}
+
+impl<T: ?Sized> Drop for RwLockReadGuard<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        self.hold.release(false);
+    }
+}
+
+impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        self.hold.release(true);
+    }
+}
+
+impl<T: ?Sized> Deref for RwLockReadGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: ?Sized> Deref for RwLockWriteGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: ?Sized> DerefMut for RwLockWriteGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
+impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLockReadGuard<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.inner, f)
+    }
+}
+
+impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLockWriteGuard<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.inner, f)
+    }
+}

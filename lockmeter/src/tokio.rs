@@ -1,0 +1,324 @@
+//! Instrumented drop-ins for `tokio::sync::Mutex` and `tokio::sync::RwLock` (feature `tokio`).
+//!
+//! `lock.kind` = `tokio_mutex` / `tokio_rwlock`. Same cost model as [`crate::sync`]: counts
+//! exact, uncontended acquisitions timed 1 in `sample_every`, contended ones always. An acquire
+//! future dropped while waiting records `lock.outcome = cancelled`.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let sessions = lockmeter::tokio::Mutex::named("sessions", 0u64);
+//! *sessions.lock().await += 1;
+//! # }
+//! ```
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use crate::clock::Ticks;
+use crate::metrics::{LockMode, LockStats, Outcome};
+use crate::sync::{Hold, MutexBuilder};
+
+/// Records `cancelled` if an acquire future is dropped while waiting.
+struct Waiting<'a> {
+    stats: &'a LockStats,
+    mode: LockMode,
+    since: Ticks,
+    done: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.stats.metrics.record_wait(
+                self.mode,
+                Outcome::Cancelled,
+                self.since.elapsed_secs(),
+            );
+        }
+    }
+}
+
+/// Try first; on conflict count it and await `wait`, recording the wait (or its cancellation).
+async fn acquire<'s, G, F>(
+    stats: &'s LockStats,
+    mode: LockMode,
+    exclusive_store: bool,
+    tried: Option<G>,
+    wait: F,
+) -> (G, Hold<'s>)
+where
+    F: std::future::Future<Output = G>,
+{
+    let m = mode as usize;
+    if let Some(g) = tried {
+        return (g, crate::sync::uncontended(stats, mode, exclusive_store));
+    }
+    stats.conflicts[m].fetch_add(1, Relaxed);
+    let mut waiting = Waiting {
+        stats,
+        mode,
+        since: Ticks::now(),
+        done: false,
+    };
+    let g = wait.await;
+    waiting.done = true;
+    let now = Ticks::now();
+    stats
+        .metrics
+        .record_wait(mode, Outcome::Acquired, waiting.since.secs_until(now));
+    stats.acquisitions[m][1].fetch_add(1, Relaxed);
+    (
+        g,
+        Hold {
+            stats,
+            mode,
+            contended: true,
+            since: Some(now),
+        },
+    )
+}
+
+/// An instrumented `tokio::sync::Mutex`.
+pub struct Mutex<T: ?Sized> {
+    stats: Arc<LockStats>,
+    inner: ::tokio::sync::Mutex<T>,
+}
+
+impl<T> Mutex<T> {
+    /// A mutex recording as `lock.name = name` on the global meter.
+    pub fn named(name: impl Into<String>, value: T) -> Mutex<T> {
+        Mutex::builder(name).build(value)
+    }
+
+    /// Consumes the mutex, returning the value.
+    pub fn into_inner(self) -> T {
+        self.inner.into_inner()
+    }
+}
+
+impl Mutex<()> {
+    /// A builder (meter, sampling); finish with [`TokioBuilder::build`] or
+    /// [`TokioBuilder::build_rwlock`].
+    pub fn builder(name: impl Into<String>) -> TokioBuilder {
+        TokioBuilder(MutexBuilder::new(name))
+    }
+}
+
+/// Builder for the tokio wrappers.
+#[derive(Debug)]
+#[must_use = "call .build(value)"]
+pub struct TokioBuilder(MutexBuilder);
+
+impl TokioBuilder {
+    /// The meter to record on.
+    pub fn meter(self, meter: opentelemetry::metrics::Meter) -> Self {
+        TokioBuilder(self.0.meter(meter))
+    }
+
+    /// Time 1 in `n` uncontended acquisitions (default 16).
+    pub fn sample_every(self, n: u32) -> Self {
+        TokioBuilder(self.0.sample_every(n))
+    }
+
+    /// Builds a [`Mutex`].
+    pub fn build<T>(self, value: T) -> Mutex<T> {
+        Mutex {
+            stats: self.0.stats("tokio_mutex"),
+            inner: ::tokio::sync::Mutex::new(value),
+        }
+    }
+
+    /// Builds a [`RwLock`].
+    pub fn build_rwlock<T>(self, value: T) -> RwLock<T> {
+        RwLock {
+            stats: self.0.stats("tokio_rwlock"),
+            inner: ::tokio::sync::RwLock::new(value),
+        }
+    }
+}
+
+impl<T: ?Sized> Mutex<T> {
+    /// Locks, waiting asynchronously. Cancel-safe like tokio's: dropping the future while it
+    /// waits gives up the place in the queue (recorded as `cancelled`).
+    pub async fn lock(&self) -> MutexGuard<'_, T> {
+        let tried = self.inner.try_lock().ok();
+        let (inner, hold) = acquire(
+            &self.stats,
+            LockMode::Exclusive,
+            true,
+            tried,
+            self.inner.lock(),
+        )
+        .await;
+        MutexGuard { hold, inner }
+    }
+
+    /// Tries to lock without waiting; a failure is counted as a conflict.
+    pub fn try_lock(&self) -> Result<MutexGuard<'_, T>, ::tokio::sync::TryLockError> {
+        let t0 = Ticks::now();
+        match self.inner.try_lock() {
+            Ok(inner) => Ok(MutexGuard {
+                hold: crate::sync::uncontended(&self.stats, LockMode::Exclusive, true),
+                inner,
+            }),
+            Err(e) => {
+                self.stats.conflicts[0].fetch_add(1, Relaxed);
+                self.stats.metrics.record_wait(
+                    LockMode::Exclusive,
+                    Outcome::WouldBlock,
+                    t0.elapsed_secs(),
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Mutable access without locking.
+    pub fn get_mut(&mut self) -> &mut T {
+        self.inner.get_mut()
+    }
+}
+
+impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mutex")
+            .field("name", &self.stats.name())
+            .field("inner", &&self.inner)
+            .finish()
+    }
+}
+
+/// Guard of a tokio [`Mutex`].
+pub struct MutexGuard<'a, T: ?Sized> {
+    hold: Hold<'a>,
+    inner: ::tokio::sync::MutexGuard<'a, T>,
+}
+
+impl<T: ?Sized> Drop for MutexGuard<'_, T> {
+    fn drop(&mut self) {
+        self.hold.release(true);
+    }
+}
+
+impl<T: ?Sized> Deref for MutexGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
+impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.inner, f)
+    }
+}
+
+/// An instrumented `tokio::sync::RwLock`.
+pub struct RwLock<T: ?Sized> {
+    stats: Arc<LockStats>,
+    inner: ::tokio::sync::RwLock<T>,
+}
+
+impl<T> RwLock<T> {
+    /// A reader-writer lock recording as `lock.name = name` on the global meter.
+    pub fn named(name: impl Into<String>, value: T) -> RwLock<T> {
+        Mutex::builder(name).build_rwlock(value)
+    }
+
+    /// Consumes the lock, returning the value.
+    pub fn into_inner(self) -> T {
+        self.inner.into_inner()
+    }
+}
+
+impl<T: ?Sized> RwLock<T> {
+    /// Shared access, waiting asynchronously.
+    pub async fn read(&self) -> RwLockReadGuard<'_, T> {
+        let tried = self.inner.try_read().ok();
+        let (inner, hold) = acquire(
+            &self.stats,
+            LockMode::Shared,
+            false,
+            tried,
+            self.inner.read(),
+        )
+        .await;
+        RwLockReadGuard { hold, inner }
+    }
+
+    /// Exclusive access, waiting asynchronously.
+    pub async fn write(&self) -> RwLockWriteGuard<'_, T> {
+        let tried = self.inner.try_write().ok();
+        let (inner, hold) = acquire(
+            &self.stats,
+            LockMode::Exclusive,
+            true,
+            tried,
+            self.inner.write(),
+        )
+        .await;
+        RwLockWriteGuard { hold, inner }
+    }
+}
+
+impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RwLock")
+            .field("name", &self.stats.name())
+            .field("inner", &&self.inner)
+            .finish()
+    }
+}
+
+/// Shared guard of a tokio [`RwLock`].
+pub struct RwLockReadGuard<'a, T: ?Sized> {
+    hold: Hold<'a>,
+    inner: ::tokio::sync::RwLockReadGuard<'a, T>,
+}
+
+/// Exclusive guard of a tokio [`RwLock`].
+pub struct RwLockWriteGuard<'a, T: ?Sized> {
+    hold: Hold<'a>,
+    inner: ::tokio::sync::RwLockWriteGuard<'a, T>,
+}
+
+impl<T: ?Sized> Drop for RwLockReadGuard<'_, T> {
+    fn drop(&mut self) {
+        self.hold.release(false);
+    }
+}
+
+impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
+    fn drop(&mut self) {
+        self.hold.release(true);
+    }
+}
+
+impl<T: ?Sized> Deref for RwLockReadGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: ?Sized> Deref for RwLockWriteGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: ?Sized> DerefMut for RwLockWriteGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}

@@ -1,0 +1,312 @@
+//! In-process wrappers and LockMeter: exact counts under contention, sampling, poisoning,
+//! leaked guards, cancellation, and Send/Sync bounds identical to the wrapped types'.
+#![allow(clippy::unwrap_used)]
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::{Arc, TryLockError};
+use std::time::Duration;
+
+use lockmeter::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use lockmeter::{LockMeter, LockMode};
+use lockmeter_testkit::{Recorder, Snapshot};
+use static_assertions::{assert_impl_all, assert_not_impl_any};
+
+// Send/Sync exactly as std's.
+assert_impl_all!(Mutex<u8>: Send, Sync);
+assert_impl_all!(Mutex<Cell<u8>>: Send, Sync);
+assert_not_impl_any!(Mutex<Rc<u8>>: Send, Sync);
+assert_impl_all!(std::sync::Mutex<Cell<u8>>: Send, Sync);
+assert_not_impl_any!(MutexGuard<'static, u8>: Send);
+assert_not_impl_any!(std::sync::MutexGuard<'static, u8>: Send);
+assert_impl_all!(MutexGuard<'static, u8>: Sync);
+assert_not_impl_any!(MutexGuard<'static, Cell<u8>>: Sync);
+assert_not_impl_any!(std::sync::MutexGuard<'static, Cell<u8>>: Sync);
+assert_impl_all!(RwLock<u8>: Send, Sync);
+assert_not_impl_any!(RwLock<Cell<u8>>: Sync);
+assert_not_impl_any!(std::sync::RwLock<Cell<u8>>: Sync);
+assert_not_impl_any!(RwLockReadGuard<'static, u8>: Send);
+assert_not_impl_any!(RwLockWriteGuard<'static, u8>: Send);
+assert_impl_all!(lockmeter::tokio::Mutex<u8>: Send, Sync);
+assert_impl_all!(lockmeter::tokio::MutexGuard<'static, u8>: Send, Sync);
+assert_impl_all!(tokio::sync::MutexGuard<'static, u8>: Send, Sync);
+assert_not_impl_any!(lockmeter::tokio::Mutex<Rc<u8>>: Send, Sync);
+
+fn snap(rec: &Recorder) -> Snapshot {
+    lockmeter::metrics::flush();
+    rec.snapshot()
+}
+
+#[test]
+fn eight_threads_hammering_one_mutex_are_counted_exactly() {
+    for sample in [1, 16] {
+        let rec = Recorder::new();
+        let m = Arc::new(
+            Mutex::builder("hammered")
+                .meter(rec.meter())
+                .sample_every(sample)
+                .build_mutex(0u64),
+        );
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let m = Arc::clone(&m);
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        *m.lock().unwrap() += 1;
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*m.lock().unwrap(), 80_000);
+        let s = snap(&rec);
+        let acq = s.counter("lock.acquisitions", &[("lock.kind", "mutex")]);
+        assert_eq!(acq, 80_001, "sample_every({sample})");
+        let contended = s.counter("lock.acquisitions", &[("lock.contended", "true")]);
+        assert_eq!(
+            s.counter("lock.conflicts", &[]),
+            contended,
+            "one conflict per contended acquire"
+        );
+        assert_eq!(s.updown("lock.held", &[]), 0);
+        let holds = s.hist_count("lock.duration", &[]);
+        let contended_holds = s.hist_count("lock.duration", &[("lock.contended", "true")]);
+        assert_eq!(contended_holds, contended, "contended holds always timed");
+        if sample == 1 {
+            assert_eq!(holds, 80_001);
+            assert_eq!(
+                s.hist_count("lock.wait.duration", &[("lock.outcome", "acquired")]),
+                80_001
+            );
+        } else {
+            assert!(holds < 80_001 && holds >= contended, "{holds} {contended}");
+        }
+    }
+}
+
+#[test]
+fn rwlock_counts_shared_and_exclusive() {
+    let rec = Recorder::new();
+    let l = Arc::new(
+        RwLock::builder("table")
+            .meter(rec.meter())
+            .sample_every(1)
+            .build_rwlock(0u32),
+    );
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let l = Arc::clone(&l);
+            std::thread::spawn(move || {
+                for _ in 0..2_000 {
+                    let _ = *l.read().unwrap();
+                }
+            })
+        })
+        .collect();
+    for _ in 0..1_000 {
+        *l.write().unwrap() += 1;
+    }
+    for r in readers {
+        r.join().unwrap();
+    }
+    let r = l.try_read().unwrap();
+    assert!(matches!(l.try_write(), Err(TryLockError::WouldBlock)));
+    drop(r);
+    let s = snap(&rec);
+    assert_eq!(
+        s.counter("lock.acquisitions", &[("lock.mode", "shared")]),
+        8_001
+    );
+    assert_eq!(
+        s.counter("lock.acquisitions", &[("lock.mode", "exclusive")]),
+        1_000
+    );
+    assert_eq!(
+        s.hist_count("lock.wait.duration", &[("lock.outcome", "would_block")]),
+        1
+    );
+    assert_eq!(s.updown("lock.held", &[]), 0);
+    assert_eq!(
+        s.hist_count("lock.duration", &[("lock.kind", "rwlock")]),
+        9_001
+    );
+}
+
+#[test]
+fn a_panicking_holder_poisons_like_std_and_its_release_is_counted() {
+    let rec = Recorder::new();
+    let m = Arc::new(Mutex::builder("fragile").meter(rec.meter()).build_mutex(1));
+    let m2 = Arc::clone(&m);
+    let r = std::thread::spawn(move || {
+        let _g = m2.lock().unwrap();
+        panic!("boom while holding");
+    })
+    .join();
+    assert!(r.is_err());
+    assert!(m.is_poisoned());
+    let g = m.lock();
+    assert!(g.is_err(), "poisoned like std");
+    assert_eq!(*g.unwrap_err().into_inner(), 1);
+    assert!(matches!(m.try_lock(), Err(TryLockError::Poisoned(_))));
+    m.clear_poison();
+    assert!(m.lock().is_ok());
+    let s = snap(&rec);
+    assert_eq!(s.counter("lock.acquisitions", &[]), 4);
+    assert_eq!(
+        s.updown("lock.held", &[]),
+        0,
+        "the panicking holder's release was counted"
+    );
+}
+
+#[test]
+fn a_leaked_guard_keeps_the_lock_held_and_says_so() {
+    let rec = Recorder::new();
+    let m = Mutex::builder("leaky").meter(rec.meter()).build_mutex(());
+    std::mem::forget(m.lock().unwrap());
+    // As with std, the mutex stays locked: lock.held reports exactly that.
+    assert!(matches!(m.try_lock(), Err(TryLockError::WouldBlock)));
+    let s = snap(&rec);
+    assert_eq!(s.updown("lock.held", &[]), 1);
+    assert_eq!(s.counter("lock.conflicts", &[]), 1);
+    assert_eq!(
+        s.hist_count("lock.wait.duration", &[("lock.outcome", "would_block")]),
+        1
+    );
+}
+
+#[test]
+fn tokio_mutex_counts_contention_and_cancellation() {
+    let rec = Recorder::new();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let m = Arc::new(
+        lockmeter::tokio::Mutex::builder("sessions")
+            .meter(rec.meter())
+            .sample_every(1)
+            .build(0u64),
+    );
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let m = Arc::clone(&m);
+                tokio::spawn(async move {
+                    for _ in 0..500 {
+                        let mut g = m.lock().await;
+                        *g += 1;
+                        tokio::task::yield_now().await; // hold across an await point
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*m.lock().await, 4_000);
+        // A waiter that gives up.
+        let held = m.lock().await;
+        let r = tokio::time::timeout(Duration::from_millis(20), m.lock()).await;
+        assert!(r.is_err());
+        assert!(m.try_lock().is_err());
+        drop(held);
+    });
+    let s = snap(&rec);
+    assert_eq!(
+        s.counter("lock.acquisitions", &[("lock.kind", "tokio_mutex")]),
+        4_002
+    );
+    assert_eq!(
+        s.hist_count("lock.wait.duration", &[("lock.outcome", "cancelled")]),
+        1
+    );
+    assert_eq!(
+        s.hist_count("lock.wait.duration", &[("lock.outcome", "would_block")]),
+        1
+    );
+    let contended = s.counter("lock.acquisitions", &[("lock.contended", "true")]);
+    assert!(contended > 0, "8 tasks yielding while holding must contend");
+    assert_eq!(s.counter("lock.conflicts", &[]), contended + 2);
+    assert_eq!(s.updown("lock.held", &[]), 0);
+}
+
+#[test]
+fn lock_meter_measures_a_parking_lot_mutex_and_arbitrary_calls() {
+    let rec = Recorder::new();
+    let meter = LockMeter::with_meter("pl", "parking_lot_mutex", &rec.meter());
+    let m = Arc::new(parking_lot::Mutex::new(0u32));
+    let held = m.lock();
+    let waiter = {
+        let (meter, m) = (meter.clone(), Arc::clone(&m));
+        std::thread::spawn(move || {
+            let mut g = meter.lock(LockMode::Exclusive, || m.try_lock(), || m.lock());
+            assert!(g.was_contended());
+            **g += 1;
+        })
+    };
+    lockmeter_testkit::eventually("the waiter to conflict", || {
+        snap(&rec).counter("lock.conflicts", &[]) == 1
+    });
+    drop(held);
+    waiter.join().unwrap();
+    {
+        let _g = meter.lock(LockMode::Exclusive, || m.try_lock(), || m.lock());
+    }
+    // Outcomes of opaque calls.
+    meter.start(LockMode::Exclusive).would_block();
+    meter.start(LockMode::Exclusive).timed_out();
+    meter.start(LockMode::Exclusive).failed("ConnectionRefused");
+    drop(meter.start(LockMode::Shared)); // cancelled
+    let hold = meter.start(LockMode::Exclusive).acquired(false);
+    hold.release_failed("EIO");
+    let s = snap(&rec);
+    assert_eq!(
+        s.counter("lock.acquisitions", &[("lock.kind", "parking_lot_mutex")]),
+        3
+    );
+    assert_eq!(
+        s.counter("lock.acquisitions", &[("lock.contended", "true")]),
+        1
+    );
+    assert_eq!(
+        s.counter("lock.conflicts", &[]),
+        3,
+        "contended + would_block + timeout"
+    );
+    for (o, n) in [
+        ("acquired", 3),
+        ("would_block", 1),
+        ("timeout", 1),
+        ("error", 1),
+        ("cancelled", 1),
+    ] {
+        assert_eq!(
+            s.hist_count("lock.wait.duration", &[("lock.outcome", o)]),
+            n,
+            "{o}"
+        );
+    }
+    assert_eq!(
+        s.counter(
+            "lock.errors",
+            &[
+                ("lock.operation", "lock"),
+                ("error.type", "ConnectionRefused")
+            ]
+        ),
+        1
+    );
+    assert_eq!(
+        s.counter(
+            "lock.errors",
+            &[("lock.operation", "unlock"), ("error.type", "EIO")]
+        ),
+        1
+    );
+    assert_eq!(s.hist_count("lock.duration", &[]), 3);
+    assert_eq!(s.updown("lock.held", &[]), 0);
+}
