@@ -156,8 +156,16 @@ pub(crate) fn process_start_time(pid: &str) -> Option<u64> {
 
 /// Reads the record at the start of the file, bypassing cached pages.
 pub(crate) fn read(fd: BorrowedFd<'_>) -> Result<Option<OwnerRecord>, Errno> {
-    // Drop clean cached pages so the read reaches the server (NFS) or daemon (FUSE): another
-    // client's write must be seen. Not all file systems support it; the read still happens.
+    // Another client's write must be seen. Refresh the cached attributes first (FUSE and NFS
+    // clamp reads to the cached file size: a longer record written elsewhere would read
+    // truncated), then drop clean cached pages so the read reaches the server or daemon.
+    // Not every file system supports these; the read happens regardless.
+    let _ = rustix::fs::statx(
+        fd,
+        "",
+        rustix::fs::AtFlags::EMPTY_PATH | rustix::fs::AtFlags::STATX_FORCE_SYNC,
+        rustix::fs::StatxFlags::SIZE | rustix::fs::StatxFlags::MTIME,
+    );
     let _ = rustix::fs::fadvise(fd, 0, None, rustix::fs::Advice::DontNeed);
     let mut buf = vec![0u8; MAX_RECORD];
     let mut len = 0;

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::Write as _;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -28,6 +29,10 @@ fn child_entry() {
         .open()
         .unwrap();
     let iters: u32 = var("ITERS").parse().unwrap();
+    // Start together: report ready, wait for the parent's go.
+    println!("ready");
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).unwrap();
     let mut fences = Vec::new();
     for _ in 0..iters {
         let g = lock.lock().unwrap();
@@ -118,11 +123,19 @@ fn two_mounts_under_load(bf: &Bindfs) -> (u64, bool) {
                     ("ITERS", "150"),
                 ],
             )
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap()
         })
         .collect();
+    let mut procs = procs;
+    for p in &mut procs {
+        lockmeter_testkit::read_line_starting(p, "ready");
+    }
+    for p in &mut procs {
+        p.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    }
     let mut violations = 0;
     let mut increasing = true;
     for p in procs {
