@@ -28,13 +28,15 @@ fn child_entry() {
         .meter(rec.meter())
         .open()
         .unwrap();
-    let iters: u32 = var("ITERS").parse().unwrap();
-    // Start together: report ready, wait for the parent's go.
+    let window = Duration::from_millis(var("MILLIS").parse().unwrap());
+    // Start together: report ready, wait for the parent's go; then run for a fixed window, so
+    // the two holders overlap even if one is scheduled late on a loaded machine.
     println!("ready");
     let mut go = String::new();
     std::io::stdin().read_line(&mut go).unwrap();
     let mut fences = Vec::new();
-    for _ in 0..iters {
+    let start = std::time::Instant::now();
+    while start.elapsed() < window {
         let g = lock.lock().unwrap();
         fences.push(g.fencing_token().unwrap());
         std::thread::sleep(Duration::from_micros(500));
@@ -120,7 +122,7 @@ fn two_mounts_under_load(bf: &Bindfs) -> (u64, bool) {
                 "owner_loop",
                 &[
                     ("LOCK", m.join("shared.lock").to_str().unwrap()),
-                    ("ITERS", "150"),
+                    ("MILLIS", "400"),
                 ],
             )
             .stdin(Stdio::piped())
