@@ -63,6 +63,7 @@ impl LockMeter {
             mode,
             start: Ticks::now(),
             resolved: false,
+            conflicted: std::cell::Cell::new(false),
         }
     }
 
@@ -117,13 +118,18 @@ pub struct Attempt<'a> {
     mode: LockMode,
     start: Ticks,
     resolved: bool,
+    /// A conflict is counted at most once per attempt.
+    conflicted: std::cell::Cell<bool>,
 }
 
 impl<'a> Attempt<'a> {
     /// Counts a conflict (the lock was found taken) without resolving the attempt: call it
-    /// when a first try failed and the caller goes on waiting.
+    /// when a try failed and the caller goes on waiting. Counted once per attempt, however
+    /// often it is called.
     pub fn conflict(&self) {
-        self.stats.conflicts[self.mode as usize].fetch_add(1, Relaxed);
+        if !self.conflicted.replace(true) {
+            self.stats.conflicts[self.mode as usize].fetch_add(1, Relaxed);
+        }
     }
 
     /// The lock was acquired (`contended`: the acquire had to wait for another holder).
@@ -144,13 +150,13 @@ impl<'a> Attempt<'a> {
         }
     }
 
-    /// A non-blocking attempt found the lock taken (counted as a conflict).
+    /// A non-blocking attempt found the lock taken (a conflict, unless already counted).
     pub fn would_block(self) {
         self.conflict();
         self.end(Outcome::WouldBlock);
     }
 
-    /// The caller's deadline passed (counted as a conflict).
+    /// The caller's deadline passed (a conflict, unless already counted).
     pub fn timed_out(self) {
         self.conflict();
         self.end(Outcome::Timeout);

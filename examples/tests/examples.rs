@@ -1,0 +1,203 @@
+//! The examples, run for real: a Redis lock against a real redis-server, and every example
+//! binary (built by `cargo test`) executed as a process.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockmeter::LockMeter;
+use lockmeter_examples::redis_lock::RedisLock;
+use lockmeter_testkit::{eventually, free_port, require_tool, Recorder};
+
+struct Redis {
+    child: Child,
+    url: String,
+}
+
+impl Redis {
+    fn start() -> Option<Redis> {
+        if !require_tool("redis-server") {
+            return None;
+        }
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        eventually("redis-server to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(Redis {
+            child,
+            url: format!("redis://127.0.0.1:{port}/"),
+        })
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn redis_set_nx_lock_excludes_and_is_counted_exactly() {
+    let Some(redis) = Redis::start() else { return };
+    let rec = Recorder::new();
+    let meter = LockMeter::with_meter("report", "redis", &rec.meter());
+    let inside = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let lock = RedisLock::new(
+                &redis.url,
+                "lock:report",
+                Duration::from_secs(5),
+                meter.clone(),
+            )
+            .unwrap();
+            let inside = Arc::clone(&inside);
+            std::thread::spawn(move || {
+                let mut got = 0;
+                for _ in 0..100 {
+                    let g = lock
+                        .lock_timeout(Duration::from_secs(5), Duration::from_micros(200))
+                        .unwrap()
+                        .expect("acquired within 5 s");
+                    assert!(
+                        !inside.swap(true, Ordering::SeqCst),
+                        "two Redis holders at once"
+                    );
+                    std::thread::sleep(Duration::from_micros(300));
+                    inside.store(false, Ordering::SeqCst);
+                    assert!(g.release().unwrap());
+                    got += 1;
+                }
+                got
+            })
+        })
+        .collect();
+    let total: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(total, 200);
+    // A would-block attempt and an expired lock whose release finds another owner.
+    let a = RedisLock::new(
+        &redis.url,
+        "lock:short",
+        Duration::from_millis(50),
+        meter.clone(),
+    )
+    .unwrap();
+    let b = RedisLock::new(
+        &redis.url,
+        "lock:short",
+        Duration::from_secs(5),
+        meter.clone(),
+    )
+    .unwrap();
+    let held = a.try_lock().unwrap().unwrap();
+    assert!(b.try_lock().unwrap().is_none());
+    let stolen = b
+        .lock_timeout(Duration::from_secs(2), Duration::from_millis(5))
+        .unwrap()
+        .unwrap();
+    assert!(
+        !held.release().unwrap(),
+        "a's TTL ran out: the key is b's now"
+    );
+    assert!(stolen.release().unwrap());
+
+    lockmeter::metrics::flush();
+    let s = rec.snapshot();
+    assert_eq!(
+        s.counter("lock.acquisitions", &[("lock.kind", "redis")]),
+        202
+    );
+    let contended = s.counter("lock.acquisitions", &[("lock.contended", "true")]);
+    assert_eq!(
+        s.counter("lock.conflicts", &[]),
+        contended + 1,
+        "+1: the would_block try"
+    );
+    assert_eq!(
+        s.hist_count("lock.wait.duration", &[("lock.outcome", "would_block")]),
+        1
+    );
+    assert_eq!(
+        s.counter(
+            "lock.errors",
+            &[("lock.operation", "unlock"), ("error.type", "NotOwner")]
+        ),
+        1
+    );
+    assert_eq!(s.hist_count("lock.duration", &[]), 202);
+    assert_eq!(s.updown("lock.held", &[]), 0);
+}
+
+fn example(name: &str) -> PathBuf {
+    // target/debug/deps/examples-HASH -> target/debug/examples/NAME
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+fn run_example(name: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut c = Command::new(example(name));
+    c.args(args).env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap_or_else(|e| panic!("{name}: {e}"));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{name}: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+#[test]
+fn every_example_runs() {
+    let out = run_example("file_lock", &[], &[]);
+    assert!(
+        out.contains("lock_acquisitions_total{") && out.contains("nightly-job"),
+        "{out}"
+    );
+    let out = run_example("wrap_std_mutex", &[], &[]);
+    assert!(
+        out.contains("counted 200000 updates") && out.contains("lock_kind=\"mutex\""),
+        "{out}"
+    );
+    let out = run_example("tokio_service", &["--self-test", "50"], &[]);
+    assert!(out.contains("lock_kind=\"tokio_mutex\""), "{out}");
+    let acquired: f64 = out
+        .lines()
+        .filter(|l| l.starts_with("lock_acquisitions_total"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(acquired, 50.0, "{out}");
+    if let Some(redis) = Redis::start() {
+        let out = run_example("wrap_any_lock", &[], &[("REDIS_URL", &redis.url)]);
+        assert!(
+            out.contains("lock_kind=\"redis\"") && out.contains("lock_kind=\"parking_lot_mutex\""),
+            "{out}"
+        );
+    }
+}
