@@ -533,6 +533,119 @@ impl LockStats {
         &self.name
     }
 
+    /// An uncontended exclusive acquisition, counted by its holder with a plain load+store;
+    /// returns the start of the hold when this one is sampled.
+    #[inline(always)]
+    pub(crate) fn acquired_exclusive(&self) -> Option<crate::clock::Ticks> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let a = &self.acquisitions[0][0];
+        let n = a.load(Relaxed);
+        a.store(n.wrapping_add(1), Relaxed);
+        if n & self.sample_mask == 0 {
+            self.sampled_start(LockMode::Exclusive)
+        } else {
+            None
+        }
+    }
+
+    /// An uncontended shared acquisition (holders run concurrently: atomic add).
+    #[inline(always)]
+    pub(crate) fn acquired_shared(&self) -> Option<crate::clock::Ticks> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.acquisitions[1][0].fetch_add(1, Relaxed);
+        if n & self.sample_mask == 0 {
+            self.sampled_start(LockMode::Shared)
+        } else {
+            None
+        }
+    }
+
+    /// An exclusive release, counted while still holding the lock.
+    #[inline(always)]
+    pub(crate) fn released_exclusive(&self, contended: bool, since: Option<crate::clock::Ticks>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = &self.releases[0];
+        r.store(r.load(Relaxed).wrapping_add(1), Relaxed);
+        if let Some(t) = since {
+            self.hold_done(LockMode::Exclusive, contended, t);
+        }
+    }
+
+    /// A shared release.
+    #[inline(always)]
+    pub(crate) fn released_shared(&self, contended: bool, since: Option<crate::clock::Ticks>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.releases[1].fetch_add(1, Relaxed);
+        if let Some(t) = since {
+            self.hold_done(LockMode::Shared, contended, t);
+        }
+    }
+
+    /// Records a sampled uncontended acquisition's wait (0 s: one successful try, inside the
+    /// lowest bucket) and starts timing its hold.
+    #[cold]
+    #[inline(never)]
+    fn sampled_start(&self, mode: LockMode) -> Option<crate::clock::Ticks> {
+        self.metrics.record_wait(mode, Outcome::Acquired, 0.0);
+        Some(crate::clock::Ticks::now())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn hold_done(&self, mode: LockMode, contended: bool, since: crate::clock::Ticks) {
+        self.metrics
+            .record_hold(mode, contended, since.elapsed_secs());
+    }
+
+    /// A try found the lock taken: decide whether to time this wait (1 in N conflicts, the
+    /// same rate as uncontended acquisitions, so the histograms' mix stays unbiased). For
+    /// exclusive locks the conflict is counted later, by the holder ([`Self::contended_acquired`]),
+    /// so waiters only read the counters: every counter write happens under the lock and the
+    /// counters' cache line moves with lock ownership instead of bouncing on every retry.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn contended_start(
+        &self,
+        mode: LockMode,
+        exclusive: bool,
+    ) -> Option<crate::clock::Ticks> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.conflicts[mode.idx()];
+        let n = if exclusive {
+            c.load(Relaxed)
+        } else {
+            c.fetch_add(1, Relaxed)
+        };
+        (n & self.sample_mask == 0).then(crate::clock::Ticks::now)
+    }
+
+    /// The contended acquire got the lock: count it (and, for exclusive locks, its conflict);
+    /// if timed, record the wait and start timing the hold.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn contended_acquired(
+        &self,
+        mode: LockMode,
+        exclusive: bool,
+        t0: Option<crate::clock::Ticks>,
+    ) -> Option<crate::clock::Ticks> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = mode.idx();
+        if exclusive {
+            let c = &self.conflicts[m];
+            c.store(c.load(Relaxed).wrapping_add(1), Relaxed);
+            let a = &self.acquisitions[m][1];
+            a.store(a.load(Relaxed).wrapping_add(1), Relaxed);
+        } else {
+            self.acquisitions[m][1].fetch_add(1, Relaxed);
+        }
+        let t0 = t0?;
+        let now = crate::clock::Ticks::now();
+        self.metrics
+            .record_wait(mode, Outcome::Acquired, t0.secs_until(now));
+        Some(now)
+    }
+
     /// Counts an uncontended acquisition and says whether to time it: the `n`-th acquisition
     /// is timed when `n` is a multiple of the sampling period. `exclusive` callers hold the
     /// lock exclusively, so a plain load and store is enough (no atomic read-modify-write).

@@ -1,8 +1,8 @@
 //! Instrumented drop-ins for `tokio::sync::Mutex` and `tokio::sync::RwLock` (feature `tokio`).
 //!
 //! `lock.kind` = `tokio_mutex` / `tokio_rwlock`. Same cost model as [`crate::sync`]: counts
-//! exact, uncontended acquisitions timed 1 in `sample_every`, contended ones always. An acquire
-//! future dropped while waiting records `lock.outcome = cancelled`.
+//! exact, 1 in `sample_every` acquisitions timed. An acquire future dropped while waiting
+//! records `lock.outcome = cancelled` (always: cancellations are rare and worth seeing).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -52,31 +52,27 @@ async fn acquire<'s, G, F>(
 where
     F: std::future::Future<Output = G>,
 {
-    let m = mode as usize;
     if let Some(g) = tried {
         return (g, crate::sync::uncontended(stats, mode, exclusive_store));
     }
-    stats.conflicts[m].fetch_add(1, Relaxed);
+    // Tokio locks are held across await points: count with atomics, not under-lock stores.
+    let t0 = stats.contended_start(mode, false);
     let mut waiting = Waiting {
         stats,
         mode,
-        since: Ticks::now(),
+        since: t0.unwrap_or_else(Ticks::now),
         done: false,
     };
     let g = wait.await;
     waiting.done = true;
-    let now = Ticks::now();
-    stats
-        .metrics
-        .record_wait(mode, Outcome::Acquired, waiting.since.secs_until(now));
-    stats.acquisitions[m][1].fetch_add(1, Relaxed);
+    let since = stats.contended_acquired(mode, false, t0);
     (
         g,
         Hold {
             stats,
             mode,
             contended: true,
-            since: Some(now),
+            since,
         },
     )
 }

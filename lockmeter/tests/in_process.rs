@@ -73,15 +73,23 @@ fn eight_threads_hammering_one_mutex_are_counted_exactly() {
         assert_eq!(s.updown("lock.held", &[]), 0);
         let holds = s.hist_count("lock.duration", &[]);
         let contended_holds = s.hist_count("lock.duration", &[("lock.contended", "true")]);
-        assert_eq!(contended_holds, contended, "contended holds always timed");
+        let waits = s.hist_count("lock.wait.duration", &[("lock.outcome", "acquired")]);
         if sample == 1 {
             assert_eq!(holds, 80_001);
-            assert_eq!(
-                s.hist_count("lock.wait.duration", &[("lock.outcome", "acquired")]),
-                80_001
-            );
+            assert_eq!(contended_holds, contended);
+            assert_eq!(waits, 80_001);
         } else {
-            assert!(holds < 80_001 && holds >= contended, "{holds} {contended}");
+            // 1 in 16 uncontended acquisitions, chosen by the holder's counter: exact. Waiters
+            // decide from a counter they only read, so concurrent waiters may both be timed:
+            // about 1 in 16 conflicts, at most all of them.
+            let uncontended = 80_001 - contended;
+            let sampled_uncontended = uncontended.div_ceil(16);
+            assert_eq!(holds - contended_holds, sampled_uncontended);
+            assert!(
+                contended_holds <= contended,
+                "{contended_holds} of {contended}"
+            );
+            assert_eq!(waits, holds);
         }
     }
 }
