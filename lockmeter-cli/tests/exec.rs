@@ -28,11 +28,16 @@ fn p(path: &Path) -> &str {
 
 /// `lockmeter exec ARGS LOCK -- sh -c 'echo ready; SCRIPT'` with piped stdio, started and ready.
 fn spawn_ready(flags: &[&str], lock: &Path, script: &str) -> Child {
+    spawn_script(flags, lock, &format!("echo ready; {script}"))
+}
+
+/// `lockmeter exec ARGS LOCK -- sh -c SCRIPT`, waiting for SCRIPT to print `ready`.
+fn spawn_script(flags: &[&str], lock: &Path, script: &str) -> Child {
     let mut c = lm()
         .arg("exec")
         .args(flags)
         .arg(lock)
-        .args(["--", "sh", "-c", &format!("echo ready; {script}")])
+        .args(["--", "sh", "-c", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -232,13 +237,14 @@ fn lock_listed(ino: u64) -> bool {
 fn signals_are_forwarded_to_command() {
     let dir = tempfile::tempdir().unwrap();
     let lock = dir.path().join("f.lock");
-    let script = r#"trap "exit 41" INT; trap "exit 42" TERM; trap "exit 43" HUP; while :; do sleep 0.05; done"#;
+    // Traps first, then `ready`: a signal sent after `ready` must find them installed.
+    let script = r#"trap "exit 41" INT; trap "exit 42" TERM; trap "exit 43" HUP; echo ready; while :; do sleep 0.05; done"#;
     for (sig, code) in [
         (rustix::process::Signal::INT, 41),
         (rustix::process::Signal::TERM, 42),
         (rustix::process::Signal::HUP, 43),
     ] {
-        let mut c = spawn_ready(&[], &lock, script);
+        let mut c = spawn_script(&[], &lock, script);
         let pid = rustix::process::Pid::from_raw(c.id() as i32).unwrap();
         rustix::process::kill_process(pid, sig).unwrap();
         assert_eq!(c.wait().unwrap().code(), Some(code), "{sig:?}");
