@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use lockmeter::telemetry::Telemetry;
 use lockmeter::FileLock;
-use prometheus::Encoder as _;
 
 fn main() -> Result<(), Box<dyn Error>> {
     // Metrics on http://127.0.0.1:<port>/metrics (port 0: any free port); OTLP too when
@@ -54,17 +53,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
 
     // What Prometheus would scrape now.
-    if let Some(registry) = telemetry.prometheus_registry() {
-        let mut out = Vec::new();
-        prometheus::TextEncoder::new().encode(&registry.gather(), &mut out)?;
-        for line in String::from_utf8(out)?.lines() {
-            if line.starts_with("lock_acquisitions_total")
-                || line.starts_with("lock_conflicts_total")
-            {
-                println!("{line}");
-            }
-        }
-    }
+    lockmeter_examples::print_lock_counts(&telemetry)?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use lockmeter::{LockMeter, LockMode};
 use lockmeter_examples::redis_lock::RedisLock;
-use prometheus::Encoder as _;
 
 fn main() -> Result<(), Box<dyn Error>> {
     let telemetry = lockmeter::telemetry::Telemetry::builder()
@@ -62,17 +61,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     second.release()?;
     println!("redis: lock taken by one client at a time");
 
-    telemetry.flush()?;
-    if let Some(registry) = telemetry.prometheus_registry() {
-        let mut out = Vec::new();
-        prometheus::TextEncoder::new().encode(&registry.gather(), &mut out)?;
-        for line in String::from_utf8(out)?.lines() {
-            if line.starts_with("lock_acquisitions_total")
-                || line.starts_with("lock_conflicts_total")
-            {
-                println!("{line}");
-            }
-        }
-    }
+    // What Prometheus would scrape now.
+    lockmeter_examples::print_lock_counts(&telemetry)?;
     Ok(())
 }

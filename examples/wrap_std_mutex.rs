@@ -19,7 +19,6 @@ use std::error::Error;
 use std::sync::Arc;
 
 use lockmeter::sync::Mutex;
-use prometheus::Encoder as _;
 
 fn main() -> Result<(), Box<dyn Error>> {
     let telemetry = lockmeter::telemetry::Telemetry::builder()
@@ -43,17 +42,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let total: u64 = cache.lock().unwrap().values().sum();
     println!("counted {total} updates");
 
-    telemetry.flush()?; // publish in-process lock counts now
-    if let Some(registry) = telemetry.prometheus_registry() {
-        let mut out = Vec::new();
-        prometheus::TextEncoder::new().encode(&registry.gather(), &mut out)?;
-        for line in String::from_utf8(out)?.lines() {
-            if line.starts_with("lock_acquisitions_total")
-                || line.starts_with("lock_conflicts_total")
-            {
-                println!("{line}");
-            }
-        }
-    }
+    // What Prometheus would scrape now.
+    lockmeter_examples::print_lock_counts(&telemetry)?;
     Ok(())
 }

@@ -6,6 +6,8 @@
 //! lockmeter uncontended <= 3x std; contended throughput >= 0.8x std.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,18 +18,11 @@ use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMete
 const ROUNDS: usize = 15;
 const ITERS: u32 = 2_000_000;
 
-fn time(mut f: impl FnMut()) -> f64 {
-    let start = Instant::now();
-    for _ in 0..ITERS {
-        f();
-    }
-    start.elapsed().as_nanos() as f64 / ITERS as f64
+fn time(f: impl FnMut()) -> f64 {
+    common::ns_per_op(ITERS, f)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+use common::median;
 
 /// Operations per second with 2 threads each doing lock + increment + unlock.
 fn contended<M: Send + Sync + 'static>(m: Arc<M>, op: fn(&M)) -> f64 {
@@ -50,7 +45,7 @@ fn contended<M: Send + Sync + 'static>(m: Arc<M>, op: fn(&M)) -> f64 {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--test") || std::env::var_os("QUICK").is_some();
+    let quick = common::quick();
     let rounds = if quick { 1 } else { ROUNDS };
     let provider = SdkMeterProvider::builder()
         .with_reader(

@@ -9,6 +9,8 @@
 //! A real SDK `MeterProvider` (periodic reader, in-memory exporter) records every measurement.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod common;
+
 use std::hint::black_box;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
@@ -21,22 +23,15 @@ use rustix::fs::FlockOperation;
 const ROUNDS: usize = 21;
 const ITERS: u32 = 100_000;
 
-fn time(mut f: impl FnMut()) -> f64 {
-    let start = Instant::now();
-    for _ in 0..ITERS {
-        f();
-    }
-    start.elapsed().as_nanos() as f64 / ITERS as f64
+fn time(f: impl FnMut()) -> f64 {
+    common::ns_per_op(ITERS, f)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+use common::median;
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` runs it once quickly.
-    let quick = std::env::args().any(|a| a == "--test") || std::env::var_os("QUICK").is_some();
+    let quick = common::quick();
     let rounds = if quick { 1 } else { ROUNDS };
 
     let exporter = InMemoryMetricExporter::default();

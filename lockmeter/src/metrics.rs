@@ -334,14 +334,8 @@ impl LockMetrics {
     /// Records a release: the hold time and `lock.held` - 1.
     #[inline]
     pub fn released(&self, mode: LockMode, contended: bool, hold_secs: f64) {
-        let (m, c) = (mode.idx(), contended as usize);
-        self.duration[m][c]
-            .get_or_init(|| {
-                self.ins
-                    .duration
-                    .bind(&self.attrs(m, &[Self::contended_kv(c)]))
-            })
-            .record(hold_secs);
+        self.record_hold(mode, contended, hold_secs);
+        let m = mode.idx();
         self.held[m]
             .get_or_init(|| self.ins.held.bind(&self.attrs(m, &[])))
             .add(-1);
