@@ -249,6 +249,9 @@ impl FileLockBuilder {
             verify: self.verify_inode,
             owner_record: self.owner_record,
             watch: self.watch,
+            fast_path: matches!(backend, Backend::Fds(_))
+                && !self.owner_record
+                && self.watch.is_none(),
             fs_type,
             fs_info,
             backend,
@@ -323,6 +326,8 @@ pub struct FileLock {
     verify: bool,
     owner_record: bool,
     watch: Option<Duration>,
+    /// flock/OFD without owner records or watching: `lock` and `try_lock` try `fast` first.
+    fast_path: bool,
     fs_type: &'static str,
     fs_info: crate::fs::FsInfo,
     backend: Backend,
@@ -339,6 +344,17 @@ impl fmt::Debug for FileLock {
             .field("fs_type", &self.fs_type)
             .finish_non_exhaustive()
     }
+}
+
+/// What the fast path did.
+enum Fast<'a> {
+    Done(FileLockGuard<'a>),
+    Failed(Error),
+    /// Take the full path; `contended` says a conflict was already found and counted.
+    Fallback {
+        start: Tsc,
+        contended: bool,
+    },
 }
 
 /// How an acquire waits once it has found the lock taken.
@@ -426,22 +442,22 @@ impl FileLock {
 
     /// Takes the lock exclusively, waiting as long as it takes.
     pub fn lock(&self) -> Result<FileLockGuard<'_>> {
-        self.acquire_blocking(LockMode::Exclusive)
+        self.lock_mode(LockMode::Exclusive)
     }
 
     /// Takes the lock shared, waiting as long as it takes.
     pub fn lock_shared(&self) -> Result<FileLockGuard<'_>> {
-        self.acquire_blocking(LockMode::Shared)
+        self.lock_mode(LockMode::Shared)
     }
 
     /// Tries to take the lock exclusively; `Ok(None)` when it is held elsewhere.
     pub fn try_lock(&self) -> Result<Option<FileLockGuard<'_>>> {
-        self.acquire_try(LockMode::Exclusive)
+        self.try_lock_mode(LockMode::Exclusive)
     }
 
     /// Tries to take the lock shared; `Ok(None)` when it is held exclusively elsewhere.
     pub fn try_lock_shared(&self) -> Result<Option<FileLockGuard<'_>>> {
-        self.acquire_try(LockMode::Shared)
+        self.try_lock_mode(LockMode::Shared)
     }
 
     /// Takes the lock exclusively, giving up after `timeout` with `Ok(None)`.
@@ -475,11 +491,102 @@ impl FileLock {
 
     // ---- acquire paths -------------------------------------------------------------------
 
-    fn acquire_blocking(&self, mode: LockMode) -> Result<FileLockGuard<'_>> {
+    #[inline]
+    fn lock_mode(&self, mode: LockMode) -> Result<FileLockGuard<'_>> {
+        match self.fast(mode) {
+            Fast::Done(g) => Ok(g),
+            Fast::Failed(e) => Err(e),
+            Fast::Fallback { start, contended } => self.acquire_blocking(mode, start, contended),
+        }
+    }
+
+    #[inline]
+    fn try_lock_mode(&self, mode: LockMode) -> Result<Option<FileLockGuard<'_>>> {
+        match self.fast(mode) {
+            Fast::Done(g) => Ok(Some(g)),
+            Fast::Failed(e) => Err(e),
+            Fast::Fallback {
+                start,
+                contended: true,
+            } => {
+                self.not_acquired(mode, Outcome::WouldBlock, start, &tracing::Span::none());
+                Ok(None)
+            }
+            Fast::Fallback { .. } => self.acquire_try(mode),
+        }
+    }
+
+    /// The common case without spans, owner records or watching: one descriptor from the
+    /// pool, one non-blocking lock call, one `stat` to verify. Anything else (a conflict to
+    /// wait on, a migration, an empty pool, POSIX locks, a tracing subscriber that wants spans)
+    /// falls back to the full path, with a conflict already counted.
+    #[inline]
+    fn fast(&self, mode: LockMode) -> Fast<'_> {
+        let start = Tsc::now();
+        let fallback = Fast::Fallback {
+            start,
+            contended: false,
+        };
+        if !self.fast_path || tracing::enabled!(target: "lockmeter", tracing::Level::INFO) {
+            return fallback;
+        }
+        let Backend::Fds(pool) = &self.backend else {
+            return fallback;
+        };
+        let popped = pool.lock().pop();
+        let Some(fd) = popped else {
+            return fallback;
+        };
+        match sys::lock(fd.fd.as_fd(), self.kind, mode, false) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.give_back(pool, fd);
+                let mut contended = false;
+                self.conflict(mode, &mut contended);
+                return Fast::Fallback {
+                    start,
+                    contended: true,
+                };
+            }
+            // Counted and returned here (the descriptor is closed): a retry that happened to
+            // succeed must not hide it.
+            Err(errno) => {
+                let e = self.err(Operation::Lock, errno);
+                return Fast::Failed(self.fail_wait(mode, start, &tracing::Span::none(), e));
+            }
+        }
+        if self.verify && !matches!(sys::path_id(&self.path), Ok(id) if id == fd.id) {
+            // A migration (or a failing stat): let the full path count and handle it.
+            if sys::unlock(fd.fd.as_fd(), self.kind).is_ok() {
+                self.give_back(pool, fd);
+            }
+            return fallback;
+        }
+        let acquired_at = Tsc::now();
+        self.metrics
+            .acquired(mode, false, start.secs_until(acquired_at));
+        Fast::Done(FileLockGuard {
+            lock: self,
+            watch: None,
+            held: Some(Held::Fd(fd)),
+            owner: None,
+            mode,
+            contended: false,
+            acquired_at,
+            _span: tracing::Span::none(),
+        })
+    }
+
+    #[cold]
+    fn acquire_blocking(
+        &self,
+        mode: LockMode,
+        start: Tsc,
+        contended: bool,
+    ) -> Result<FileLockGuard<'_>> {
         let span = trace::acquire(self.span_attrs(), mode);
         let _entered = span.enter();
-        let start = Tsc::now();
-        let mut contended = false;
+        let mut contended = contended;
         match self.attempt(mode, Wait::Block, &mut contended) {
             Ok(Some(held)) => Ok(self.guard(held, mode, contended, start, &span)),
             // A blocking attempt only returns None if the kernel said "would block" to a
