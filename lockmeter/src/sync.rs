@@ -149,6 +149,48 @@ pub(crate) fn uncontended(stats: &LockStats, mode: LockMode, exclusive_store: bo
     }
 }
 
+/// Wraps `g` as std does: `Err(PoisonError)` when the lock was poisoned.
+#[inline(always)]
+fn poison<G>(g: G, poisoned: bool) -> LockResult<G> {
+    if poisoned {
+        Err(PoisonError::new(g))
+    } else {
+        Ok(g)
+    }
+}
+
+/// Generates a blocking acquire: std's non-blocking try first (the hot path: one plain counter
+/// update), and on `WouldBlock` a cold path that counts the conflict, blocks, and times the
+/// wait for 1 in N. `$exclusive` says the lock is held exclusively when counters are updated.
+macro_rules! acquire_pair {
+    ($(#[$doc:meta])* fn $name:ident / $slow:ident -> $guard:ident,
+     try $try:ident, block $block:ident, $mode:expr, exclusive $exclusive:expr, uncontended $acq:ident) => {
+        $(#[$doc])*
+        #[inline]
+        pub fn $name(&self) -> LockResult<$guard<'_, T>> {
+            let (inner, poisoned) = match self.inner.$try() {
+                Ok(g) => (g, false),
+                Err(TryLockError::Poisoned(p)) => (p.into_inner(), true),
+                Err(TryLockError::WouldBlock) => return self.$slow(),
+            };
+            let since = self.stats.$acq();
+            poison($guard { stats: &self.stats, since, contended: false, inner }, poisoned)
+        }
+
+        #[cold]
+        #[inline(never)]
+        fn $slow(&self) -> LockResult<$guard<'_, T>> {
+            let t0 = self.stats.contended_start($mode, $exclusive);
+            let (inner, poisoned) = match self.inner.$block() {
+                Ok(g) => (g, false),
+                Err(p) => (p.into_inner(), true),
+            };
+            let since = self.stats.contended_acquired($mode, $exclusive, t0);
+            poison($guard { stats: &self.stats, since, contended: true, inner }, poisoned)
+        }
+    };
+}
+
 // ---- Mutex --------------------------------------------------------------------------------
 
 /// An instrumented `std::sync::Mutex`. `Send`/`Sync` exactly when std's is.
@@ -178,46 +220,10 @@ impl Mutex<()> {
 }
 
 impl<T: ?Sized> Mutex<T> {
-    /// Acquires the mutex, blocking; poisoned as std's is after a panic while held.
-    #[inline]
-    pub fn lock(&self) -> LockResult<MutexGuard<'_, T>> {
-        let (inner, poisoned) = match self.inner.try_lock() {
-            Ok(g) => (g, false),
-            Err(TryLockError::Poisoned(p)) => (p.into_inner(), true),
-            Err(TryLockError::WouldBlock) => return self.lock_contended(),
-        };
-        let g = MutexGuard {
-            stats: &self.stats,
-            since: self.stats.acquired_exclusive(),
-            contended: false,
-            inner,
-        };
-        if poisoned {
-            Err(PoisonError::new(g))
-        } else {
-            Ok(g)
-        }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn lock_contended(&self) -> LockResult<MutexGuard<'_, T>> {
-        let t0 = self.stats.contended_start(LockMode::Exclusive, true);
-        let (inner, poisoned) = match self.inner.lock() {
-            Ok(g) => (g, false),
-            Err(p) => (p.into_inner(), true),
-        };
-        let g = MutexGuard {
-            stats: &self.stats,
-            since: self.stats.contended_acquired(LockMode::Exclusive, true, t0),
-            contended: true,
-            inner,
-        };
-        if poisoned {
-            Err(PoisonError::new(g))
-        } else {
-            Ok(g)
-        }
+    acquire_pair! {
+        /// Acquires the mutex, blocking; poisoned as std's is after a panic while held.
+        fn lock / lock_contended -> MutexGuard,
+        try try_lock, block lock, LockMode::Exclusive, exclusive true, uncontended acquired_exclusive
     }
 
     /// Tries to acquire without blocking; `WouldBlock` is counted as a conflict.
@@ -335,88 +341,16 @@ impl RwLock<()> {
 }
 
 impl<T: ?Sized> RwLock<T> {
-    /// Shared access, blocking.
-    #[inline]
-    pub fn read(&self) -> LockResult<RwLockReadGuard<'_, T>> {
-        let (inner, poisoned) = match self.inner.try_read() {
-            Ok(g) => (g, false),
-            Err(TryLockError::Poisoned(p)) => (p.into_inner(), true),
-            Err(TryLockError::WouldBlock) => return self.read_contended(),
-        };
-        let g = RwLockReadGuard {
-            stats: &self.stats,
-            since: self.stats.acquired_shared(),
-            contended: false,
-            inner,
-        };
-        if poisoned {
-            Err(PoisonError::new(g))
-        } else {
-            Ok(g)
-        }
+    acquire_pair! {
+        /// Shared access, blocking.
+        fn read / read_contended -> RwLockReadGuard,
+        try try_read, block read, LockMode::Shared, exclusive false, uncontended acquired_shared
     }
 
-    #[cold]
-    #[inline(never)]
-    fn read_contended(&self) -> LockResult<RwLockReadGuard<'_, T>> {
-        let t0 = self.stats.contended_start(LockMode::Shared, false);
-        let (inner, poisoned) = match self.inner.read() {
-            Ok(g) => (g, false),
-            Err(p) => (p.into_inner(), true),
-        };
-        let g = RwLockReadGuard {
-            stats: &self.stats,
-            since: self.stats.contended_acquired(LockMode::Shared, false, t0),
-            contended: true,
-            inner,
-        };
-        if poisoned {
-            Err(PoisonError::new(g))
-        } else {
-            Ok(g)
-        }
-    }
-
-    /// Exclusive access, blocking.
-    #[inline]
-    pub fn write(&self) -> LockResult<RwLockWriteGuard<'_, T>> {
-        let (inner, poisoned) = match self.inner.try_write() {
-            Ok(g) => (g, false),
-            Err(TryLockError::Poisoned(p)) => (p.into_inner(), true),
-            Err(TryLockError::WouldBlock) => return self.write_contended(),
-        };
-        let g = RwLockWriteGuard {
-            stats: &self.stats,
-            since: self.stats.acquired_exclusive(),
-            contended: false,
-            inner,
-        };
-        if poisoned {
-            Err(PoisonError::new(g))
-        } else {
-            Ok(g)
-        }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn write_contended(&self) -> LockResult<RwLockWriteGuard<'_, T>> {
-        let t0 = self.stats.contended_start(LockMode::Exclusive, true);
-        let (inner, poisoned) = match self.inner.write() {
-            Ok(g) => (g, false),
-            Err(p) => (p.into_inner(), true),
-        };
-        let g = RwLockWriteGuard {
-            stats: &self.stats,
-            since: self.stats.contended_acquired(LockMode::Exclusive, true, t0),
-            contended: true,
-            inner,
-        };
-        if poisoned {
-            Err(PoisonError::new(g))
-        } else {
-            Ok(g)
-        }
+    acquire_pair! {
+        /// Exclusive access, blocking.
+        fn write / write_contended -> RwLockWriteGuard,
+        try try_write, block write, LockMode::Exclusive, exclusive true, uncontended acquired_exclusive
     }
 
     /// Shared access without blocking.
