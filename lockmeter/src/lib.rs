@@ -22,6 +22,19 @@
 //! # }
 //! ```
 //!
+//! What else is here:
+//!
+//! - [`sync::Mutex`] / [`sync::RwLock`] and (feature `tokio`) `tokio::Mutex` / `tokio::RwLock`:
+//!   drop-ins for the std and tokio locks, same API, same schema (`lock.kind = mutex`, ...).
+//! - [`LockMeter`]: the schema for any other lock call (a `parking_lot` lock, Redis `SET NX`,
+//!   an advisory lock), through an [`Attempt`] and a [`Hold`].
+//! - [`fs`]: where a lock file lives and whether locks there exclude host-wide, across
+//!   clients, or only locally ([`FileLock::fs_info`], [`FsPolicy`]).
+//! - [`owner`]: owner records and fencing tokens ([`FileLockBuilder::owner_record`]) that turn a
+//!   lock which silently stopped excluding into a counted `lock.violations`.
+//! - [`FileLockBuilder::watch`]: notice a lock file replaced or unlinked while held.
+//! - [`telemetry`] (feature `telemetry`): SDK, Prometheus `/metrics` and OTLP from `OTEL_*`.
+//!
 //! With no meter provider installed the instruments are no-ops. Install one first (the
 //! `telemetry` feature's [`telemetry::init`] does it from the standard `OTEL_*` variables and
 //! serves `/metrics`), then create locks: a lock binds its instruments when it is opened.
