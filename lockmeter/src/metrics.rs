@@ -639,23 +639,6 @@ impl LockStats {
             .record_wait(mode, Outcome::Acquired, t0.secs_until(now));
         Some(now)
     }
-
-    /// Counts an uncontended acquisition and says whether to time it: the `n`-th acquisition
-    /// is timed when `n` is a multiple of the sampling period. `exclusive` callers hold the
-    /// lock exclusively, so a plain load and store is enough (no atomic read-modify-write).
-    #[inline]
-    pub(crate) fn count_uncontended(&self, mode: LockMode, exclusive: bool) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        let a = &self.acquisitions[mode.idx()][0];
-        let n = if exclusive {
-            let n = a.load(Relaxed);
-            a.store(n.wrapping_add(1), Relaxed);
-            n
-        } else {
-            a.fetch_add(1, Relaxed)
-        };
-        n & self.sample_mask == 0
-    }
 }
 
 impl Drop for LockStats {

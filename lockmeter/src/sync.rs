@@ -130,16 +130,10 @@ impl Hold<'_> {
 /// Counts an uncontended acquisition; for 1 in N also records its wait, as 0 s: it was one
 /// successful try, a few nanoseconds, inside the lowest bucket (1 µs) either way.
 #[inline]
-pub(crate) fn uncontended(stats: &LockStats, mode: LockMode, exclusive_store: bool) -> Hold<'_> {
-    let since = match (mode, exclusive_store) {
-        (LockMode::Shared, _) | (_, false) => {
-            if stats.count_uncontended(mode, false) {
-                Some(Ticks::now())
-            } else {
-                None
-            }
-        }
-        _ => stats.acquired_exclusive(),
+pub(crate) fn uncontended(stats: &LockStats, mode: LockMode) -> Hold<'_> {
+    let since = match mode {
+        LockMode::Exclusive => stats.acquired_exclusive(),
+        LockMode::Shared => stats.acquired_shared(),
     };
     Hold {
         stats,

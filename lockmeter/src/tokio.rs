@@ -45,7 +45,6 @@ impl Drop for Waiting<'_> {
 async fn acquire<'s, G, F>(
     stats: &'s LockStats,
     mode: LockMode,
-    exclusive_store: bool,
     tried: Option<G>,
     wait: F,
 ) -> (G, Hold<'s>)
@@ -53,7 +52,7 @@ where
     F: std::future::Future<Output = G>,
 {
     if let Some(g) = tried {
-        return (g, crate::sync::uncontended(stats, mode, exclusive_store));
+        return (g, crate::sync::uncontended(stats, mode));
     }
     // Tokio locks are held across await points: count with atomics, not under-lock stores.
     let t0 = stats.contended_start(mode, false);
@@ -141,14 +140,8 @@ impl<T: ?Sized> Mutex<T> {
     /// waits gives up the place in the queue (recorded as `cancelled`).
     pub async fn lock(&self) -> MutexGuard<'_, T> {
         let tried = self.inner.try_lock().ok();
-        let (inner, hold) = acquire(
-            &self.stats,
-            LockMode::Exclusive,
-            true,
-            tried,
-            self.inner.lock(),
-        )
-        .await;
+        let (inner, hold) =
+            acquire(&self.stats, LockMode::Exclusive, tried, self.inner.lock()).await;
         MutexGuard { hold, inner }
     }
 
@@ -157,7 +150,7 @@ impl<T: ?Sized> Mutex<T> {
         let t0 = Ticks::now();
         match self.inner.try_lock() {
             Ok(inner) => Ok(MutexGuard {
-                hold: crate::sync::uncontended(&self.stats, LockMode::Exclusive, true),
+                hold: crate::sync::uncontended(&self.stats, LockMode::Exclusive),
                 inner,
             }),
             Err(e) => {
@@ -240,28 +233,15 @@ impl<T: ?Sized> RwLock<T> {
     /// Shared access, waiting asynchronously.
     pub async fn read(&self) -> RwLockReadGuard<'_, T> {
         let tried = self.inner.try_read().ok();
-        let (inner, hold) = acquire(
-            &self.stats,
-            LockMode::Shared,
-            false,
-            tried,
-            self.inner.read(),
-        )
-        .await;
+        let (inner, hold) = acquire(&self.stats, LockMode::Shared, tried, self.inner.read()).await;
         RwLockReadGuard { hold, inner }
     }
 
     /// Exclusive access, waiting asynchronously.
     pub async fn write(&self) -> RwLockWriteGuard<'_, T> {
         let tried = self.inner.try_write().ok();
-        let (inner, hold) = acquire(
-            &self.stats,
-            LockMode::Exclusive,
-            true,
-            tried,
-            self.inner.write(),
-        )
-        .await;
+        let (inner, hold) =
+            acquire(&self.stats, LockMode::Exclusive, tried, self.inner.write()).await;
         RwLockWriteGuard { hold, inner }
     }
 }

@@ -318,3 +318,39 @@ fn lock_meter_measures_a_parking_lot_mutex_and_arbitrary_calls() {
     assert_eq!(s.hist_count("lock.duration", &[]), 3);
     assert_eq!(s.updown("lock.held", &[]), 0);
 }
+
+#[test]
+fn tokio_rwlock_times_waits_and_holds_together() {
+    let rec = Recorder::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let l = lockmeter::tokio::Mutex::builder("catalog")
+        .meter(rec.meter())
+        .sample_every(1)
+        .build_rwlock(0u32);
+    rt.block_on(async {
+        for _ in 0..10 {
+            let _ = *l.read().await;
+        }
+        *l.write().await += 1;
+    });
+    let s = snap(&rec);
+    assert_eq!(
+        s.counter("lock.acquisitions", &[("lock.mode", "shared")]),
+        10
+    );
+    assert_eq!(
+        s.hist_count("lock.duration", &[("lock.mode", "shared")]),
+        10
+    );
+    assert_eq!(
+        s.hist_count("lock.wait.duration", &[("lock.mode", "shared")]),
+        10
+    );
+    assert_eq!(
+        s.hist_count("lock.wait.duration", &[("lock.mode", "exclusive")]),
+        1
+    );
+}
