@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use lockmeter::telemetry::{MetricsExporter, Telemetry};
+use lockmeter::telemetry::Telemetry;
 use lockmeter::{FileLock, LockKind};
 
 /// Arguments of `lockmeter demo`.
@@ -122,13 +122,9 @@ fn demo(args: DemoArgs) -> Result<(), String> {
         }
         None => None,
     };
-    let mut exporters = vec![MetricsExporter::Prometheus];
-    if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some_and(|v| !v.is_empty()) {
-        exporters.push(MetricsExporter::Otlp);
-    }
+    // The builder's default exporters: Prometheus, plus OTLP when an endpoint is configured.
     let mut tb = Telemetry::builder()
         .service_name("lockmeter-demo")
-        .default_metrics_exporters(&exporters)
         // Migrations are the point of the `rotating` lock; the table counts them. RUST_LOG=warn
         // shows each one as it happens.
         .default_log_filter("error");

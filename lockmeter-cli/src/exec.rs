@@ -91,9 +91,11 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 /// Runs `lockmeter exec`.
 pub fn run(args: ExecArgs) -> ExitCode {
     // Short-lived: push over OTLP if a collector is configured, serve nothing by default.
-    let otlp = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some_and(|v| !v.is_empty())
-        || std::env::var_os("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_some_and(|v| !v.is_empty());
-    let defaults: &[MetricsExporter] = if otlp { &[MetricsExporter::Otlp] } else { &[] };
+    let defaults: &[MetricsExporter] = if lockmeter::telemetry::otlp_metrics_endpoint_set() {
+        &[MetricsExporter::Otlp]
+    } else {
+        &[]
+    };
     let telemetry = match Telemetry::builder()
         .service_name("lockmeter-exec")
         .compact_console(true)

@@ -221,8 +221,7 @@ impl TelemetryBuilder {
 
     /// Installs the providers and starts the exporters.
     pub fn init(self) -> Result<Telemetry, TelemetryError> {
-        let otlp_endpoint_set = env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
-            || env_set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT");
+        let otlp_endpoint_set = otlp_metrics_endpoint_set();
         let metrics_exporters = match self.metrics_exporters.clone() {
             Some(e) => e,
             None => match std::env::var("OTEL_METRICS_EXPORTER") {
@@ -430,6 +429,13 @@ fn program_name() -> String {
                 .map(|f| f.to_string_lossy().into_owned())
         })
         .unwrap_or_else(|| "lockmeter".to_owned())
+}
+
+/// Whether an OTLP metrics endpoint is configured (`OTEL_EXPORTER_OTLP_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`, non-empty): the condition under which the default
+/// exporters include OTLP.
+pub fn otlp_metrics_endpoint_set() -> bool {
+    env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
 }
 
 fn env_set(var: &str) -> bool {
