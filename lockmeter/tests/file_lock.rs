@@ -700,14 +700,7 @@ fn permission_denied_for_an_unprivileged_user() {
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(&exe)
-        .args([
-            "child_entry",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-            "-q",
-        ])
+        .args(common::CHILD_ARGS)
         .env("LOCKMETER_TEST_ROLE", "open")
         .env("LOCK", &path)
         .output()
