@@ -18,11 +18,38 @@ fn clock() -> &'static quanta::Clock {
     CLOCK.get_or_init(quanta::Clock::new)
 }
 
+/// Whether quanta's raw reading is the TSC itself, so `now` can read it inline (no call: see
+/// the overhead benchmark on returns after system calls).
+#[cfg(target_arch = "x86_64")]
+fn raw_is_tsc() -> bool {
+    static IS_TSC: OnceLock<bool> = OnceLock::new();
+    *IS_TSC.get_or_init(|| {
+        let c = clock();
+        (0..3).all(|_| {
+            // SAFETY: `rdtsc` has no preconditions on x86_64.
+            let before = unsafe { core::arch::x86_64::_rdtsc() };
+            let r = c.raw();
+            // SAFETY: as above.
+            let after = unsafe { core::arch::x86_64::_rdtsc() };
+            before <= r && r <= after
+        })
+    })
+}
+
 impl Ticks {
     /// Reads the clock.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn now() -> Ticks {
-        Ticks(std::num::NonZeroU64::new(clock().raw()).unwrap_or(std::num::NonZeroU64::MIN))
+        #[cfg(target_arch = "x86_64")]
+        let raw = if raw_is_tsc() {
+            // SAFETY: `rdtsc` has no preconditions on x86_64.
+            unsafe { core::arch::x86_64::_rdtsc() }
+        } else {
+            clock().raw()
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let raw = clock().raw();
+        Ticks(std::num::NonZeroU64::new(raw).unwrap_or(std::num::NonZeroU64::MIN))
     }
 
     /// Seconds from `self` to `later` (0 if the clock went backwards).

@@ -49,7 +49,11 @@ impl LockMeter {
     /// The same on an explicit meter.
     pub fn with_meter(name: &str, kind: &str, meter: &Meter) -> LockMeter {
         LockMeter {
-            stats: LockStats::new(name, LockMetrics::new(meter, name, kind, &[]), 1),
+            stats: LockStats::new(
+                name,
+                std::sync::Arc::new(LockMetrics::new(meter, name, kind, &[])),
+                1,
+            ),
         }
     }
 

@@ -395,18 +395,23 @@ impl LockMetrics {
     }
 }
 
-/// Counters of one in-process lock, updated on its hot path with plain atomics and published
-/// into the SDK's (bound, synchronous) instruments by a background flusher.
+/// Counters of one lock, updated on its hot path with plain atomics and published into the
+/// SDK's (bound, synchronous) instruments by a background flusher.
 ///
 /// Publishing is what costs on the hot path (a bound counter update is ~3 ns, a histogram record
-/// ~15 ns, against ~4 ns for a whole uncontended `std::sync::Mutex` cycle), so in-process locks
-/// count into these atomics and the flusher adds the differences to `lock.acquisitions`,
-/// `lock.conflicts` and `lock.held` every [`FLUSH_INTERVAL`] and on [`flush`]. Every acquisition
-/// and every conflict is counted; the exported value lags by at most one interval.
+/// ~15 ns, against ~4 ns for a whole uncontended `std::sync::Mutex` cycle), so locks count into
+/// these atomics and the flusher adds the differences to `lock.acquisitions`, `lock.conflicts`
+/// and `lock.held` every [`FLUSH_INTERVAL`] and on [`flush`]. Every acquisition and every
+/// conflict is counted; the exported value lags by at most one interval.
+///
+/// Timing (the two histograms) is sampled: 1 in `sample_mask + 1` acquisitions by counter, plus
+/// the first acquisition after each flusher tick (`force`), so a lock taken less than about ten
+/// times a second is timed every time. Neither rule looks at durations, so the recorded
+/// waits and holds are an unbiased sample.
 #[derive(Debug)]
 pub(crate) struct LockStats {
     name: String,
-    pub(crate) metrics: LockMetrics,
+    pub(crate) metrics: std::sync::Arc<LockMetrics>,
     /// Acquisitions by [mode][contended].
     pub(crate) acquisitions: [[std::sync::atomic::AtomicU64; 2]; 2],
     /// Releases by mode.
@@ -414,9 +419,10 @@ pub(crate) struct LockStats {
     /// Conflicts by mode.
     pub(crate) conflicts: [std::sync::atomic::AtomicU64; 2],
     published: parking_lot::Mutex<Published>,
-    /// Time 1 in `sample_mask + 1` uncontended acquisitions (a power of two; contended ones
-    /// always).
+    /// Time 1 in `sample_mask + 1` acquisitions (a power of two).
     pub(crate) sample_mask: u64,
+    /// Set by the flusher every interval: time the next acquisition whatever its number.
+    force: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -426,7 +432,11 @@ struct Published {
     conflicts: [u64; 2],
 }
 
-/// How often in-process lock counts are published into the SDK instruments.
+/// Default timing sample: 1 in this many acquisitions (plus the first after each
+/// [`FLUSH_INTERVAL`]) records wait and hold times; counts are always exact.
+pub const DEFAULT_SAMPLE_EVERY: u32 = 16;
+
+/// How often lock counts are published into the SDK instruments.
 pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn stats_registry() -> &'static parking_lot::Mutex<Vec<std::sync::Weak<LockStats>>> {
@@ -437,7 +447,7 @@ fn stats_registry() -> &'static parking_lot::Mutex<Vec<std::sync::Weak<LockStats
             .name("lockmeter-flush".into())
             .spawn(|| loop {
                 std::thread::sleep(FLUSH_INTERVAL);
-                flush();
+                publish_all(true);
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "lockmeter: cannot start the metrics flusher; call lockmeter::metrics::flush() before exporting");
@@ -451,6 +461,12 @@ fn stats_registry() -> &'static parking_lot::Mutex<Vec<std::sync::Weak<LockStats
 /// before reading or exporting metrics when exact, current counts matter (tests, shutdown; the
 /// `telemetry` guard does it on drop).
 pub fn flush() {
+    publish_all(false);
+}
+
+/// Publishes every live lock's counts; the flusher's ticks also ask each lock to time its next
+/// acquisition.
+fn publish_all(tick: bool) {
     let live: Vec<std::sync::Arc<LockStats>> = {
         let mut reg = stats_registry().lock();
         reg.retain(|w| w.strong_count() > 0);
@@ -458,13 +474,16 @@ pub fn flush() {
     };
     for s in live {
         s.publish();
+        if tick {
+            s.force.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
 impl LockStats {
     pub(crate) fn new(
         name: &str,
-        metrics: LockMetrics,
+        metrics: std::sync::Arc<LockMetrics>,
         sample_every: u32,
     ) -> std::sync::Arc<LockStats> {
         let s = std::sync::Arc::new(LockStats {
@@ -475,6 +494,8 @@ impl LockStats {
             conflicts: Default::default(),
             published: parking_lot::Mutex::new(Published::default()),
             sample_mask: u64::from(sample_every.max(1).next_power_of_two()) - 1,
+            // The first acquisition is timed anyway (number 0).
+            force: std::sync::atomic::AtomicBool::new(false),
         });
         stats_registry().lock().push(std::sync::Arc::downgrade(&s));
         s
@@ -506,7 +527,9 @@ impl LockStats {
             let released = released_now.wrapping_sub(p.releases[m]);
             p.releases[m] = released_now;
             let held = acquired as i64 - released as i64;
-            if held != 0 {
+            // Any activity publishes (a zero change still creates the series: a lock that was
+            // taken and let go shows `lock.held` 0, not nothing).
+            if acquired != 0 || released != 0 {
                 self.metrics.held[m]
                     .get_or_init(|| self.metrics.ins.held.bind(&self.metrics.attrs(m, &[])))
                     .add(held);
@@ -535,7 +558,7 @@ impl LockStats {
         let a = &self.acquisitions[0][0];
         let n = a.load(Relaxed);
         a.store(n.wrapping_add(1), Relaxed);
-        if n & self.sample_mask == 0 {
+        if n & self.sample_mask == 0 || self.force.load(Relaxed) {
             self.sampled_start(LockMode::Exclusive)
         } else {
             None
@@ -547,7 +570,7 @@ impl LockStats {
     pub(crate) fn acquired_shared(&self) -> Option<crate::clock::Ticks> {
         use std::sync::atomic::Ordering::Relaxed;
         let n = self.acquisitions[1][0].fetch_add(1, Relaxed);
-        if n & self.sample_mask == 0 {
+        if n & self.sample_mask == 0 || self.force.load(Relaxed) {
             self.sampled_start(LockMode::Shared)
         } else {
             None
@@ -580,6 +603,8 @@ impl LockStats {
     #[cold]
     #[inline(never)]
     fn sampled_start(&self, mode: LockMode) -> Option<crate::clock::Ticks> {
+        self.force
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         self.metrics.record_wait(mode, Outcome::Acquired, 0.0);
         Some(crate::clock::Ticks::now())
     }
@@ -610,7 +635,44 @@ impl LockStats {
         } else {
             c.fetch_add(1, Relaxed)
         };
-        (n & self.sample_mask == 0).then(crate::clock::Ticks::now)
+        self.sampled(n).then(crate::clock::Ticks::now)
+    }
+
+    /// Whether the acquisition (or failed acquire) numbered `n` is timed: 1 in N by number, or
+    /// the first since the flusher's last tick.
+    #[inline(always)]
+    pub(crate) fn sampled(&self, n: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        n & self.sample_mask == 0 || (self.force.load(Relaxed) && self.unforce())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn unforce(&self) -> bool {
+        self.force
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    /// A file lock acquisition (holders may run concurrently, even "exclusive" ones on a file
+    /// system that does not exclude: atomic adds). Returns whether to time it.
+    #[inline(always)]
+    pub(crate) fn file_acquired(&self, mode: LockMode, contended: bool) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.acquisitions[mode.idx()][contended as usize].fetch_add(1, Relaxed);
+        self.sampled(n)
+    }
+
+    /// A file lock release.
+    #[inline(always)]
+    pub(crate) fn file_released(&self, mode: LockMode) {
+        self.releases[mode.idx()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A file lock acquire found the lock taken.
+    #[inline]
+    pub(crate) fn file_conflict(&self, mode: LockMode) {
+        self.conflicts[mode.idx()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The contended acquire got the lock: count it (and, for exclusive locks, its conflict);

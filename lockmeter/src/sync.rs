@@ -37,8 +37,7 @@ use opentelemetry::metrics::Meter;
 use crate::clock::Ticks;
 use crate::metrics::{LockMetrics, LockMode, LockStats, Outcome};
 
-/// Default sampling of uncontended acquisitions for in-process locks.
-pub const DEFAULT_SAMPLE_EVERY: u32 = 16;
+pub use crate::metrics::DEFAULT_SAMPLE_EVERY;
 
 const EX: usize = 0;
 
@@ -77,7 +76,7 @@ impl MutexBuilder {
         let meter = self.meter.unwrap_or_else(crate::metrics::default_meter);
         LockStats::new(
             &self.name,
-            LockMetrics::new(&meter, &self.name, kind, &[]),
+            std::sync::Arc::new(LockMetrics::new(&meter, &self.name, kind, &[])),
             self.sample_every,
         )
     }
@@ -100,6 +99,7 @@ impl MutexBuilder {
 }
 
 /// What a guard needs to record its release.
+#[cfg(feature = "tokio")]
 pub(crate) struct Hold<'a> {
     pub(crate) stats: &'a LockStats,
     pub(crate) mode: LockMode,
@@ -108,6 +108,7 @@ pub(crate) struct Hold<'a> {
     pub(crate) since: Option<Ticks>,
 }
 
+#[cfg(feature = "tokio")]
 impl Hold<'_> {
     /// Counts the release (before the underlying lock is released: for exclusive locks the
     /// store below is then protected by the lock itself).
@@ -129,6 +130,7 @@ impl Hold<'_> {
 
 /// Counts an uncontended acquisition; for 1 in N also records its wait, as 0 s: it was one
 /// successful try, a few nanoseconds, inside the lowest bucket (1 µs) either way.
+#[cfg(feature = "tokio")]
 #[inline]
 pub(crate) fn uncontended(stats: &LockStats, mode: LockMode) -> Hold<'_> {
     let since = match mode {

@@ -601,6 +601,8 @@ impl BackgroundRuntime {
 fn render_metrics(registry: &prometheus::Registry) -> axum::response::Response {
     use axum::response::IntoResponse as _;
     use prometheus::Encoder as _;
+    // Lock counts live in atomics until published; a scrape sees them as of now.
+    crate::metrics::flush();
     let encoder = prometheus::TextEncoder::new();
     let mut body = Vec::new();
     match encoder.encode(&registry.gather(), &mut body) {
@@ -714,7 +716,7 @@ impl Telemetry {
     }
 
     fn shutdown_inner(&mut self) -> Result<(), TelemetryError> {
-        // In-process lock counts are published by a flusher; push the last ones first.
+        // Lock counts are published by a flusher; push the last ones first.
         crate::metrics::flush();
         let t = match self.tracer_provider.take() {
             Some(tp) => tp.shutdown(),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::child;
 use lockmeter::metrics::DEFAULT_BOUNDARIES;
@@ -317,10 +317,14 @@ fn lslocks_shows_each_kind() {
 
 #[test]
 fn exact_counts_through_the_sdk() {
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let dir = tmp();
     let path = dir.path().join("count.lock");
-    let lock = FileLock::builder(&path).meter(rec.meter()).open().unwrap();
+    let lock = FileLock::builder(&path)
+        .meter(rec.meter())
+        .sample_every(1)
+        .open()
+        .unwrap();
     let other = FileLock::open(&path).unwrap(); // not recorded: global no-op meter
 
     for _ in 0..10 {
@@ -396,8 +400,54 @@ fn exact_counts_through_the_sdk() {
 }
 
 #[test]
+fn timing_is_sampled_counts_stay_exact_and_rare_acquisitions_are_all_timed() {
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let dir = tmp();
+    let lock = FileLock::builder(dir.path().join("sampled.lock"))
+        .meter(rec.meter())
+        .open()
+        .unwrap(); // default: 1 in 16 timed
+    let started = Instant::now();
+    for _ in 0..1_601 {
+        drop(lock.lock().unwrap());
+    }
+    let ticks = started.elapsed().as_millis() as u64 / 100 + 1;
+    let s = rec.snapshot();
+    assert_eq!(
+        s.counter("lock.acquisitions", &[]),
+        1_601,
+        "counts are exact"
+    );
+    assert_eq!(s.updown("lock.held", &[]), 0);
+    let holds = s.hist_count("lock.duration", &[]);
+    // Numbers 0, 16, ..., 1600 by number, plus the first after each 100 ms flusher tick.
+    assert!(
+        (101..=101 + ticks).contains(&holds),
+        "{holds} timed in {ticks} ticks"
+    );
+    assert_eq!(
+        s.hist_count("lock.wait.duration", &[("lock.outcome", "acquired")]),
+        holds,
+        "a timed acquisition records its wait and its hold"
+    );
+
+    // A lock taken less often than the flusher ticks is timed every time (numbers 1601..1605
+    // are not multiples of 16: only the tick rule times them). The pauses are the point of
+    // the test (a rarely used lock), not synchronisation.
+    for i in 1..=4 {
+        std::thread::sleep(lockmeter::metrics::FLUSH_INTERVAL * 3);
+        drop(lock.lock().unwrap());
+        assert_eq!(
+            rec.snapshot().hist_count("lock.duration", &[]),
+            holds + i,
+            "acquisition {i} after a pause was timed"
+        );
+    }
+}
+
+#[test]
 fn contended_acquire_is_counted_and_timed() {
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let dir = tmp();
     let path = dir.path().join("contended.lock");
     let lock = Arc::new(
@@ -446,7 +496,7 @@ fn replace_file(path: &Path) {
 }
 
 fn migration_while_waiting(unlink: bool) {
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let dir = tmp();
     let path = dir.path().join("migrate.lock");
     let lock = Arc::new(FileLock::builder(&path).meter(rec.meter()).open().unwrap());
@@ -545,7 +595,7 @@ fn holder_dies_with_a_long_lived_child_and_the_lock_is_free() {
 #[cfg(feature = "tokio")]
 #[test]
 fn dropping_lock_async_never_leaves_the_lock_held() {
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let dir = tmp();
     let path = dir.path().join("async.lock");
     let lock = FileLock::builder(&path).meter(rec.meter()).open().unwrap();
@@ -595,7 +645,7 @@ fn dropping_lock_async_never_leaves_the_lock_held() {
 
 #[test]
 fn bad_paths_are_typed_errors_and_counted() {
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let dir = tmp();
     let open = |p: &Path| FileLock::builder(p).meter(rec.meter()).open();
 
@@ -721,7 +771,7 @@ fn permission_denied_for_an_unprivileged_user() {
 
 #[test]
 fn a_failed_unlock_is_reported_and_counted() {
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let dir = tmp();
     let path = dir.path().join("unlock.lock");
     let lock = FileLock::builder(&path).meter(rec.meter()).open().unwrap();

@@ -21,7 +21,7 @@ fn child_entry() {
     };
     let var = |k: &str| std::env::var(k).unwrap();
     assert_eq!(role, "owner_loop");
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let lock = FileLock::builder(var("LOCK"))
         .owner_record(true)
         .fs_policy(FsPolicy::Allow)
@@ -52,7 +52,7 @@ fn child_entry() {
 
 #[test]
 fn fencing_tokens_increase_and_the_holder_is_readable() {
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fenced.lock");
     let lock = FileLock::builder(&path)
@@ -87,7 +87,7 @@ fn fencing_tokens_increase_and_the_holder_is_readable() {
 
 #[test]
 fn an_overwritten_record_is_one_violation() {
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stolen.lock");
     let lock = FileLock::builder(&path)

@@ -31,7 +31,7 @@ fn inotify_sees_replace_unlink_and_rename_within_100ms_counted_once() {
         ("unlink", "unlinked"),
         ("rename", "unlinked"),
     ] {
-        let rec = Recorder::new();
+        let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.lock");
         // A one-hour polling interval: only inotify can notice within the deadline.
@@ -77,7 +77,7 @@ fn uncached_bindfs() -> Option<Bindfs> {
 #[test]
 fn polling_sees_changes_inotify_cannot_within_one_interval() {
     let Some(bf) = uncached_bindfs() else { return };
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let interval = Duration::from_millis(200);
     let path = bf.a().join("polled.lock");
     let lock = FileLock::builder(&path)
@@ -100,7 +100,7 @@ fn polling_sees_changes_inotify_cannot_within_one_interval() {
 #[test]
 fn a_change_nobody_saw_during_hold_is_caught_at_release() {
     let Some(bf) = uncached_bindfs() else { return };
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let path = bf.a().join("late.lock");
     let lock = FileLock::builder(&path)
         .watch(LONG)
@@ -117,7 +117,7 @@ fn a_change_nobody_saw_during_hold_is_caught_at_release() {
 
 #[test]
 fn ten_thousand_watched_acquisitions_without_replacement_report_nothing() {
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let dir = tempfile::tempdir().unwrap();
     let lock = FileLock::builder(dir.path().join("quiet.lock"))
         .watch(Duration::from_millis(1))
@@ -145,7 +145,7 @@ fn ten_thousand_watched_acquisitions_without_replacement_report_nothing() {
 
 #[test]
 fn the_watcher_catches_a_foreign_owner_record_during_hold() {
-    let rec = Recorder::new();
+    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("owned.lock");
     let lock = FileLock::builder(&path)

@@ -16,6 +16,7 @@ use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMete
 pub struct Recorder {
     exporter: InMemoryMetricExporter,
     provider: SdkMeterProvider,
+    before_snapshot: Option<fn()>,
 }
 
 impl Default for Recorder {
@@ -34,7 +35,19 @@ impl Recorder {
                     .build(),
             )
             .build();
-        Recorder { exporter, provider }
+        Recorder {
+            exporter,
+            provider,
+            before_snapshot: None,
+        }
+    }
+
+    /// Calls `f` before every snapshot: pass `lockmeter::metrics::flush`, which publishes the
+    /// counts lockmeter keeps in atomics (this crate cannot call it: a test's `lockmeter` is
+    /// not the one a dependency of this crate would link).
+    pub fn with_flush(mut self, f: fn()) -> Self {
+        self.before_snapshot = Some(f);
+        self
     }
 
     pub fn meter(&self) -> Meter {
@@ -43,6 +56,9 @@ impl Recorder {
 
     /// Flushes and returns the newest cumulative export.
     pub fn snapshot(&self) -> Snapshot {
+        if let Some(f) = self.before_snapshot {
+            f();
+        }
         self.exporter.reset();
         self.provider.force_flush().unwrap();
         let mut all = self.exporter.get_finished_metrics().unwrap();

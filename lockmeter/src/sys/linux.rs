@@ -80,14 +80,14 @@ fn id_of(st: &rustix::fs::Stat) -> FileId {
 }
 
 /// Identity of the inode a path names now, without following a final symlink.
-#[inline]
+#[inline(always)]
 pub(crate) fn path_id(path: &Path) -> Result<FileId, Errno> {
     rustix::fs::lstat(path).map(|st| id_of(&st))
 }
 
 /// Takes a lock. Returns `Ok(false)` when `blocking` is false and the lock is held elsewhere.
 /// `EINTR` during a blocking wait is retried: a signal does not abandon the acquire.
-#[inline]
+#[inline(always)]
 pub(crate) fn lock(
     fd: BorrowedFd<'_>,
     kind: LockKind,
@@ -112,7 +112,7 @@ pub(crate) fn lock(
 }
 
 /// Releases a lock explicitly (`LOCK_UN` / `F_UNLCK`).
-#[inline]
+#[inline(always)]
 pub(crate) fn unlock(fd: BorrowedFd<'_>, kind: LockKind) -> Result<(), Errno> {
     match kind {
         LockKind::Flock => rustix::fs::flock(fd, FlockOperation::Unlock),
@@ -121,7 +121,7 @@ pub(crate) fn unlock(fd: BorrowedFd<'_>, kind: LockKind) -> Result<(), Errno> {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn flock_op(mode: LockMode, blocking: bool) -> FlockOperation {
     match (mode, blocking) {
         (LockMode::Exclusive, true) => FlockOperation::LockExclusive,
