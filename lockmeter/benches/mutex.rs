@@ -18,30 +18,43 @@ use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMete
 const ROUNDS: usize = 15;
 const ITERS: u32 = 2_000_000;
 
-fn time(f: impl FnMut()) -> f64 {
-    common::ns_per_op(ITERS, f)
+/// ns per iteration of `$body`, written out inside the timing loop (no closure call the
+/// optimiser may or may not inline; every variant is measured the same way).
+macro_rules! time {
+    ($body:expr) => {{
+        let start = Instant::now();
+        for _ in 0..ITERS {
+            $body;
+        }
+        start.elapsed().as_nanos() as f64 / f64::from(ITERS)
+    }};
 }
 
 use common::median;
 
 /// Operations per second with 2 threads each doing lock + increment + unlock.
-fn contended<M: Send + Sync + 'static>(m: Arc<M>, op: fn(&M)) -> f64 {
-    let per_thread = 1_000_000u32;
-    let start = Instant::now();
+/// Ops per second of two threads hammering `m`, both released at once by a barrier; the clock
+/// runs from the release until both are done.
+fn contended<M: Send + Sync + 'static, F: Fn(&M) + Copy + Send + 'static>(m: Arc<M>, op: F) -> f64 {
+    let per_thread = 500_000u32;
+    let barrier = Arc::new(std::sync::Barrier::new(3));
     let ts: Vec<_> = (0..2)
         .map(|_| {
-            let m = Arc::clone(&m);
+            let (m, barrier) = (Arc::clone(&m), Arc::clone(&barrier));
             std::thread::spawn(move || {
+                barrier.wait();
                 for _ in 0..per_thread {
                     op(&m);
                 }
             })
         })
         .collect();
+    barrier.wait();
+    let start = Instant::now();
     for t in ts {
         t.join().unwrap();
     }
-    2.0 * per_thread as f64 / start.elapsed().as_secs_f64()
+    2.0 * f64::from(per_thread) / start.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -74,10 +87,10 @@ fn main() {
     ];
     let mut s: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for _ in 0..rounds {
-        s[0].push(time(|| *black_box(&std_m).lock().unwrap() += 1));
-        s[1].push(time(|| *black_box(&pl_m).lock() += 1));
-        s[2].push(time(|| *black_box(&lm_m).lock().unwrap() += 1));
-        s[3].push(time(|| *black_box(&lm_all).lock().unwrap() += 1));
+        s[0].push(time!(*black_box(&std_m).lock().unwrap() += 1));
+        s[1].push(time!(*black_box(&pl_m).lock() += 1));
+        s[2].push(time!(*black_box(&lm_m).lock().unwrap() += 1));
+        s[3].push(time!(*black_box(&lm_all).lock().unwrap() += 1));
     }
     let m: Vec<f64> = s.iter_mut().map(|v| median(v)).collect();
     println!("uncontended lock + unlock, median of {rounds} rounds x {ITERS}");
@@ -91,7 +104,7 @@ fn main() {
 
     // Contended runs swing by 2x from run to run on a small VM: interleave the three locks in
     // each round and compare within the round (median of per-round ratios).
-    let crounds = if quick { 1 } else { 11 };
+    let crounds = if quick { 1 } else { 31 };
     let mut c: Vec<Vec<f64>> = vec![Vec::new(); 3];
     let mut ratios = Vec::new();
     for _ in 0..crounds {
@@ -111,7 +124,7 @@ fn main() {
         ratios.push(lm_ops / std_ops);
     }
     let cm: Vec<f64> = c.iter_mut().map(|v| median(v)).collect();
-    println!("contended, 2 threads, {crounds} interleaved rounds x 2M ops (median)");
+    println!("contended, 2 threads, {crounds} interleaved rounds x 1M ops (median)");
     for (n, v) in [
         "std::sync::Mutex",
         "parking_lot::Mutex",

@@ -25,7 +25,6 @@
 //! ```
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use opentelemetry::metrics::Meter;
@@ -132,7 +131,7 @@ impl<'a> Attempt<'a> {
     /// often it is called.
     pub fn conflict(&self) {
         if !self.conflicted.replace(true) {
-            self.stats.conflicts[self.mode as usize].fetch_add(1, Relaxed);
+            self.stats.conflict(self.mode);
         }
     }
 
@@ -140,11 +139,10 @@ impl<'a> Attempt<'a> {
     pub fn acquired(mut self, contended: bool) -> Hold<'a> {
         self.resolved = true;
         let now = Ticks::now();
-        let m = self.mode as usize;
         self.stats
             .metrics
             .record_wait(self.mode, Outcome::Acquired, self.start.secs_until(now));
-        self.stats.acquisitions[m][contended as usize].fetch_add(1, Relaxed);
+        self.stats.acquired(self.mode, contended);
         Hold {
             stats: self.stats,
             mode: self.mode,
@@ -220,7 +218,7 @@ impl Hold<'_> {
     fn release(&mut self) {
         if !self.released {
             self.released = true;
-            self.stats.releases[self.mode as usize].fetch_add(1, Relaxed);
+            self.stats.released(self.mode, false, None);
             self.stats
                 .metrics
                 .record_hold(self.mode, self.contended, self.since.elapsed_secs());

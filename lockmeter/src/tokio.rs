@@ -14,7 +14,6 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use crate::clock::Ticks;
@@ -154,7 +153,7 @@ impl<T: ?Sized> Mutex<T> {
                 inner,
             }),
             Err(e) => {
-                self.stats.conflicts[0].fetch_add(1, Relaxed);
+                self.stats.conflict(LockMode::Exclusive);
                 self.stats.metrics.record_wait(
                     LockMode::Exclusive,
                     Outcome::WouldBlock,
@@ -188,7 +187,7 @@ pub struct MutexGuard<'a, T: ?Sized> {
 
 impl<T: ?Sized> Drop for MutexGuard<'_, T> {
     fn drop(&mut self) {
-        self.hold.release(true);
+        self.hold.release();
     }
 }
 
@@ -269,13 +268,13 @@ pub struct RwLockWriteGuard<'a, T: ?Sized> {
 
 impl<T: ?Sized> Drop for RwLockReadGuard<'_, T> {
     fn drop(&mut self) {
-        self.hold.release(false);
+        self.hold.release();
     }
 }
 
 impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
     fn drop(&mut self) {
-        self.hold.release(true);
+        self.hold.release();
     }
 }
 
