@@ -17,7 +17,9 @@
 //! done for 1 in `sample_every` acquisitions (default 16, a power of two;
 //! [`MutexBuilder::sample_every`]) plus the first after each flusher tick (100 ms), chosen
 //! without regard to durations, among uncontended and contended ones alike, so the histograms'
-//! quantiles are unbiased estimates and rarely taken locks are timed every time.
+//! quantiles are unbiased estimates and rarely taken locks are timed every time. Memory: each
+//! lock's counters take ~1.2 KB (one 128-byte shard per thread slot, see `metrics::shard`),
+//! allocated once at construction.
 //! `lock_acquisitions_total`, `lock_conflicts_total` and `lock_held` are exact: every
 //! acquisition and every contended wait is counted. `sample_every(1)` times every acquisition
 //! (exact histograms, ~15x a bare std mutex when uncontended). Measured with
