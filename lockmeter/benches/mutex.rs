@@ -6,6 +6,7 @@
 //! lockmeter uncontended <= 3x std; contended throughput >= 0.8x std.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[macro_use]
 mod common;
 
 use std::hint::black_box;
@@ -18,16 +19,11 @@ use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMete
 const ROUNDS: usize = 15;
 const ITERS: u32 = 2_000_000;
 
-/// ns per iteration of `$body`, written out inside the timing loop (no closure call the
-/// optimiser may or may not inline; every variant is measured the same way).
+/// ns per iteration (see `common::ns_per_op!`).
 macro_rules! time {
-    ($body:expr) => {{
-        let start = Instant::now();
-        for _ in 0..ITERS {
-            $body;
-        }
-        start.elapsed().as_nanos() as f64 / f64::from(ITERS)
-    }};
+    ($body:expr) => {
+        ns_per_op!(ITERS, $body)
+    };
 }
 
 use common::median;

@@ -17,6 +17,7 @@
 //! lockmeter's fast paths are inlined into the caller for that reason.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[macro_use]
 mod common;
 
 use std::hint::black_box;
@@ -31,17 +32,12 @@ use rustix::fs::FlockOperation;
 const ROUNDS: usize = 21;
 const ITERS: u32 = 100_000;
 
-/// ns per iteration of `$body`, written out inside the timing loop. Every variant is measured
-/// the same way: the code under test sits in the loop, not behind a call the optimiser may or
-/// may not inline (which matters here far more than usual, see `raw flock, called` below).
+/// ns per iteration (see `common::ns_per_op!`; the inlining it guarantees matters here far
+/// more than usual, see `raw flock, called` below).
 macro_rules! time {
-    ($body:expr) => {{
-        let start = Instant::now();
-        for _ in 0..ITERS {
-            $body;
-        }
-        start.elapsed().as_nanos() as f64 / f64::from(ITERS)
-    }};
+    ($body:expr) => {
+        ns_per_op!(ITERS, $body)
+    };
 }
 
 /// `flock(2)` behind a function call, as C's `flock(3)` wrapper or any non-inlined helper does.

@@ -695,18 +695,6 @@ impl LockStats {
         self.sampled(n)
     }
 
-    /// A file lock release.
-    #[inline(always)]
-    pub(crate) fn file_released(&self, mode: LockMode) {
-        self.bump(shard::rel(mode.idx()));
-    }
-
-    /// A file lock acquire found the lock taken.
-    #[inline]
-    pub(crate) fn file_conflict(&self, mode: LockMode) {
-        self.conflict(mode);
-    }
-
     /// The contended acquire got the lock: count it (and, for exclusive locks, its conflict);
     /// if timed, record the wait and start timing the hold.
     #[cold]

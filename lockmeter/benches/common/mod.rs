@@ -1,15 +1,17 @@
 //! Timing helpers shared by the bench binaries.
 #![allow(dead_code)]
 
-use std::time::Instant;
-
-/// Average ns per call of `f` over `iters` calls.
-pub fn ns_per_op(iters: u32, mut f: impl FnMut()) -> f64 {
-    let start = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    start.elapsed().as_nanos() as f64 / iters as f64
+/// ns per iteration of `$body` over `$iters` iterations, the body written out inside the timing
+/// loop: no closure call the optimiser may or may not inline (which changed results by 2x
+/// here), so every variant is measured the same way.
+macro_rules! ns_per_op {
+    ($iters:expr, $body:expr) => {{
+        let start = std::time::Instant::now();
+        for _ in 0..$iters {
+            $body;
+        }
+        start.elapsed().as_nanos() as f64 / f64::from($iters)
+    }};
 }
 
 /// The median (sorts in place).

@@ -564,7 +564,7 @@ impl FileLock {
             }
             Ok(false) => {
                 pool.put(fd);
-                self.stats.file_conflict(mode);
+                self.stats.conflict(mode);
                 FastTry::Busy
             }
             // The descriptor is closed here; the error is counted and returned (a retry that
@@ -1034,7 +1034,7 @@ impl FileLock {
     fn conflict(&self, mode: LockMode, contended: &mut bool) {
         if !*contended {
             *contended = true;
-            self.stats.file_conflict(mode);
+            self.stats.conflict(mode);
         }
     }
 
@@ -1419,7 +1419,7 @@ impl FileLockGuard<'_> {
             self.lock
                 .record_hold(self.mode, self.contended, self.acquired_at);
         }
-        self.lock.stats.file_released(self.mode);
+        self.lock.stats.released(self.mode, self.contended, None);
         match self.held.take() {
             Some(Held::Fd(fd)) if self.lock.kind == LockKind::Flock => self.lock.unlock_flock(fd),
             Some(held) => self.lock.unlock_held(held, self.mode),
@@ -1486,7 +1486,7 @@ impl Drop for FileLockGuard<'_> {
             if self.timed {
                 lock.record_hold(self.mode, self.contended, self.acquired_at);
             }
-            lock.stats.file_released(self.mode);
+            lock.stats.released(self.mode, self.contended, None);
             let r = rustix::fs::flock(fd.fd.as_fd(), rustix::fs::FlockOperation::Unlock);
             match r {
                 Ok(()) => pool.put(fd),

@@ -35,13 +35,7 @@ impl FdPool {
     /// An idle descriptor, if there is one.
     #[inline(always)]
     pub(super) fn take(&self) -> Option<Box<LockFd>> {
-        let p = self.slot.swap(ptr::null_mut(), Ordering::Acquire);
-        if p.is_null() {
-            return self.take_more();
-        }
-        // SAFETY: a non-null slot pointer came from `Box::into_raw` in `new`/`put`, and the swap
-        // made this call its only owner.
-        Some(unsafe { Box::from_raw(p) })
+        self.take_slot().or_else(|| self.take_more())
     }
 
     #[cold]
@@ -81,9 +75,11 @@ impl FdPool {
         self.more.lock().retain(|fd| keep(fd));
     }
 
+    #[inline(always)]
     fn take_slot(&self) -> Option<Box<LockFd>> {
         let p = self.slot.swap(ptr::null_mut(), Ordering::Acquire);
-        // SAFETY: as in `take`.
+        // SAFETY: a non-null slot pointer came from `Box::into_raw` in `new`/`put`, and the swap
+        // made this call its only owner.
         (!p.is_null()).then(|| unsafe { Box::from_raw(p) })
     }
 }
