@@ -218,7 +218,7 @@ impl Hold<'_> {
     fn release(&mut self) {
         if !self.released {
             self.released = true;
-            self.stats.released(self.mode, false, None);
+            self.stats.count_release(self.mode);
             self.stats
                 .metrics
                 .record_hold(self.mode, self.contended, self.since.elapsed_secs());

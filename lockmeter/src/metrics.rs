@@ -8,6 +8,7 @@
 use opentelemetry::metrics::{BoundCounter, BoundHistogram, BoundUpDownCounter, Counter, Meter};
 use std::sync::OnceLock;
 
+use crate::clock::{HoldStart, Ticks};
 use opentelemetry::KeyValue;
 
 /// Instrumentation scope name of every lockmeter instrument.
@@ -405,7 +406,7 @@ impl LockMetrics {
 /// conflict is counted; the exported value lags by at most one interval.
 ///
 /// Timing (the two histograms) is sampled: 1 in `sample_mask + 1` acquisitions by counter, plus
-/// the first acquisition after each flusher tick (`force`), so a lock taken less than about ten
+/// the first acquisition after each flusher tick (`sample` set to 0), so a lock taken less than about ten
 /// times a second is timed every time. Neither rule looks at durations, so the recorded
 /// waits and holds are an unbiased sample.
 ///
@@ -421,8 +422,9 @@ pub(crate) struct LockStats {
     published: parking_lot::Mutex<Published>,
     /// Time 1 in `sample_mask + 1` acquisitions (a power of two).
     pub(crate) sample_mask: u64,
-    /// Set by the flusher every interval: time the next acquisition whatever its number.
-    force: std::sync::atomic::AtomicBool,
+    /// The mask in use: `sample_mask`, or 0 after a flusher tick (time the next acquisition
+    /// whatever its number; the timed acquisition puts the mask back). One load decides.
+    sample: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -475,7 +477,7 @@ fn publish_all(tick: bool) {
     for s in live {
         s.publish();
         if tick {
-            s.force.store(true, std::sync::atomic::Ordering::Relaxed);
+            s.sample.store(0, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -486,14 +488,15 @@ impl LockStats {
         metrics: std::sync::Arc<LockMetrics>,
         sample_every: u32,
     ) -> std::sync::Arc<LockStats> {
+        let sample_mask = u64::from(sample_every.max(1).next_power_of_two()) - 1;
         let s = std::sync::Arc::new(LockStats {
             name: name.to_owned(),
             metrics,
             shards: Default::default(),
             published: parking_lot::Mutex::new(Published::default()),
-            sample_mask: u64::from(sample_every.max(1).next_power_of_two()) - 1,
+            sample_mask,
             // The first acquisition is timed anyway (number 0).
-            force: std::sync::atomic::AtomicBool::new(false),
+            sample: std::sync::atomic::AtomicU64::new(sample_mask),
         });
         stats_registry().lock().push(std::sync::Arc::downgrade(&s));
         s
@@ -571,50 +574,43 @@ impl LockStats {
     /// An uncontended exclusive acquisition; returns the start of the hold when this one is
     /// sampled.
     #[inline(always)]
-    pub(crate) fn acquired_exclusive(&self) -> Option<crate::clock::Ticks> {
-        self.acquired_uncontended(LockMode::Exclusive)
+    pub(crate) fn acquired_exclusive(&self) -> Option<HoldStart> {
+        self.acquired_uncontended_in(shard::slot(), LockMode::Exclusive)
     }
 
     /// An uncontended shared acquisition.
     #[inline(always)]
-    pub(crate) fn acquired_shared(&self) -> Option<crate::clock::Ticks> {
-        self.acquired_uncontended(LockMode::Shared)
+    pub(crate) fn acquired_shared(&self) -> Option<HoldStart> {
+        self.acquired_uncontended_in(shard::slot(), LockMode::Shared)
     }
 
+    /// An uncontended acquisition by the thread owning `slot` (looked up before the lock was
+    /// taken, to keep the critical section short).
     #[inline(always)]
-    fn acquired_uncontended(&self, mode: LockMode) -> Option<crate::clock::Ticks> {
-        let n = self.bump(shard::acq(mode.idx(), 0));
-        if n & self.sample_mask == 0 || self.force.load(std::sync::atomic::Ordering::Relaxed) {
-            self.sampled_start(mode)
+    pub(crate) fn acquired_uncontended_in(&self, slot: usize, mode: LockMode) -> Option<HoldStart> {
+        let n = shard::bump(&self.shards[slot], slot, shard::acq(mode.idx(), 0));
+        if n & self.sample.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            self.sampled_start()
         } else {
             None
         }
     }
 
-    /// An exclusive release.
+    /// Counts a release and records the hold if the acquisition was timed.
     #[inline(always)]
-    pub(crate) fn released_exclusive(&self, contended: bool, since: Option<crate::clock::Ticks>) {
-        self.released(LockMode::Exclusive, contended, since);
-    }
-
-    /// A shared release.
-    #[inline(always)]
-    pub(crate) fn released_shared(&self, contended: bool, since: Option<crate::clock::Ticks>) {
-        self.released(LockMode::Shared, contended, since);
-    }
-
-    /// Counts a release; records the hold if the acquisition was timed.
-    #[inline(always)]
-    pub(crate) fn released(
-        &self,
-        mode: LockMode,
-        contended: bool,
-        since: Option<crate::clock::Ticks>,
-    ) {
-        self.bump(shard::rel(mode.idx()));
+    pub(crate) fn released(&self, mode: LockMode, since: Option<HoldStart>) {
+        self.count_release(mode);
         if let Some(t) = since {
-            self.hold_done(mode, contended, t);
+            self.hold_done(mode, t);
         }
+    }
+
+    /// Counts a release (the hold, if timed, is recorded separately by [`Self::hold_done`], so
+    /// a guard can do that after unlocking).
+    #[inline(always)]
+    pub(crate) fn count_release(&self, mode: LockMode) {
+        let slot = shard::current();
+        shard::bump(&self.shards[slot], slot, shard::rel(mode.idx()));
     }
 
     /// Counts a conflict.
@@ -629,26 +625,27 @@ impl LockStats {
         self.bump(shard::acq(mode.idx(), contended as usize))
     }
 
-    /// Records a sampled uncontended acquisition's wait (0 s: one successful try, inside the
-    /// lowest bucket) and starts timing its hold.
+    /// Starts timing a sampled uncontended acquisition's hold. Its wait (0 s: one successful
+    /// try, inside the lowest bucket) is recorded with the hold, in [`Self::hold_done`], after
+    /// the lock is released: nothing but a clock read inside the critical section.
     #[cold]
     #[inline(never)]
-    fn sampled_start(&self, mode: LockMode) -> Option<crate::clock::Ticks> {
-        if self.force.load(std::sync::atomic::Ordering::Relaxed) {
-            // Only when set: a store on every sampled acquisition would pull this line (read by
-            // every acquisition on every thread) away from the other cores.
-            self.force
-                .store(false, std::sync::atomic::Ordering::Relaxed);
-        }
-        self.metrics.record_wait(mode, Outcome::Acquired, 0.0);
-        Some(crate::clock::Ticks::now())
+    fn sampled_start(&self) -> Option<HoldStart> {
+        self.unforce();
+        Some(HoldStart::new(Ticks::now(), false))
     }
 
+    /// Records a timed hold that ended now.
     #[cold]
     #[inline(never)]
-    fn hold_done(&self, mode: LockMode, contended: bool, since: crate::clock::Ticks) {
-        self.metrics
-            .record_hold(mode, contended, since.elapsed_secs());
+    pub(crate) fn hold_done(&self, mode: LockMode, since: HoldStart) {
+        let held = since.at().elapsed_secs();
+        if !since.contended() {
+            // The wait of a timed uncontended acquisition, recorded here rather than inside
+            // the critical section.
+            self.metrics.record_wait(mode, Outcome::Acquired, 0.0);
+        }
+        self.metrics.record_hold(mode, since.contended(), held);
     }
 
     /// A try found the lock taken: decide whether to time this wait (1 in N conflicts, the
@@ -657,34 +654,36 @@ impl LockStats {
     /// ([`Self::contended_acquired`]); a waiter that gives up counts it itself.
     #[cold]
     #[inline(never)]
-    pub(crate) fn contended_start(
-        &self,
-        mode: LockMode,
-        exclusive: bool,
-    ) -> Option<crate::clock::Ticks> {
+    pub(crate) fn contended_start(&self, mode: LockMode, exclusive: bool) -> Option<Ticks> {
         let c = shard::conf(mode.idx());
         let n = if exclusive {
             self.peek(c)
         } else {
             self.bump(c)
         };
-        self.sampled(n).then(crate::clock::Ticks::now)
+        self.sampled(n).then(Ticks::now)
     }
 
     /// Whether the acquisition (or failed acquire) numbered `n` is timed: 1 in N by number, or
     /// the first since the flusher's last tick.
     #[inline(always)]
     pub(crate) fn sampled(&self, n: u64) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        n & self.sample_mask == 0 || (self.force.load(Relaxed) && self.unforce())
+        let timed = n & self.sample.load(std::sync::atomic::Ordering::Relaxed) == 0;
+        if timed {
+            self.unforce();
+        }
+        timed
     }
 
-    #[cold]
-    #[inline(never)]
-    fn unforce(&self) -> bool {
-        self.force
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        true
+    /// Puts the sampling mask back after a flusher tick forced a timing.
+    #[inline(always)]
+    fn unforce(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Only when forced: a store on every timed acquisition would pull this line (read by
+        // every acquisition on every thread) away from the other cores.
+        if self.sample_mask != 0 && self.sample.load(Relaxed) == 0 {
+            self.sample.store(self.sample_mask, Relaxed);
+        }
     }
 
     /// A file lock acquisition (holders may run concurrently, even "exclusive" ones on a file
@@ -703,18 +702,18 @@ impl LockStats {
         &self,
         mode: LockMode,
         exclusive: bool,
-        t0: Option<crate::clock::Ticks>,
-    ) -> Option<crate::clock::Ticks> {
+        t0: Option<Ticks>,
+    ) -> Option<HoldStart> {
         let m = mode.idx();
         if exclusive {
             self.bump(shard::conf(m));
         }
         self.bump(shard::acq(m, 1));
         let t0 = t0?;
-        let now = crate::clock::Ticks::now();
+        let now = Ticks::now();
         self.metrics
             .record_wait(mode, Outcome::Acquired, t0.secs_until(now));
-        Some(now)
+        Some(HoldStart::new(now, true))
     }
 }
 
@@ -784,14 +783,22 @@ pub(crate) mod shard {
         }
     }
 
-    /// This thread's slot.
+    /// This thread's slot, claiming one on first use. Always `< SHARDS` (the `min`s let the
+    /// compiler drop the bounds checks from the inlined hot paths).
     #[inline(always)]
     pub(crate) fn slot() -> usize {
         let s = SLOT.try_with(Cell::get).unwrap_or(SHARED);
         if s == UNCLAIMED {
-            return claim();
+            return claim().min(SHARDS - 1);
         }
-        usize::from(s)
+        usize::from(s.min(SHARED))
+    }
+
+    /// This thread's slot if it has claimed one, else the shared slot: for releases, whose
+    /// thread claimed its slot when it acquired (no claim path to inline).
+    #[inline(always)]
+    pub(crate) fn current() -> usize {
+        usize::from(SLOT.try_with(Cell::get).unwrap_or(SHARED).min(SHARED))
     }
 
     #[cold]

@@ -32,12 +32,13 @@
 //! is poisoned.
 
 use std::fmt;
+use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 
 use opentelemetry::metrics::Meter;
 
-use crate::clock::Ticks;
+use crate::clock::{HoldStart, Ticks};
 use crate::metrics::{LockMetrics, LockMode, LockStats, Outcome};
 
 pub use crate::metrics::DEFAULT_SAMPLE_EVERY;
@@ -104,9 +105,8 @@ impl MutexBuilder {
 pub(crate) struct Hold<'a> {
     pub(crate) stats: &'a LockStats,
     pub(crate) mode: LockMode,
-    pub(crate) contended: bool,
     /// Set when this acquisition is timed.
-    pub(crate) since: Option<Ticks>,
+    pub(crate) since: Option<HoldStart>,
 }
 
 #[cfg(feature = "tokio")]
@@ -114,7 +114,7 @@ impl Hold<'_> {
     /// Counts the release and records the hold if this acquisition is timed.
     #[inline]
     pub(crate) fn release(&self) {
-        self.stats.released(self.mode, self.contended, self.since);
+        self.stats.released(self.mode, self.since);
     }
 }
 
@@ -127,12 +127,7 @@ pub(crate) fn uncontended(stats: &LockStats, mode: LockMode) -> Hold<'_> {
         LockMode::Exclusive => stats.acquired_exclusive(),
         LockMode::Shared => stats.acquired_shared(),
     };
-    Hold {
-        stats,
-        mode,
-        contended: false,
-        since,
-    }
+    Hold { stats, mode, since }
 }
 
 /// Wraps `g` as std does: `Err(PoisonError)` when the lock was poisoned.
@@ -152,15 +147,16 @@ macro_rules! acquire_pair {
     ($(#[$doc:meta])* fn $name:ident / $slow:ident -> $guard:ident,
      try $try:ident, block $block:ident, $mode:expr, exclusive $exclusive:expr, uncontended $acq:ident) => {
         $(#[$doc])*
-        #[inline]
+        #[inline(always)]
         pub fn $name(&self) -> LockResult<$guard<'_, T>> {
             let (inner, poisoned) = match self.inner.$try() {
                 Ok(g) => (g, false),
                 Err(TryLockError::Poisoned(p)) => (p.into_inner(), true),
                 Err(TryLockError::WouldBlock) => return self.$slow(),
             };
-            let since = self.stats.$acq();
-            poison($guard { stats: &self.stats, since, contended: false, inner }, poisoned)
+            let stats: &LockStats = &self.stats;
+            let since = stats.acquired_uncontended_in(crate::metrics::shard::slot(), $mode);
+            poison($guard { stats, since, inner: ManuallyDrop::new(inner) }, poisoned)
         }
 
         #[cold]
@@ -172,7 +168,50 @@ macro_rules! acquire_pair {
                 Err(p) => (p.into_inner(), true),
             };
             let since = self.stats.contended_acquired($mode, $exclusive, t0);
-            poison($guard { stats: &self.stats, since, contended: true, inner }, poisoned)
+            poison($guard { stats: &self.stats, since, inner: ManuallyDrop::new(inner) }, poisoned)
+        }
+    };
+}
+
+/// Generates a guard around a std guard: counts the release while still holding the lock (so
+/// `lock.held` never over-reports), unlocks, then records the hold if it was timed (outside the
+/// critical section; a panic there cannot leave the lock held). The std guard sits in a
+/// `ManuallyDrop` so the guard's drop glue is just this `Drop`, small enough to inline: an
+/// out-of-line glue call kept the critical section several times longer than std's and cut
+/// two-thread contended throughput accordingly.
+macro_rules! guard {
+    ($(#[$doc:meta])* $guard:ident($inner:ident::$sync:ident::$std:ident), $mode:expr) => {
+        $(#[$doc])*
+        pub struct $guard<'a, T: ?Sized> {
+            stats: &'a LockStats,
+            /// Set when this acquisition is timed.
+            since: Option<HoldStart>,
+            inner: ManuallyDrop<$inner::$sync::$std<'a, T>>,
+        }
+
+        impl<T: ?Sized> Drop for $guard<'_, T> {
+            #[inline(always)]
+            fn drop(&mut self) {
+                self.stats.count_release($mode);
+                // SAFETY: `inner` is dropped here, once, and never used again.
+                unsafe { ManuallyDrop::drop(&mut self.inner) };
+                if let Some(since) = self.since {
+                    self.stats.hold_done($mode, since);
+                }
+            }
+        }
+
+        impl<T: ?Sized> Deref for $guard<'_, T> {
+            type Target = T;
+            fn deref(&self) -> &T {
+                &self.inner
+            }
+        }
+
+        impl<T: ?Sized + fmt::Debug> fmt::Debug for $guard<'_, T> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&**self, f)
+            }
         }
     };
 }
@@ -218,8 +257,7 @@ impl<T: ?Sized> Mutex<T> {
         let fresh = |inner| MutexGuard {
             stats: &self.stats,
             since: self.stats.acquired_exclusive(),
-            contended: false,
-            inner,
+            inner: ManuallyDrop::new(inner),
         };
         match self.inner.try_lock() {
             Ok(inner) => Ok(fresh(inner)),
@@ -263,38 +301,14 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
     }
 }
 
-/// Guard of a [`Mutex`]; `Send`/`Sync` exactly as `std::sync::MutexGuard`.
-pub struct MutexGuard<'a, T: ?Sized> {
-    stats: &'a LockStats,
-    since: Option<Ticks>,
-    contended: bool,
-    inner: std::sync::MutexGuard<'a, T>,
-}
-
-impl<T: ?Sized> Drop for MutexGuard<'_, T> {
-    #[inline]
-    fn drop(&mut self) {
-        // Still holding the std lock here; it is released when `inner` drops after this.
-        self.stats.released_exclusive(self.contended, self.since);
-    }
-}
-
-impl<T: ?Sized> Deref for MutexGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.inner
-    }
+guard! {
+    /// Guard of a [`Mutex`]; `Send`/`Sync` exactly as `std::sync::MutexGuard`.
+    MutexGuard(std::sync::MutexGuard), LockMode::Exclusive
 }
 
 impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         &mut self.inner
-    }
-}
-
-impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.inner, f)
     }
 }
 
@@ -370,8 +384,7 @@ impl<T: ?Sized> RwLock<T> {
         RwLockReadGuard {
             stats: &self.stats,
             since: self.stats.acquired_shared(),
-            contended: false,
-            inner,
+            inner: ManuallyDrop::new(inner),
         }
     }
 
@@ -382,8 +395,7 @@ impl<T: ?Sized> RwLock<T> {
         RwLockWriteGuard {
             stats: &self.stats,
             since: self.stats.acquired_exclusive(),
-            contended: false,
-            inner,
+            inner: ManuallyDrop::new(inner),
         }
     }
 
@@ -421,64 +433,18 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
     }
 }
 
-/// Shared guard of an [`RwLock`].
-pub struct RwLockReadGuard<'a, T: ?Sized> {
-    stats: &'a LockStats,
-    since: Option<Ticks>,
-    contended: bool,
-    inner: std::sync::RwLockReadGuard<'a, T>,
+guard! {
+    /// Shared guard of an [`RwLock`].
+    RwLockReadGuard(std::sync::RwLockReadGuard), LockMode::Shared
 }
 
-/// Exclusive guard of an [`RwLock`].
-pub struct RwLockWriteGuard<'a, T: ?Sized> {
-    stats: &'a LockStats,
-    since: Option<Ticks>,
-    contended: bool,
-    inner: std::sync::RwLockWriteGuard<'a, T>,
-}
-
-impl<T: ?Sized> Drop for RwLockReadGuard<'_, T> {
-    #[inline]
-    fn drop(&mut self) {
-        self.stats.released_shared(self.contended, self.since);
-    }
-}
-
-impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
-    #[inline]
-    fn drop(&mut self) {
-        self.stats.released_exclusive(self.contended, self.since);
-    }
-}
-
-impl<T: ?Sized> Deref for RwLockReadGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.inner
-    }
-}
-
-impl<T: ?Sized> Deref for RwLockWriteGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.inner
-    }
+guard! {
+    /// Exclusive guard of an [`RwLock`].
+    RwLockWriteGuard(std::sync::RwLockWriteGuard), LockMode::Exclusive
 }
 
 impl<T: ?Sized> DerefMut for RwLockWriteGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         &mut self.inner
-    }
-}
-
-impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLockReadGuard<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.inner, f)
-    }
-}
-
-impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLockWriteGuard<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.inner, f)
     }
 }

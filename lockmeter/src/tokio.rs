@@ -64,15 +64,7 @@ where
     let g = wait.await;
     waiting.done = true;
     let since = stats.contended_acquired(mode, false, t0);
-    (
-        g,
-        Hold {
-            stats,
-            mode,
-            contended: true,
-            since,
-        },
-    )
+    (g, Hold { stats, mode, since })
 }
 
 /// An instrumented `tokio::sync::Mutex`.

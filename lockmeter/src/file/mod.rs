@@ -1419,7 +1419,7 @@ impl FileLockGuard<'_> {
             self.lock
                 .record_hold(self.mode, self.contended, self.acquired_at);
         }
-        self.lock.stats.released(self.mode, self.contended, None);
+        self.lock.stats.count_release(self.mode);
         match self.held.take() {
             Some(Held::Fd(fd)) if self.lock.kind == LockKind::Flock => self.lock.unlock_flock(fd),
             Some(held) => self.lock.unlock_held(held, self.mode),
@@ -1486,7 +1486,7 @@ impl Drop for FileLockGuard<'_> {
             if self.timed {
                 lock.record_hold(self.mode, self.contended, self.acquired_at);
             }
-            lock.stats.released(self.mode, self.contended, None);
+            lock.stats.count_release(self.mode);
             let r = rustix::fs::flock(fd.fd.as_fd(), rustix::fs::FlockOperation::Unlock);
             match r {
                 Ok(()) => pool.put(fd),
