@@ -2,8 +2,10 @@
 //!
 //! Prints, from one run, uncontended lock + unlock for `std::sync::Mutex`,
 //! `parking_lot::Mutex` and `lockmeter::sync::Mutex` (a real SDK `MeterProvider` installed,
-//! default sampling and sampling off), and contended throughput with 2 threads. Targets:
-//! lockmeter uncontended <= 3x std; contended throughput >= 0.8x std.
+//! default sampling and every acquisition timed), and contended throughput with 2 threads,
+//! pinned to two CPUs (true contention) and unpinned. Targets: lockmeter uncontended <= 3x
+//! std; contended throughput >= 0.8x std. lockmeter's mutex is built on parking_lot's lock,
+//! so the line "lockmeter / parking_lot" is the instrumentation's own cost under contention.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 #[macro_use]
@@ -28,16 +30,27 @@ macro_rules! time {
 
 use common::median;
 
-/// Operations per second with 2 threads each doing lock + increment + unlock.
 /// Ops per second of two threads hammering `m`, both released at once by a barrier; the clock
-/// runs from the release until both are done.
-fn contended<M: Send + Sync + 'static, F: Fn(&M) + Copy + Send + 'static>(m: Arc<M>, op: F) -> f64 {
+/// runs from the release until both are done. With `pin`, thread `i` runs on CPU `i` only, so
+/// the two really run at the same time (true contention); without, the scheduler may also
+/// time-slice both on one CPU, where a lock is never contended and the run measures
+/// single-thread speed: unpinned rounds swing between the two regimes.
+fn contended<M: Send + Sync + 'static, F: Fn(&M) + Copy + Send + 'static>(
+    m: Arc<M>,
+    op: F,
+    pin: bool,
+) -> f64 {
     let per_thread = 500_000u32;
     let barrier = Arc::new(std::sync::Barrier::new(3));
     let ts: Vec<_> = (0..2)
-        .map(|_| {
+        .map(|cpu| {
             let (m, barrier) = (Arc::clone(&m), Arc::clone(&barrier));
             std::thread::spawn(move || {
+                if pin {
+                    let mut set = rustix::thread::CpuSet::new();
+                    set.set(cpu);
+                    rustix::thread::sched_setaffinity(None, &set).unwrap();
+                }
                 barrier.wait();
                 for _ in 0..per_thread {
                     op(&m);
@@ -51,6 +64,63 @@ fn contended<M: Send + Sync + 'static, F: Fn(&M) + Copy + Send + 'static>(m: Arc
         t.join().unwrap();
     }
     2.0 * f64::from(per_thread) / start.elapsed().as_secs_f64()
+}
+
+/// Interleaved contended rounds of std, parking_lot and lockmeter; prints medians and the
+/// target ratio (median of per-round ratios: the three share each round's conditions).
+fn contended_rounds(meter: &opentelemetry::metrics::Meter, rounds: usize, pin: bool) {
+    let mut c: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let (mut vs_std, mut vs_pl) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let std_ops = contended(
+            Arc::new(std::sync::Mutex::new(0u64)),
+            |m| *m.lock().unwrap() += 1,
+            pin,
+        );
+        let pl_ops = contended(
+            Arc::new(parking_lot::Mutex::new(0u64)),
+            |m| *m.lock() += 1,
+            pin,
+        );
+        let lm = Arc::new(
+            lockmeter::sync::Mutex::builder("bench-contended")
+                .meter(meter.clone())
+                .build_mutex(0u64),
+        );
+        let lm_ops = contended(lm, |m| *m.lock().unwrap() += 1, pin);
+        c[0].push(std_ops);
+        c[1].push(pl_ops);
+        c[2].push(lm_ops);
+        vs_std.push(lm_ops / std_ops);
+        vs_pl.push(lm_ops / pl_ops);
+    }
+    let cm: Vec<f64> = c.iter_mut().map(|v| median(v)).collect();
+    let how = if pin {
+        "pinned to CPUs 0 and 1: true contention"
+    } else {
+        "unpinned: the scheduler may time-slice both on one CPU"
+    };
+    println!("contended, 2 threads, {how}; {rounds} interleaved rounds x 1M ops (median)");
+    for (n, v) in [
+        "std::sync::Mutex",
+        "parking_lot::Mutex",
+        "lockmeter::sync::Mutex (1/64)",
+    ]
+    .iter()
+    .zip(&cm)
+    {
+        println!("  {n:<38} {:>7.2} Mops/s", v / 1e6);
+    }
+    println!(
+        "  lockmeter / parking_lot (its lock underneath): {:.2}x",
+        median(&mut vs_pl)
+    );
+    println!(
+        "  target: lockmeter >= 0.80x std throughput -> {:.2}x (median of per-round ratios; min {:.2}, max {:.2})",
+        median(&mut vs_std),
+        vs_std.iter().cloned().fold(f64::INFINITY, f64::min),
+        vs_std.iter().cloned().fold(0.0, f64::max),
+    );
 }
 
 fn main() {
@@ -78,7 +148,7 @@ fn main() {
     let names = [
         "std::sync::Mutex",
         "parking_lot::Mutex",
-        "lockmeter::sync::Mutex (sample 1/16)",
+        "lockmeter::sync::Mutex (sample 1/64)",
         "lockmeter::sync::Mutex (time every)",
     ];
     let mut s: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
@@ -101,42 +171,12 @@ fn main() {
     // Contended runs swing by 2x from run to run on a small VM: interleave the three locks in
     // each round and compare within the round (median of per-round ratios).
     let crounds = if quick { 1 } else { 31 };
-    let mut c: Vec<Vec<f64>> = vec![Vec::new(); 3];
-    let mut ratios = Vec::new();
-    for _ in 0..crounds {
-        let std_ops = contended(Arc::new(std::sync::Mutex::new(0u64)), |m| {
-            *m.lock().unwrap() += 1
-        });
-        let pl_ops = contended(Arc::new(parking_lot::Mutex::new(0u64)), |m| *m.lock() += 1);
-        let lm = Arc::new(
-            lockmeter::sync::Mutex::builder("bench-contended")
-                .meter(meter.clone())
-                .build_mutex(0u64),
-        );
-        let lm_ops = contended(lm, |m| *m.lock().unwrap() += 1);
-        c[0].push(std_ops);
-        c[1].push(pl_ops);
-        c[2].push(lm_ops);
-        ratios.push(lm_ops / std_ops);
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        contended_rounds(&meter, crounds, true);
+    } else {
+        println!("contended, pinned: skipped, fewer than 2 CPUs");
     }
-    let cm: Vec<f64> = c.iter_mut().map(|v| median(v)).collect();
-    println!("contended, 2 threads, {crounds} interleaved rounds x 1M ops (median)");
-    for (n, v) in [
-        "std::sync::Mutex",
-        "parking_lot::Mutex",
-        "lockmeter::sync::Mutex (1/16)",
-    ]
-    .iter()
-    .zip(&cm)
-    {
-        println!("  {n:<38} {:>7.2} Mops/s", v / 1e6);
-    }
-    println!(
-        "  target: lockmeter >= 0.80x std throughput -> {:.2}x (median of per-round ratios; min {:.2}, max {:.2})",
-        median(&mut ratios),
-        ratios.iter().cloned().fold(f64::INFINITY, f64::min),
-        ratios.iter().cloned().fold(0.0, f64::max),
-    );
+    contended_rounds(&meter, crounds, false);
     lockmeter::metrics::flush();
     provider.force_flush().unwrap();
 }

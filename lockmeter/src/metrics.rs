@@ -434,8 +434,9 @@ struct Published {
     conflicts: [u64; 2],
 }
 
-/// Default timing sample: 1 in this many acquisitions (plus the first after each
-/// [`FLUSH_INTERVAL`]) records wait and hold times; counts are always exact.
+/// Default timing sample of file locks: 1 in this many acquisitions (plus the first after each
+/// [`FLUSH_INTERVAL`]) records wait and hold times; counts are always exact. In-process locks
+/// default to [`crate::sync::DEFAULT_SAMPLE_EVERY`] (64).
 pub const DEFAULT_SAMPLE_EVERY: u32 = 16;
 
 /// How often lock counts are published into the SDK instruments.
@@ -571,21 +572,8 @@ impl LockStats {
             .fold(0, u64::wrapping_add)
     }
 
-    /// An uncontended exclusive acquisition; returns the start of the hold when this one is
-    /// sampled.
-    #[inline(always)]
-    pub(crate) fn acquired_exclusive(&self) -> Option<HoldStart> {
-        self.acquired_uncontended_in(shard::slot(), LockMode::Exclusive)
-    }
-
-    /// An uncontended shared acquisition.
-    #[inline(always)]
-    pub(crate) fn acquired_shared(&self) -> Option<HoldStart> {
-        self.acquired_uncontended_in(shard::slot(), LockMode::Shared)
-    }
-
-    /// An uncontended acquisition by the thread owning `slot` (looked up before the lock was
-    /// taken, to keep the critical section short).
+    /// An uncontended acquisition by the thread owning `slot` ([`shard::slot`]); returns the
+    /// start of the hold when this one is sampled.
     #[inline(always)]
     pub(crate) fn acquired_uncontended_in(&self, slot: usize, mode: LockMode) -> Option<HoldStart> {
         let n = shard::bump(&self.shards[slot], slot, shard::acq(mode.idx(), 0));
@@ -597,6 +585,7 @@ impl LockStats {
     }
 
     /// Counts a release and records the hold if the acquisition was timed.
+    #[cfg(feature = "tokio")]
     #[inline(always)]
     pub(crate) fn released(&self, mode: LockMode, since: Option<HoldStart>) {
         self.count_release(mode);

@@ -11,22 +11,36 @@
 //! assert_eq!(cache.lock().unwrap().len(), 1);
 //! ```
 //!
-//! Cost model: the uncontended path is std's `try_lock` plus a plain load and store into this
-//! thread's shard of the lock's counters (published by a background flusher, see
+//! The lock underneath is `parking_lot`'s, not std's (std's cannot be built on: it offers
+//! no way to wait for a lock found taken without another compare-and-swap, and that second
+//! write on the lock's cache line, plus no back-off while spinning, cost a third of std's own
+//! two-thread contended throughput). What you see is std's: `lock`/`try_lock`/`read`/`write`
+//! return `LockResult`/`TryLockResult`, a panic while holding a `Mutex` or a `RwLock` write
+//! guard poisons the lock, `is_poisoned`/`clear_poison`/`into_inner`/`get_mut` behave as
+//! std's, and `Send`/`Sync` bounds are std's. What differs is parking_lot's: waiters spin with
+//! back-off before parking, and the lock is *eventually fair* (about every 0.5 ms a release
+//! hands the lock to a waiter instead of letting the releasing thread take it straight
+//! back). As with std, a thread that locks a mutex it already holds deadlocks, and a recursive
+//! `read` may deadlock if a writer is waiting.
+//!
+//! Cost model: the uncontended path is the lock's own try plus a plain load and store into
+//! this thread's shard of the lock's counters (published by a background flusher, see
 //! [`crate::metrics::flush`]). Timing (two clock reads and two histogram records, ~65 ns) is
-//! done for 1 in `sample_every` acquisitions (default 16, a power of two;
+//! done for 1 in `sample_every` acquisitions (default 64, a power of two;
 //! [`MutexBuilder::sample_every`]) plus the first after each flusher tick (100 ms), chosen
 //! without regard to durations, among uncontended and contended ones alike, so the histograms'
-//! quantiles are unbiased estimates and rarely taken locks are timed every time. Memory: each
+//! quantiles are unbiased estimates and rarely taken locks are timed every time. Only the clock
+//! reads happen while the lock is held; the records are made after the release. Memory: each
 //! lock's counters take ~1.2 KB (one 128-byte shard per thread slot, see `metrics::shard`),
 //! allocated once at construction.
 //! `lock_acquisitions_total`, `lock_conflicts_total` and `lock_held` are exact: every
 //! acquisition and every contended wait is counted. `sample_every(1)` times every acquisition
 //! (exact histograms, ~15x a bare std mutex when uncontended). Measured with
-//! `cargo bench -p lockmeter --bench mutex`. An uncontended timed acquisition records a wait
-//! of 0 s: it was one successful try of a few nanoseconds, inside the lowest bucket (1 µs).
+//! `cargo bench -p lockmeter --bench mutex`. An uncontended timed acquisition, and a `try_*`
+//! that found the lock taken, record a wait of 0 s: one attempt of a few nanoseconds, inside
+//! the lowest bucket (1 µs).
 //!
-//! Leaked guards and panics: a guard leaked with `mem::forget` never unlocks the std lock
+//! Leaked guards and panics: a guard leaked with `mem::forget` never unlocks the lock
 //! either, so `lock_held` stays raised, which is the truth. A thread that panics while holding
 //! the lock drops the guard during unwinding: the release is counted and, as with std, the lock
 //! is poisoned.
@@ -34,14 +48,20 @@
 use std::fmt;
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 
 use opentelemetry::metrics::Meter;
 
-use crate::clock::{HoldStart, Ticks};
-use crate::metrics::{LockMetrics, LockMode, LockStats, Outcome};
+use crate::clock::HoldStart;
+use crate::metrics::{shard, LockMetrics, LockMode, LockStats, Outcome};
 
-pub use crate::metrics::DEFAULT_SAMPLE_EVERY;
+/// Default timing sample of the in-process wrappers (`sync`, `tokio`): 1 in this many
+/// acquisitions, plus the first after each flusher tick, records wait and hold times; counts
+/// are always exact. Lower than file locks' ([`crate::metrics::DEFAULT_SAMPLE_EVERY`], 16): two
+/// histogram records cost ~30 ns, six bare mutex cycles, and more when two cores record into
+/// the same histogram; at 1 in 16 they cost a third of two-thread contended throughput.
+pub const DEFAULT_SAMPLE_EVERY: u32 = 64;
 
 /// Builder shared by the in-process lock wrappers.
 #[derive(Debug)]
@@ -67,8 +87,9 @@ impl MutexBuilder {
         self
     }
 
-    /// Time 1 in `n` uncontended acquisitions (default 16; 1 times every one). Contended
-    /// acquisitions are always timed; counts are always exact.
+    /// Time 1 in `n` acquisitions, uncontended and contended alike, plus the first after each
+    /// flusher tick (`n` rounded up to a power of two; default [`DEFAULT_SAMPLE_EVERY`], 64;
+    /// `1` times every one). Counts are always exact.
     pub fn sample_every(mut self, n: u32) -> Self {
         self.sample_every = n.max(1);
         self
@@ -87,7 +108,8 @@ impl MutexBuilder {
     pub fn build_mutex<T>(self, value: T) -> Mutex<T> {
         Mutex {
             stats: self.stats("mutex"),
-            inner: std::sync::Mutex::new(value),
+            poison: Poison::default(),
+            inner: parking_lot::Mutex::new(value),
         }
     }
 
@@ -95,7 +117,8 @@ impl MutexBuilder {
     pub fn build_rwlock<T>(self, value: T) -> RwLock<T> {
         RwLock {
             stats: self.stats("rwlock"),
-            inner: std::sync::RwLock::new(value),
+            poison: Poison::default(),
+            inner: parking_lot::RwLock::new(value),
         }
     }
 }
@@ -118,15 +141,12 @@ impl Hold<'_> {
     }
 }
 
-/// Counts an uncontended acquisition; for 1 in N also records its wait, as 0 s: it was one
-/// successful try, a few nanoseconds, inside the lowest bucket (1 µs) either way.
+/// Counts an uncontended acquisition; for 1 in N starts timing it (its wait, 0 s: one
+/// successful try, a few nanoseconds, inside the lowest bucket, is recorded with the hold).
 #[cfg(feature = "tokio")]
 #[inline]
 pub(crate) fn uncontended(stats: &LockStats, mode: LockMode) -> Hold<'_> {
-    let since = match mode {
-        LockMode::Exclusive => stats.acquired_exclusive(),
-        LockMode::Shared => stats.acquired_shared(),
-    };
+    let since = stats.acquired_uncontended_in(shard::slot(), mode);
     Hold { stats, mode, since }
 }
 
@@ -140,59 +160,61 @@ fn poison<G>(g: G, poisoned: bool) -> LockResult<G> {
     }
 }
 
-/// Generates a blocking acquire: std's non-blocking try first (the hot path: one per-thread counter
-/// update), and on `WouldBlock` a cold path that counts the conflict, blocks, and times the
-/// wait for 1 in N. `$exclusive` says the lock is held exclusively when counters are updated.
-macro_rules! acquire_pair {
-    ($(#[$doc:meta])* fn $name:ident / $slow:ident -> $guard:ident,
-     try $try:ident, block $block:ident, $mode:expr, exclusive $exclusive:expr, uncontended $acq:ident) => {
-        $(#[$doc])*
-        #[inline(always)]
-        pub fn $name(&self) -> LockResult<$guard<'_, T>> {
-            let (inner, poisoned) = match self.inner.$try() {
-                Ok(g) => (g, false),
-                Err(TryLockError::Poisoned(p)) => (p.into_inner(), true),
-                Err(TryLockError::WouldBlock) => return self.$slow(),
-            };
-            let stats: &LockStats = &self.stats;
-            let since = stats.acquired_uncontended_in(crate::metrics::shard::slot(), $mode);
-            poison($guard { stats, since, inner: ManuallyDrop::new(inner) }, poisoned)
-        }
+/// std's poison flag (std's own is private): set when a `Mutex` guard or an `RwLock` write
+/// guard is dropped by a thread that started panicking while holding it.
+#[derive(Debug, Default)]
+struct Poison(AtomicBool);
 
-        #[cold]
-        #[inline(never)]
-        fn $slow(&self) -> LockResult<$guard<'_, T>> {
-            let t0 = self.stats.contended_start($mode, $exclusive);
-            let (inner, poisoned) = match self.inner.$block() {
-                Ok(g) => (g, false),
-                Err(p) => (p.into_inner(), true),
-            };
-            let since = self.stats.contended_acquired($mode, $exclusive, t0);
-            poison($guard { stats: &self.stats, since, inner: ManuallyDrop::new(inner) }, poisoned)
+impl Poison {
+    #[inline(always)]
+    fn get(&self) -> bool {
+        self.0.load(Relaxed)
+    }
+
+    /// The flag a writing guard sets if its thread panics before releasing; `None` when the
+    /// thread is already panicking (as std: a guard taken during unwinding does not poison).
+    #[inline(always)]
+    fn guard(&self) -> Option<&Poison> {
+        if std::thread::panicking() {
+            None
+        } else {
+            Some(self)
         }
-    };
+    }
+
+    #[inline(always)]
+    fn done(flag: Option<&Poison>) {
+        if let Some(flag) = flag {
+            if std::thread::panicking() {
+                flag.0.store(true, Relaxed);
+            }
+        }
+    }
 }
 
-/// Generates a guard around a std guard: counts the release while still holding the lock (so
-/// `lock.held` never over-reports), unlocks, then records the hold if it was timed (outside the
-/// critical section; a panic there cannot leave the lock held). The std guard sits in a
-/// `ManuallyDrop` so the guard's drop glue is just this `Drop`, small enough to inline: an
-/// out-of-line glue call kept the critical section several times longer than std's and cut
-/// two-thread contended throughput accordingly.
+/// Generates a guard around a parking_lot guard: counts the release while still holding the
+/// lock (so `lock.held` never over-reports), poisons if the thread is panicking, unlocks, then
+/// records the hold if it was timed (outside the critical section; a panic there cannot leave
+/// the lock held). The inner guard sits in a `ManuallyDrop` so the guard's drop glue is just
+/// this `Drop`, small enough to inline: an out-of-line glue call kept the critical section
+/// several times longer than the bare lock's and cut contended throughput accordingly.
 macro_rules! guard {
-    ($(#[$doc:meta])* $guard:ident($inner:ident::$sync:ident::$std:ident), $mode:expr) => {
+    ($(#[$doc:meta])* $guard:ident($inner:ident), $mode:expr) => {
         $(#[$doc])*
         pub struct $guard<'a, T: ?Sized> {
             stats: &'a LockStats,
             /// Set when this acquisition is timed.
             since: Option<HoldStart>,
-            inner: ManuallyDrop<$inner::$sync::$std<'a, T>>,
+            /// Set for guards that poison (exclusive ones) taken while not panicking.
+            poison: Option<&'a Poison>,
+            inner: ManuallyDrop<parking_lot::$inner<'a, T>>,
         }
 
         impl<T: ?Sized> Drop for $guard<'_, T> {
             #[inline(always)]
             fn drop(&mut self) {
                 self.stats.count_release($mode);
+                Poison::done(self.poison);
                 // SAFETY: `inner` is dropped here, once, and never used again.
                 unsafe { ManuallyDrop::drop(&mut self.inner) };
                 if let Some(since) = self.since {
@@ -216,23 +238,120 @@ macro_rules! guard {
     };
 }
 
+/// Generates the acquire methods of one mode: a blocking one (the lock's non-blocking try
+/// first, the hot path: one per-thread counter update; on failure a cold path that counts the
+/// conflict, blocks in parking_lot, and times the wait for 1 in N) and a non-blocking one.
+/// `$exclusive` says the lock is held exclusively when counters are updated.
+macro_rules! acquire {
+    ($(#[$doc:meta])* fn $name:ident / $slow:ident, $(#[$tdoc:meta])* fn $try_name:ident -> $guard:ident,
+     try $try:ident, block $block:ident, $mode:expr, exclusive $exclusive:expr) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub fn $name(&self) -> LockResult<$guard<'_, T>> {
+            match self.inner.$try() {
+                Some(g) => {
+                    let since = self.stats.acquired_uncontended_in(shard::slot(), $mode);
+                    self.wrap(g, since)
+                }
+                None => self.$slow(),
+            }
+        }
+
+        #[cold]
+        #[inline(never)]
+        fn $slow(&self) -> LockResult<$guard<'_, T>> {
+            let t0 = self.stats.contended_start($mode, $exclusive);
+            let g = self.inner.$block();
+            let since = self.stats.contended_acquired($mode, $exclusive, t0);
+            self.wrap(g, since)
+        }
+
+        $(#[$tdoc])*
+        #[inline]
+        pub fn $try_name(&self) -> TryLockResult<$guard<'_, T>> {
+            match self.inner.$try() {
+                Some(g) => {
+                    let since = self.stats.acquired_uncontended_in(shard::slot(), $mode);
+                    Ok(self.wrap(g, since)?)
+                }
+                None => Err(self.would_block($mode)),
+            }
+        }
+    };
+}
+
+/// Generates what both lock types share: wrapping a parking_lot guard (poisoned or not),
+/// the `WouldBlock` path, poisoning, and unlocked access.
+macro_rules! common {
+    ($lock:ident) => {
+        impl<T: ?Sized> $lock<T> {
+            #[cold]
+            fn would_block<G>(&self, mode: LockMode) -> TryLockError<G> {
+                self.stats.conflict(mode);
+                self.stats
+                    .metrics
+                    .record_wait(mode, Outcome::WouldBlock, 0.0);
+                TryLockError::WouldBlock
+            }
+
+            /// Whether the lock is poisoned (a holder panicked), as std's.
+            pub fn is_poisoned(&self) -> bool {
+                self.poison.get()
+            }
+
+            /// Clears the poisoned state, as std's.
+            pub fn clear_poison(&self) {
+                self.poison.0.store(false, Relaxed);
+            }
+
+            /// Mutable access without locking (an error if poisoned, as std).
+            pub fn get_mut(&mut self) -> LockResult<&mut T> {
+                let poisoned = self.poison.get();
+                poison(self.inner.get_mut(), poisoned)
+            }
+        }
+
+        impl<T> $lock<T> {
+            /// Consumes the lock, returning the value (an error if poisoned, as std).
+            pub fn into_inner(self) -> LockResult<T> {
+                let poisoned = self.poison.get();
+                poison(self.inner.into_inner(), poisoned)
+            }
+        }
+
+        impl<T: ?Sized + fmt::Debug> fmt::Debug for $lock<T> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($lock))
+                    .field("name", &self.stats.name())
+                    .field("inner", &&self.inner)
+                    .field("poisoned", &self.poison.get())
+                    .finish()
+            }
+        }
+    };
+}
+
+/// Wraps a parking_lot guard of a lock into lockmeter's (poisoned or not): one impl per guard
+/// type, all called `wrap` by the `acquire!` expansions.
+trait Wrap<'a, G> {
+    type Out;
+    fn wrap(&'a self, inner: G, since: Option<HoldStart>) -> LockResult<Self::Out>;
+}
+
 // ---- Mutex --------------------------------------------------------------------------------
 
-/// An instrumented `std::sync::Mutex`. `Send`/`Sync` exactly when std's is.
+/// An instrumented mutex with `std::sync::Mutex`'s API and poisoning (on parking_lot's lock,
+/// see the [module docs](self)). `Send`/`Sync` exactly when std's is.
 pub struct Mutex<T: ?Sized> {
     stats: Arc<LockStats>,
-    inner: std::sync::Mutex<T>,
+    poison: Poison,
+    inner: parking_lot::Mutex<T>,
 }
 
 impl<T> Mutex<T> {
     /// A mutex recording as `lock.name = name` on the global meter.
     pub fn named(name: impl Into<String>, value: T) -> Mutex<T> {
         MutexBuilder::new(name).build_mutex(value)
-    }
-
-    /// Consumes the mutex, returning the value (an error if poisoned, as std).
-    pub fn into_inner(self) -> LockResult<T> {
-        self.inner.into_inner()
     }
 }
 
@@ -245,65 +364,38 @@ impl Mutex<()> {
 }
 
 impl<T: ?Sized> Mutex<T> {
-    acquire_pair! {
+    acquire! {
         /// Acquires the mutex, blocking; poisoned as std's is after a panic while held.
-        fn lock / lock_contended -> MutexGuard,
-        try try_lock, block lock, LockMode::Exclusive, exclusive true, uncontended acquired_exclusive
+        fn lock / lock_contended,
+        /// Tries to acquire without blocking; `WouldBlock` is counted as a conflict.
+        fn try_lock -> MutexGuard,
+        try try_lock, block lock, LockMode::Exclusive, exclusive true
     }
+}
 
-    /// Tries to acquire without blocking; `WouldBlock` is counted as a conflict.
-    pub fn try_lock(&self) -> TryLockResult<MutexGuard<'_, T>> {
-        let t0 = Ticks::now();
-        let fresh = |inner| MutexGuard {
+impl<'a, T: ?Sized + 'a> Wrap<'a, parking_lot::MutexGuard<'a, T>> for Mutex<T> {
+    type Out = MutexGuard<'a, T>;
+    #[inline(always)]
+    fn wrap(
+        &'a self,
+        inner: parking_lot::MutexGuard<'a, T>,
+        since: Option<HoldStart>,
+    ) -> LockResult<MutexGuard<'a, T>> {
+        let guard = MutexGuard {
             stats: &self.stats,
-            since: self.stats.acquired_exclusive(),
+            since,
+            poison: self.poison.guard(),
             inner: ManuallyDrop::new(inner),
         };
-        match self.inner.try_lock() {
-            Ok(inner) => Ok(fresh(inner)),
-            Err(TryLockError::Poisoned(p)) => Err(TryLockError::Poisoned(PoisonError::new(fresh(
-                p.into_inner(),
-            )))),
-            Err(TryLockError::WouldBlock) => {
-                self.stats.conflict(LockMode::Exclusive);
-                self.stats.metrics.record_wait(
-                    LockMode::Exclusive,
-                    Outcome::WouldBlock,
-                    t0.elapsed_secs(),
-                );
-                Err(TryLockError::WouldBlock)
-            }
-        }
-    }
-
-    /// Whether the mutex is poisoned.
-    pub fn is_poisoned(&self) -> bool {
-        self.inner.is_poisoned()
-    }
-
-    /// Clears the poisoned state.
-    pub fn clear_poison(&self) {
-        self.inner.clear_poison()
-    }
-
-    /// Mutable access without locking (an error if poisoned, as std).
-    pub fn get_mut(&mut self) -> LockResult<&mut T> {
-        self.inner.get_mut()
+        poison(guard, self.poison.get())
     }
 }
 
-impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Mutex")
-            .field("name", &self.stats.name())
-            .field("inner", &&self.inner)
-            .finish()
-    }
-}
+common!(Mutex);
 
 guard! {
     /// Guard of a [`Mutex`]; `Send`/`Sync` exactly as `std::sync::MutexGuard`.
-    MutexGuard(std::sync::MutexGuard), LockMode::Exclusive
+    MutexGuard(MutexGuard), LockMode::Exclusive
 }
 
 impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
@@ -314,21 +406,19 @@ impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
 
 // ---- RwLock -------------------------------------------------------------------------------
 
-/// An instrumented `std::sync::RwLock`: `read` is `lock.mode = shared`, `write` exclusive.
+/// An instrumented reader-writer lock with `std::sync::RwLock`'s API and poisoning (on
+/// parking_lot's lock, see the [module docs](self)): `read` is `lock.mode = shared`, `write`
+/// exclusive.
 pub struct RwLock<T: ?Sized> {
     stats: Arc<LockStats>,
-    inner: std::sync::RwLock<T>,
+    poison: Poison,
+    inner: parking_lot::RwLock<T>,
 }
 
 impl<T> RwLock<T> {
     /// A reader-writer lock recording as `lock.name = name` on the global meter.
     pub fn named(name: impl Into<String>, value: T) -> RwLock<T> {
         MutexBuilder::new(name).build_rwlock(value)
-    }
-
-    /// Consumes the lock, returning the value (an error if poisoned, as std).
-    pub fn into_inner(self) -> LockResult<T> {
-        self.inner.into_inner()
     }
 }
 
@@ -341,106 +431,69 @@ impl RwLock<()> {
 }
 
 impl<T: ?Sized> RwLock<T> {
-    acquire_pair! {
-        /// Shared access, blocking.
-        fn read / read_contended -> RwLockReadGuard,
-        try try_read, block read, LockMode::Shared, exclusive false, uncontended acquired_shared
+    acquire! {
+        /// Shared access, blocking (an error if poisoned, as std; readers never poison).
+        fn read / read_contended,
+        /// Shared access without blocking.
+        fn try_read -> RwLockReadGuard,
+        try try_read, block read, LockMode::Shared, exclusive false
     }
 
-    acquire_pair! {
-        /// Exclusive access, blocking.
-        fn write / write_contended -> RwLockWriteGuard,
-        try try_write, block write, LockMode::Exclusive, exclusive true, uncontended acquired_exclusive
-    }
-
-    /// Shared access without blocking.
-    pub fn try_read(&self) -> TryLockResult<RwLockReadGuard<'_, T>> {
-        let t0 = Ticks::now();
-        match self.inner.try_read() {
-            Ok(inner) => Ok(self.read_guard(inner)),
-            Err(TryLockError::Poisoned(p)) => Err(TryLockError::Poisoned(PoisonError::new(
-                self.read_guard(p.into_inner()),
-            ))),
-            Err(TryLockError::WouldBlock) => Err(self.would_block(LockMode::Shared, t0)),
-        }
-    }
-
-    /// Exclusive access without blocking.
-    pub fn try_write(&self) -> TryLockResult<RwLockWriteGuard<'_, T>> {
-        let t0 = Ticks::now();
-        match self.inner.try_write() {
-            Ok(inner) => Ok(self.write_guard(inner)),
-            Err(TryLockError::Poisoned(p)) => Err(TryLockError::Poisoned(PoisonError::new(
-                self.write_guard(p.into_inner()),
-            ))),
-            Err(TryLockError::WouldBlock) => Err(self.would_block(LockMode::Exclusive, t0)),
-        }
-    }
-
-    fn read_guard<'a>(
-        &'a self,
-        inner: std::sync::RwLockReadGuard<'a, T>,
-    ) -> RwLockReadGuard<'a, T> {
-        RwLockReadGuard {
-            stats: &self.stats,
-            since: self.stats.acquired_shared(),
-            inner: ManuallyDrop::new(inner),
-        }
-    }
-
-    fn write_guard<'a>(
-        &'a self,
-        inner: std::sync::RwLockWriteGuard<'a, T>,
-    ) -> RwLockWriteGuard<'a, T> {
-        RwLockWriteGuard {
-            stats: &self.stats,
-            since: self.stats.acquired_exclusive(),
-            inner: ManuallyDrop::new(inner),
-        }
-    }
-
-    #[cold]
-    fn would_block<E>(&self, mode: LockMode, t0: Ticks) -> TryLockError<E> {
-        self.stats.conflict(mode);
-        self.stats
-            .metrics
-            .record_wait(mode, Outcome::WouldBlock, t0.elapsed_secs());
-        TryLockError::WouldBlock
-    }
-
-    /// Whether the lock is poisoned.
-    pub fn is_poisoned(&self) -> bool {
-        self.inner.is_poisoned()
-    }
-
-    /// Clears the poisoned state.
-    pub fn clear_poison(&self) {
-        self.inner.clear_poison()
-    }
-
-    /// Mutable access without locking (an error if poisoned, as std).
-    pub fn get_mut(&mut self) -> LockResult<&mut T> {
-        self.inner.get_mut()
+    acquire! {
+        /// Exclusive access, blocking; poisoned as std's is after a panic while held.
+        fn write / write_contended,
+        /// Exclusive access without blocking.
+        fn try_write -> RwLockWriteGuard,
+        try try_write, block write, LockMode::Exclusive, exclusive true
     }
 }
 
-impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RwLock")
-            .field("name", &self.stats.name())
-            .field("inner", &&self.inner)
-            .finish()
+common!(RwLock);
+
+impl<'a, T: ?Sized + 'a> Wrap<'a, parking_lot::RwLockReadGuard<'a, T>> for RwLock<T> {
+    type Out = RwLockReadGuard<'a, T>;
+    #[inline(always)]
+    fn wrap(
+        &'a self,
+        inner: parking_lot::RwLockReadGuard<'a, T>,
+        since: Option<HoldStart>,
+    ) -> LockResult<RwLockReadGuard<'a, T>> {
+        let guard = RwLockReadGuard {
+            stats: &self.stats,
+            since,
+            poison: None,
+            inner: ManuallyDrop::new(inner),
+        };
+        poison(guard, self.poison.get())
+    }
+}
+
+impl<'a, T: ?Sized + 'a> Wrap<'a, parking_lot::RwLockWriteGuard<'a, T>> for RwLock<T> {
+    type Out = RwLockWriteGuard<'a, T>;
+    #[inline(always)]
+    fn wrap(
+        &'a self,
+        inner: parking_lot::RwLockWriteGuard<'a, T>,
+        since: Option<HoldStart>,
+    ) -> LockResult<RwLockWriteGuard<'a, T>> {
+        let guard = RwLockWriteGuard {
+            stats: &self.stats,
+            since,
+            poison: self.poison.guard(),
+            inner: ManuallyDrop::new(inner),
+        };
+        poison(guard, self.poison.get())
     }
 }
 
 guard! {
     /// Shared guard of an [`RwLock`].
-    RwLockReadGuard(std::sync::RwLockReadGuard), LockMode::Shared
+    RwLockReadGuard(RwLockReadGuard), LockMode::Shared
 }
 
 guard! {
     /// Exclusive guard of an [`RwLock`].
-    RwLockWriteGuard(std::sync::RwLockWriteGuard), LockMode::Exclusive
+    RwLockWriteGuard(RwLockWriteGuard), LockMode::Exclusive
 }
 
 impl<T: ?Sized> DerefMut for RwLockWriteGuard<'_, T> {

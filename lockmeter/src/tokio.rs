@@ -104,7 +104,7 @@ impl TokioBuilder {
         TokioBuilder(self.0.meter(meter))
     }
 
-    /// Time 1 in `n` uncontended acquisitions (default 16).
+    /// Time 1 in `n` uncontended acquisitions (default [`crate::sync::DEFAULT_SAMPLE_EVERY`], 64).
     pub fn sample_every(self, n: u32) -> Self {
         TokioBuilder(self.0.sample_every(n))
     }

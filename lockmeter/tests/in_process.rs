@@ -34,7 +34,7 @@ assert_not_impl_any!(lockmeter::tokio::Mutex<Rc<u8>>: Send, Sync);
 
 #[test]
 fn eight_threads_hammering_one_mutex_are_counted_exactly() {
-    for sample in [1, 16] {
+    for sample in [1, 16, lockmeter::sync::DEFAULT_SAMPLE_EVERY] {
         let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
         let m = Arc::new(
             Mutex::builder("hammered")
@@ -75,13 +75,13 @@ fn eight_threads_hammering_one_mutex_are_counted_exactly() {
             assert_eq!(contended_holds, contended);
             assert_eq!(waits, 80_001);
         } else {
-            // 1 in 16 uncontended acquisitions, numbered per thread (each counting thread has
-            // its own counter shard, numbered from 0): between ceil(n / 16) and that plus one
-            // per counting thread (8 workers and this one). Waiters decide from a counter they
-            // only read, so concurrent waiters may both be timed: about 1 in 16 conflicts, at
+            // 1 in `sample` uncontended acquisitions, numbered per thread (each counting thread
+            // has its own counter shard, numbered from 0): between ceil(n / sample) and that plus
+            // one per counting thread (8 workers and this one). Waiters decide from a counter they
+            // only read, so concurrent waiters may both be timed: about 1 in `sample` conflicts, at
             // most all of them. Plus the first acquisition after each flusher tick (100 ms).
             let uncontended = 80_001 - contended;
-            let sampled_uncontended = uncontended.div_ceil(16);
+            let sampled_uncontended = uncontended.div_ceil(u64::from(sample));
             let counting_threads = 9;
             let ticks = started.elapsed().as_millis() as u64 / 100 + 1;
             let timed = holds - contended_holds;
