@@ -406,8 +406,8 @@ impl LockMetrics {
 /// conflict is counted; the exported value lags by at most one interval.
 ///
 /// Timing (the two histograms) is sampled: 1 in `sample_mask + 1` acquisitions by counter, plus
-/// the first acquisition after each flusher tick (`sample` set to 0), so a lock taken less than about ten
-/// times a second is timed every time. Neither rule looks at durations, so the recorded
+/// the first acquisition after each flusher tick (`sample` set to 0), so a lock taken less than
+/// about ten times a second is timed every time. Neither rule looks at durations, so the recorded
 /// waits and holds are an unbiased sample.
 ///
 /// The counters are sharded per thread ([`shard`]): each live thread (up to [`shard::OWNED`])

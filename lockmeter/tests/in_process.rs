@@ -174,6 +174,73 @@ fn a_panicking_holder_poisons_like_std_and_its_release_is_counted() {
     );
 }
 
+/// The wrappers keep their own poison flag (their lock is parking_lot's): each rule of std's
+/// poisoning, side by side with std's own lock doing the same.
+#[test]
+fn rwlock_poisoning_follows_std_rule_by_rule() {
+    fn panic_holding<F: FnOnce() + Send + 'static>(f: F) {
+        assert!(std::thread::spawn(f).join().is_err());
+    }
+    // A reader that panics does not poison; a writer does.
+    let ours = Arc::new(RwLock::named("poison-rw", 1));
+    let std_ = Arc::new(std::sync::RwLock::new(1));
+    let (o, s) = (Arc::clone(&ours), Arc::clone(&std_));
+    panic_holding(move || {
+        let _r = o.read().unwrap();
+        let _s = s.read().unwrap();
+        panic!("boom while reading");
+    });
+    assert_eq!(ours.is_poisoned(), std_.is_poisoned());
+    assert!(!ours.is_poisoned());
+    let (o, s) = (Arc::clone(&ours), Arc::clone(&std_));
+    panic_holding(move || {
+        let _w = o.write().unwrap();
+        panic!("boom while writing");
+    });
+    panic_holding(move || {
+        let _w = s.write().unwrap();
+        panic!("boom while writing");
+    });
+    assert!(ours.is_poisoned() && std_.is_poisoned());
+    // Every acquire reports it, with the guard inside; readers too.
+    assert!(ours.read().is_err() && std_.read().is_err());
+    assert!(ours.write().is_err() && std_.write().is_err());
+    assert!(matches!(ours.try_read(), Err(TryLockError::Poisoned(_))));
+    assert!(matches!(ours.try_write(), Err(TryLockError::Poisoned(_))));
+    *ours.write().unwrap_err().into_inner() += 1;
+    ours.clear_poison();
+    assert_eq!(*ours.read().unwrap(), 2);
+
+    // A guard taken while the thread is already panicking does not poison (std's rule).
+    let m = Arc::new(Mutex::named("poison-unwinding", 0));
+    struct LockOnDrop(Arc<Mutex<i32>>);
+    impl Drop for LockOnDrop {
+        fn drop(&mut self) {
+            *self.0.lock().unwrap() += 1;
+        }
+    }
+    let m2 = Arc::clone(&m);
+    panic_holding(move || {
+        let _d = LockOnDrop(m2);
+        panic!("boom, then lock while unwinding");
+    });
+    assert!(!m.is_poisoned(), "locked and released during unwinding");
+    assert_eq!(*m.lock().unwrap(), 1);
+
+    // Unlocked access reports poisoning like std's.
+    let mut m = Mutex::named("poison-owned", 5);
+    assert!(m.get_mut().is_ok());
+    let m = Arc::new(m);
+    let m2 = Arc::clone(&m);
+    panic_holding(move || {
+        let _g = m2.lock().unwrap();
+        panic!("boom");
+    });
+    let mut m = Arc::into_inner(m).unwrap();
+    assert_eq!(*m.get_mut().unwrap_err().into_inner(), 5);
+    assert_eq!(m.into_inner().unwrap_err().into_inner(), 5);
+}
+
 #[test]
 fn a_leaked_guard_keeps_the_lock_held_and_says_so() {
     let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
