@@ -6,7 +6,10 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
-use lockmeter_testkit::{eventually, flock_cli_can_lock, read_line_starting, require_tool};
+use lockmeter_testkit::{
+    eventually, flock_cli_can_lock, flock_holder, read_line_starting, release_flock_holder,
+    require_tool,
+};
 
 fn lm() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lockmeter"));
@@ -45,28 +48,6 @@ fn spawn_script(flags: &[&str], lock: &Path, script: &str) -> Child {
         .unwrap();
     read_line_starting(&mut c, "ready");
     c
-}
-
-/// A flock(1) process holding `lock` until its stdin is closed.
-fn flock_holder(lock: &Path, shared: bool) -> Child {
-    let mut c = Command::new("flock");
-    if shared {
-        c.arg("-s");
-    }
-    let mut c = c
-        .arg(lock)
-        .args(["sh", "-c", "echo locked; read _"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    read_line_starting(&mut c, "locked");
-    c
-}
-
-fn release(mut c: Child) {
-    drop(c.stdin.take());
-    c.wait().unwrap();
 }
 
 #[test]
@@ -116,7 +97,7 @@ fn conflict_and_timeout_exit_without_running_command() {
         assert!(!marker.exists(), "{flags:?}: COMMAND must not run");
     }
     // Shared vs shared coexist; shared vs exclusive does not.
-    release(holder);
+    release_flock_holder(holder);
     let holder = flock_holder(&lock, true);
     assert_eq!(
         run(&["exec", "-s", "-n", p(&lock), "--", "true"])
@@ -130,7 +111,7 @@ fn conflict_and_timeout_exit_without_running_command() {
             .code(),
         Some(1)
     );
-    release(holder);
+    release_flock_holder(holder);
     assert_eq!(
         run(&["exec", "-w", "5", p(&lock), "--"]
             .iter()

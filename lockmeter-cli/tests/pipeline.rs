@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use lockmeter_testkit::{
-    eventually, free_port, http_get_eventually, parse_debug_dump, prom_query, read_line_starting,
-    require_tool,
+    eventually, flock_holder, free_port, http_get_eventually, parse_debug_dump, prom_query,
+    read_line_starting, release_flock_holder, require_tool,
 };
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -332,14 +332,7 @@ fn otlp_over_grpc_and_http_reaches_a_third_party_receiver() {
         // One acquisition, held by the command ...
         assert!(run(&["--name", "otlp-job", lock.to_str().unwrap(), "--", "true"]).success());
         // ... and one conflict while flock(1) holds the lock.
-        let mut holder = Command::new("flock")
-            .arg(&lock)
-            .args(["sh", "-c", "echo locked; read _"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        read_line_starting(&mut holder, "locked");
+        let holder = flock_holder(&lock, false);
         let st = run(&[
             "-n",
             "--name",
@@ -349,8 +342,7 @@ fn otlp_over_grpc_and_http_reaches_a_third_party_receiver() {
             "true",
         ]);
         assert_eq!(st.code(), Some(1));
-        drop(holder.stdin.take());
-        holder.wait().unwrap();
+        release_flock_holder(holder);
 
         // Both pushes arrive (the exporter flushes before exit): 2 processes, 2 resources.
         let mut metrics = Vec::new();

@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use common::child;
 use lockmeter::metrics::DEFAULT_BOUNDARIES;
 use lockmeter::{Error, FileLock, LockKind, Operation};
-use lockmeter_testkit::{flock_cli_can_lock, read_line_starting, require_tool, Recorder};
+use lockmeter_testkit::{
+    flock_cli_can_lock, flock_holder, read_line_starting, release_flock_holder, require_tool,
+    Recorder,
+};
 
 const KINDS: [LockKind; 3] = [LockKind::Flock, LockKind::Ofd, LockKind::Posix];
 
@@ -264,22 +267,14 @@ fn try_lock_returns_none_while_flock_cli_holds() {
     }
     let dir = tmp();
     let path = dir.path().join("interop2.lock");
-    let mut holder = Command::new("flock")
-        .arg(&path)
-        .args(["sh", "-c", "echo locked; read _"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    read_line_starting(&mut holder, "locked");
+    let holder = flock_holder(&path, false);
     let lock = FileLock::open(&path).unwrap();
     assert!(lock.try_lock().unwrap().is_none());
     assert!(lock
         .lock_timeout(Duration::from_millis(30))
         .unwrap()
         .is_none());
-    holder.stdin.take().unwrap().write_all(b"\n").unwrap();
-    assert!(holder.wait().unwrap().success());
+    release_flock_holder(holder);
     assert!(lock.try_lock().unwrap().is_some());
 }
 

@@ -222,6 +222,36 @@ pub fn flock_cli_can_lock(path: &Path) -> bool {
     }
 }
 
+/// Starts `flock [-s] PATH sh -c 'echo locked; read _'` (util-linux) and returns once it holds
+/// the lock; [`release_flock_holder`] lets it go.
+pub fn flock_holder(path: &Path, shared: bool) -> Child {
+    let mut c = Command::new("flock");
+    if shared {
+        c.arg("-s");
+    }
+    let mut c = c
+        .arg(path)
+        .args(["sh", "-c", "echo locked; read _"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run flock(1)");
+    read_line_starting(&mut c, "locked");
+    c
+}
+
+/// Lets a [`flock_holder`] go (a line on its stdin) and checks that it exited cleanly.
+pub fn release_flock_holder(mut c: Child) {
+    use std::io::Write as _;
+    c.stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(b"\n")
+        .expect("write to flock(1)");
+    let st = c.wait().expect("wait for flock(1)");
+    assert!(st.success(), "flock(1) holder exited with {st}");
+}
+
 /// Reads lines from a child's stdout until one starts with `prefix`; returns it.
 pub fn read_line_starting(child: &mut Child, prefix: &str) -> String {
     let out = child.stdout.as_mut().expect("piped stdout");
