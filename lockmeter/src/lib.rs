@@ -106,7 +106,7 @@ mod watch;
 pub use error::{Error, Operation, Result};
 pub use file::{FileLock, FileLockBuilder, FileLockGuard, FsPolicy, LockKind};
 pub use meter::{Attempt, Hold, LockMeter, Metered};
-pub use metrics::{LockMode, Outcome};
+pub use metrics::{LockMode, LostReason, Outcome};
 
 /// Raw errno type used in [`Error`] (re-exported from `rustix`).
 pub use rustix::io::Errno;

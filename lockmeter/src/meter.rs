@@ -215,6 +215,14 @@ impl Hold<'_> {
         self.release();
     }
 
+    /// The hold ended without a release: the lock was taken away (a lease expired, the key was
+    /// deleted or overwritten, the connection dropped). Counted in `lock.lost` with `reason`;
+    /// the hold time is recorded up to now.
+    pub fn lost(mut self, reason: crate::metrics::LostReason) {
+        self.stats.metrics.lost(reason);
+        self.release();
+    }
+
     fn release(&mut self) {
         if !self.released {
             self.released = true;

@@ -33,6 +33,11 @@ pub mod names {
     pub const VIOLATIONS: &str = "lock.violations";
     /// Locks held now.
     pub const HELD: &str = "lock.held";
+    /// Holds that ended without the holder releasing them (a distributed lock's lease expired,
+    /// was revoked, its key was deleted or overwritten, its connection dropped).
+    pub const LOST: &str = "lock.lost";
+    /// Processes (or tasks) blocked on a lock right now.
+    pub const WAITERS: &str = "lock.waiters";
 }
 
 /// Attribute keys.
@@ -57,6 +62,11 @@ pub mod keys {
     pub const MIGRATION_DETECTED_AT: &str = "migration.detected_at";
     /// File-system type of a lock file (`ext4`, `tmpfs`, `nfs`, `fuse`, ...).
     pub const FS_TYPE: &str = "fs.type";
+    /// Why a hold was lost: `expired`, `revoked`, `overwritten` or `connection`.
+    pub const LOCK_LOST_REASON: &str = "lock.lost.reason";
+    /// The holder's or waiter's command name (OpenTelemetry semantic convention); the host
+    /// agent sets it. Pids never become attributes.
+    pub const PROCESS_EXECUTABLE_NAME: &str = "process.executable.name";
 }
 
 /// Histogram boundaries in seconds, from 1 µs to 5 min. Set explicitly on `lock.duration` and
@@ -156,6 +166,8 @@ pub enum DetectedAt {
     Hold,
     /// At release.
     Release,
+    /// By the host agent, from outside the holding process.
+    Agent,
 }
 
 impl DetectedAt {
@@ -165,6 +177,32 @@ impl DetectedAt {
             DetectedAt::Acquire => "acquire",
             DetectedAt::Hold => "hold",
             DetectedAt::Release => "release",
+            DetectedAt::Agent => "agent",
+        }
+    }
+}
+
+/// Why a hold ended without its holder releasing it (`lock.lost.reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LostReason {
+    /// The lease or TTL ran out before it was renewed.
+    Expired,
+    /// The lease was revoked or the lock taken away by the service or an operator.
+    Revoked,
+    /// The lock's key was deleted or now holds another holder's token.
+    Overwritten,
+    /// The session or connection that held the lock was lost.
+    Connection,
+}
+
+impl LostReason {
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LostReason::Expired => "expired",
+            LostReason::Revoked => "revoked",
+            LostReason::Overwritten => "overwritten",
+            LostReason::Connection => "connection",
         }
     }
 }
@@ -188,6 +226,7 @@ pub(crate) struct Instruments {
     migrations: Counter<u64>,
     violations: Counter<u64>,
     held: opentelemetry::metrics::UpDownCounter<i64>,
+    lost: Counter<u64>,
 }
 
 impl Instruments {
@@ -236,6 +275,11 @@ impl Instruments {
                 .i64_up_down_counter(names::HELD)
                 .with_unit("{lock}")
                 .with_description("Locks held now.")
+                .build(),
+            lost: meter
+                .u64_counter(names::LOST)
+                .with_unit("{loss}")
+                .with_description("Holds that ended without the holder releasing the lock.")
                 .build(),
         }
     }
@@ -382,6 +426,14 @@ impl LockMetrics {
         attrs.push(KeyValue::new(keys::MIGRATION_KIND, kind.as_str()));
         attrs.push(KeyValue::new(keys::MIGRATION_DETECTED_AT, at.as_str()));
         self.ins.migrations.add(1, &attrs);
+    }
+
+    /// Counts a hold lost without a release (`lock.lost`).
+    #[cold]
+    pub fn lost(&self, reason: LostReason) {
+        let mut attrs = self.base.clone();
+        attrs.push(KeyValue::new(keys::LOCK_LOST_REASON, reason.as_str()));
+        self.ins.lost.add(1, &attrs);
     }
 
     /// Counts an exclusion violation.
