@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use lockmeter::metrics::Sink;
 use lockmeter::LockMeter;
 use lockmeter_examples::redis_lock::RedisLock;
 use lockmeter_testkit::{eventually, free_port, require_tool, Recorder};
@@ -58,7 +59,7 @@ impl Drop for Redis {
 fn redis_set_nx_lock_excludes_and_is_counted_exactly() {
     let Some(redis) = Redis::start() else { return };
     let rec = Recorder::new();
-    let meter = LockMeter::with_meter("report", "redis", &rec.meter());
+    let meter = LockMeter::with_sink("report", "redis", &Sink::new(rec.meter()));
     let inside = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..2)
         .map(|_| {
@@ -119,7 +120,6 @@ fn redis_set_nx_lock_excludes_and_is_counted_exactly() {
     );
     assert!(stolen.release().unwrap());
 
-    lockmeter::metrics::flush();
     let s = rec.snapshot();
     assert_eq!(
         s.counter("lock.acquisitions", &[("lock.kind", "redis")]),

@@ -108,7 +108,8 @@ pub fn run(args: ExecArgs) -> ExitCode {
             None
         }
     };
-    let code = run_locked(&args);
+    let spans = telemetry.as_ref().is_some_and(Telemetry::traces_enabled);
+    let code = run_locked(&args, spans);
     if let Some(t) = telemetry {
         if let Err(e) = t.shutdown() {
             eprintln!("lockmeter: warning: {e}");
@@ -117,10 +118,13 @@ pub fn run(args: ExecArgs) -> ExitCode {
     code
 }
 
-fn run_locked(args: &ExecArgs) -> ExitCode {
+/// `spans`: one acquisition per process, so a span for it costs nothing next to the process;
+/// with traces exported it is what a trace backend shows for the job.
+fn run_locked(args: &ExecArgs, spans: bool) -> ExitCode {
     let mut builder = FileLock::builder(&args.lockfile)
         .kind(args.kind)
-        .owner_record(args.owner_record);
+        .owner_record(args.owner_record)
+        .spans(spans);
     if let Some(interval) = args.watch {
         builder = builder.watch(interval);
     }

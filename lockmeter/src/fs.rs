@@ -20,7 +20,7 @@ use std::fmt;
 use std::os::unix::ffi::OsStringExt as _;
 use std::path::{Path, PathBuf};
 
-use crate::LockKind;
+use crate::kind::LockKind;
 
 /// One line of `/proc/self/mountinfo` (see `proc(5)`).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -27,32 +27,28 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use opentelemetry::metrics::Meter;
-
 use crate::clock::Ticks;
-use crate::metrics::{LockMetrics, LockMode, LockStats, Outcome};
+use crate::kind::LockMode;
+use crate::metrics::{LostReason, Outcome, Recorder, Sink};
 
 /// Records the schema for one lock whose acquire and release calls are not lockmeter's.
 #[derive(Debug, Clone)]
 pub struct LockMeter {
-    stats: Arc<LockStats>,
+    recorder: Arc<Recorder>,
 }
 
 impl LockMeter {
     /// A meter for the lock `name` of kind `kind` (`lock.kind`: `redis`, `etcd`,
     /// `parking_lot_mutex`, `pg_advisory`, ...) on the global meter provider.
     pub fn new(name: &str, kind: &str) -> LockMeter {
-        LockMeter::with_meter(name, kind, &crate::metrics::default_meter())
+        LockMeter::with_sink(name, kind, &Sink::global())
     }
 
-    /// The same on an explicit meter.
-    pub fn with_meter(name: &str, kind: &str, meter: &Meter) -> LockMeter {
+    /// The same, recording into `sink`. Every attempt is timed (no sampling: a lock call
+    /// worth wrapping this way costs far more than two histogram records).
+    pub fn with_sink(name: &str, kind: &str, sink: &Sink) -> LockMeter {
         LockMeter {
-            stats: LockStats::new(
-                name,
-                std::sync::Arc::new(LockMetrics::new(meter, name, kind, &[])),
-                1,
-            ),
+            recorder: Recorder::new(sink, name, kind, &[], 1),
         }
     }
 
@@ -62,7 +58,7 @@ impl LockMeter {
     /// `lock.outcome = cancelled`.
     pub fn start(&self, mode: LockMode) -> Attempt<'_> {
         Attempt {
-            stats: &self.stats,
+            recorder: &self.recorder,
             mode,
             start: Ticks::now(),
             resolved: false,
@@ -117,7 +113,7 @@ impl LockMeter {
 #[must_use = "resolve the attempt (acquired, would_block, timed_out, failed); dropping it records a cancellation"]
 #[derive(Debug)]
 pub struct Attempt<'a> {
-    stats: &'a LockStats,
+    recorder: &'a Recorder,
     mode: LockMode,
     start: Ticks,
     resolved: bool,
@@ -131,7 +127,7 @@ impl<'a> Attempt<'a> {
     /// often it is called.
     pub fn conflict(&self) {
         if !self.conflicted.replace(true) {
-            self.stats.conflict(self.mode);
+            self.recorder.conflict(self.mode);
         }
     }
 
@@ -139,12 +135,11 @@ impl<'a> Attempt<'a> {
     pub fn acquired(mut self, contended: bool) -> Hold<'a> {
         self.resolved = true;
         let now = Ticks::now();
-        self.stats
-            .metrics
+        self.recorder
             .record_wait(self.mode, Outcome::Acquired, self.start.secs_until(now));
-        self.stats.acquired(self.mode, contended);
+        self.recorder.acquired(self.mode, contended);
         Hold {
-            stats: self.stats,
+            recorder: self.recorder,
             mode: self.mode,
             contended,
             since: now,
@@ -167,14 +162,13 @@ impl<'a> Attempt<'a> {
     /// The acquire failed; `error_type` is recorded as `error.type` on `lock.errors`
     /// (an errno name, or the client's error kind such as `ConnectionRefused`).
     pub fn failed(self, error_type: &str) {
-        self.stats.metrics.error("lock", error_type);
+        self.recorder.error("lock", error_type);
         self.end(Outcome::Error);
     }
 
     fn end(mut self, outcome: Outcome) {
         self.resolved = true;
-        self.stats
-            .metrics
+        self.recorder
             .record_wait(self.mode, outcome, self.start.elapsed_secs());
     }
 }
@@ -182,11 +176,8 @@ impl<'a> Attempt<'a> {
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         if !self.resolved {
-            self.stats.metrics.record_wait(
-                self.mode,
-                Outcome::Cancelled,
-                self.start.elapsed_secs(),
-            );
+            self.recorder
+                .record_wait(self.mode, Outcome::Cancelled, self.start.elapsed_secs());
         }
     }
 }
@@ -195,7 +186,7 @@ impl Drop for Attempt<'_> {
 #[derive(Debug)]
 #[must_use = "the hold ends (and is recorded) when this is dropped"]
 pub struct Hold<'a> {
-    stats: &'a LockStats,
+    recorder: &'a Recorder,
     mode: LockMode,
     contended: bool,
     since: Ticks,
@@ -211,24 +202,23 @@ impl Hold<'_> {
     /// The release call failed: counted in `lock.errors` (operation `unlock`) and the hold
     /// ends here.
     pub fn release_failed(mut self, error_type: &str) {
-        self.stats.metrics.error("unlock", error_type);
+        self.recorder.error("unlock", error_type);
         self.release();
     }
 
     /// The hold ended without a release: the lock was taken away (a lease expired, the key was
     /// deleted or overwritten, the connection dropped). Counted in `lock.lost` with `reason`;
     /// the hold time is recorded up to now.
-    pub fn lost(mut self, reason: crate::metrics::LostReason) {
-        self.stats.metrics.lost(reason);
+    pub fn lost(mut self, reason: LostReason) {
+        self.recorder.lost(reason);
         self.release();
     }
 
     fn release(&mut self) {
         if !self.released {
             self.released = true;
-            self.stats.count_release(self.mode);
-            self.stats
-                .metrics
+            self.recorder.count_release(self.mode);
+            self.recorder
                 .record_hold(self.mode, self.contended, self.since.elapsed_secs());
         }
     }
@@ -242,6 +232,7 @@ impl Drop for Hold<'_> {
 
 /// A lock guard with its measured hold; derefs to the guard.
 #[derive(Debug)]
+#[must_use = "the lock is released (and the hold recorded) as soon as this is dropped"]
 pub struct Metered<'a, G> {
     // Dropped first: the underlying lock is released before the hold is recorded as ended.
     guard: Option<G>,

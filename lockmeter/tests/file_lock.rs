@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::child;
+use lockmeter::metrics::Sink;
 use lockmeter::metrics::DEFAULT_BOUNDARIES;
 use lockmeter::{Error, FileLock, LockKind, Operation};
 use lockmeter_testkit::{
@@ -312,11 +313,12 @@ fn lslocks_shows_each_kind() {
 
 #[test]
 fn exact_counts_through_the_sdk() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tmp();
     let path = dir.path().join("count.lock");
     let lock = FileLock::builder(&path)
-        .meter(rec.meter())
+        .sink(sink.clone())
         .sample_every(1)
         .open()
         .unwrap();
@@ -396,17 +398,16 @@ fn exact_counts_through_the_sdk() {
 
 #[test]
 fn timing_is_sampled_counts_stay_exact_and_rare_acquisitions_are_all_timed() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tmp();
     let lock = FileLock::builder(dir.path().join("sampled.lock"))
-        .meter(rec.meter())
+        .sink(sink.clone())
         .open()
         .unwrap(); // default: 1 in 16 timed
-    let started = Instant::now();
     for _ in 0..1_601 {
         drop(lock.lock().unwrap());
     }
-    let ticks = started.elapsed().as_millis() as u64 / 100 + 1;
     let s = rec.snapshot();
     assert_eq!(
         s.counter("lock.acquisitions", &[]),
@@ -415,22 +416,18 @@ fn timing_is_sampled_counts_stay_exact_and_rare_acquisitions_are_all_timed() {
     );
     assert_eq!(s.updown("lock.held", &[]), 0);
     let holds = s.hist_count("lock.duration", &[]);
-    // Numbers 0, 16, ..., 1600 by number, plus the first after each 100 ms flusher tick.
-    assert!(
-        (101..=101 + ticks).contains(&holds),
-        "{holds} timed in {ticks} ticks"
-    );
+    // Numbers 0, 16, ..., 1600 by number (no collection happened in between).
+    assert_eq!(holds, 101, "1 in 16 timed");
     assert_eq!(
         s.hist_count("lock.wait.duration", &[("lock.outcome", "acquired")]),
         holds,
         "a timed acquisition records its wait and its hold"
     );
 
-    // A lock taken less often than the flusher ticks is timed every time (numbers 1601..1605
-    // are not multiples of 16: only the tick rule times them). The pauses are the point of
-    // the test (a rarely used lock), not synchronisation.
+    // A lock taken less often than metrics are collected is timed every time (numbers
+    // 1601..1605 are not multiples of 16: only the collection rule times them; each snapshot
+    // is a collection).
     for i in 1..=4 {
-        std::thread::sleep(lockmeter::metrics::FLUSH_INTERVAL * 3);
         drop(lock.lock().unwrap());
         assert_eq!(
             rec.snapshot().hist_count("lock.duration", &[]),
@@ -442,13 +439,14 @@ fn timing_is_sampled_counts_stay_exact_and_rare_acquisitions_are_all_timed() {
 
 #[test]
 fn contended_acquire_is_counted_and_timed() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tmp();
     let path = dir.path().join("contended.lock");
     let lock = Arc::new(
         FileLock::builder(&path)
             .name("c")
-            .meter(rec.meter())
+            .sink(sink.clone())
             .open()
             .unwrap(),
     );
@@ -491,10 +489,11 @@ fn replace_file(path: &Path) {
 }
 
 fn migration_while_waiting(unlink: bool) {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tmp();
     let path = dir.path().join("migrate.lock");
-    let lock = Arc::new(FileLock::builder(&path).meter(rec.meter()).open().unwrap());
+    let lock = Arc::new(FileLock::builder(&path).sink(sink.clone()).open().unwrap());
     let holder = FileLock::builder(&path).verify_inode(false).open().unwrap();
     let held = holder.lock().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -590,10 +589,11 @@ fn holder_dies_with_a_long_lived_child_and_the_lock_is_free() {
 #[cfg(feature = "tokio")]
 #[test]
 fn dropping_lock_async_never_leaves_the_lock_held() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tmp();
     let path = dir.path().join("async.lock");
-    let lock = FileLock::builder(&path).meter(rec.meter()).open().unwrap();
+    let lock = FileLock::builder(&path).sink(sink.clone()).open().unwrap();
     let holder = FileLock::open(&path).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -640,9 +640,10 @@ fn dropping_lock_async_never_leaves_the_lock_held() {
 
 #[test]
 fn bad_paths_are_typed_errors_and_counted() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tmp();
-    let open = |p: &Path| FileLock::builder(p).meter(rec.meter()).open();
+    let open = |p: &Path| FileLock::builder(p).sink(sink.clone()).open();
 
     let e = open(&dir.path().join("missing/x.lock")).unwrap_err();
     assert!(
@@ -684,7 +685,7 @@ fn bad_paths_are_typed_errors_and_counted() {
 
     let e = FileLock::builder(dir.path().join("absent.lock"))
         .create(false)
-        .meter(rec.meter())
+        .sink(sink.clone())
         .open()
         .unwrap_err();
     assert_eq!(e.errno_name(), "ENOENT");
@@ -766,10 +767,11 @@ fn permission_denied_for_an_unprivileged_user() {
 
 #[test]
 fn a_failed_unlock_is_reported_and_counted() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tmp();
     let path = dir.path().join("unlock.lock");
-    let lock = FileLock::builder(&path).meter(rec.meter()).open().unwrap();
+    let lock = FileLock::builder(&path).sink(sink.clone()).open().unwrap();
     // Swap the locked descriptor for an O_PATH one, on which flock(2) fails with EBADF.
     let sabotage = |g: &lockmeter::FileLockGuard<'_>| {
         let opath = rustix::fs::open(

@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::child;
+use lockmeter::metrics::Sink;
 use lockmeter::{FileLock, FsPolicy};
 use lockmeter_testkit::{Bindfs, Recorder};
 
@@ -21,11 +22,12 @@ fn child_entry() {
     };
     let var = |k: &str| std::env::var(k).unwrap();
     assert_eq!(role, "owner_loop");
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let lock = FileLock::builder(var("LOCK"))
         .owner_record(true)
         .fs_policy(FsPolicy::Allow)
-        .meter(rec.meter())
+        .sink(sink.clone())
         .open()
         .unwrap();
     let window = Duration::from_millis(var("MILLIS").parse().unwrap());
@@ -52,12 +54,13 @@ fn child_entry() {
 
 #[test]
 fn fencing_tokens_increase_and_the_holder_is_readable() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fenced.lock");
     let lock = FileLock::builder(&path)
         .owner_record(true)
-        .meter(rec.meter())
+        .sink(sink.clone())
         .open()
         .unwrap();
     assert!(
@@ -87,12 +90,13 @@ fn fencing_tokens_increase_and_the_holder_is_readable() {
 
 #[test]
 fn an_overwritten_record_is_one_violation() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stolen.lock");
     let lock = FileLock::builder(&path)
         .owner_record(true)
-        .meter(rec.meter())
+        .sink(sink.clone())
         .open()
         .unwrap();
     let mut g = lock.lock().unwrap();

@@ -9,7 +9,7 @@ use std::path::Path;
 use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::{LockKind, LockMode};
+use crate::kind::{LockKind, LockMode};
 
 /// Identity of an inode: what a path named when it was opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -26,8 +26,10 @@
 //! unreachable collector costs the lock path nothing (failed exports are logged by the SDK).
 //! A busy Prometheus port is an error from [`TelemetryBuilder::init`].
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::mpsc;
+mod config;
+mod serve;
+
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use opentelemetry::metrics::{Meter, MeterProvider as _};
@@ -39,7 +41,13 @@ use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::metrics::{names, DEFAULT_BOUNDARIES, SCOPE};
+use crate::metrics::{names, Sink, DEFAULT_BOUNDARIES, SCOPE};
+use config::{
+    env_set, otlp_protocol, parse_metrics_exporters, parse_traces_exporter, program_name,
+    prometheus_addr_from_env,
+};
+pub use config::{otlp_metrics_endpoint_set, MetricsExporter, OtlpProtocol};
+use serve::BackgroundRuntime;
 
 /// Errors from setting telemetry up.
 #[derive(Debug, thiserror::Error)]
@@ -83,24 +91,6 @@ pub enum TelemetryError {
     /// The background runtime could not be started.
     #[error("cannot start the telemetry runtime: {0}")]
     Runtime(std::io::Error),
-}
-
-/// A metrics exporter selectable through `OTEL_METRICS_EXPORTER`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MetricsExporter {
-    /// Serve `/metrics` for Prometheus to scrape.
-    Prometheus,
-    /// Push OTLP to a collector.
-    Otlp,
-}
-
-/// OTLP transport (`OTEL_EXPORTER_OTLP_PROTOCOL`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OtlpProtocol {
-    /// gRPC (port 4317 by convention).
-    Grpc,
-    /// HTTP with protobuf bodies (port 4318 by convention).
-    HttpProtobuf,
 }
 
 /// Builder for [`Telemetry`]. Explicit settings win over variables, which win over defaults.
@@ -356,12 +346,17 @@ impl TelemetryBuilder {
             None
         };
 
-        if self.set_global {
+        let sink = if self.set_global {
             opentelemetry::global::set_meter_provider(meter_provider.clone());
             if let Some(tp) = &tracer_provider {
                 opentelemetry::global::set_tracer_provider(tp.clone());
             }
-        }
+            // Locks created before now start counting into the new provider at once.
+            crate::metrics::refresh();
+            Sink::global()
+        } else {
+            Sink::new(meter_provider.meter(SCOPE))
+        };
 
         let mut tracing_installed = false;
         if self.tracing_subscriber {
@@ -392,6 +387,7 @@ impl TelemetryBuilder {
         }
 
         Ok(Telemetry {
+            sink,
             meter_provider,
             tracer_provider,
             prometheus,
@@ -420,221 +416,10 @@ impl TelemetryBuilder {
     }
 }
 
-fn program_name() -> String {
-    std::env::args_os()
-        .next()
-        .and_then(|a| {
-            std::path::Path::new(&a)
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-        })
-        .unwrap_or_else(|| "lockmeter".to_owned())
-}
-
-/// Whether an OTLP metrics endpoint is configured (`OTEL_EXPORTER_OTLP_ENDPOINT` or
-/// `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`, non-empty): the condition under which the default
-/// exporters include OTLP.
-pub fn otlp_metrics_endpoint_set() -> bool {
-    env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-}
-
-fn env_set(var: &str) -> bool {
-    std::env::var_os(var).is_some_and(|v| !v.is_empty())
-}
-
-fn parse_metrics_exporters(v: &str) -> Result<Vec<MetricsExporter>, TelemetryError> {
-    let mut out = Vec::new();
-    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part {
-            "prometheus" => out.push(MetricsExporter::Prometheus),
-            "otlp" => out.push(MetricsExporter::Otlp),
-            "none" => {}
-            _ => {
-                return Err(TelemetryError::BadVariable {
-                    var: "OTEL_METRICS_EXPORTER",
-                    value: v.to_owned(),
-                    reason: "expected a comma-separated list of prometheus, otlp, none",
-                })
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn parse_traces_exporter(v: &str) -> Result<bool, TelemetryError> {
-    let mut on = false;
-    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part {
-            "otlp" => on = true,
-            "none" => {}
-            _ => {
-                return Err(TelemetryError::BadVariable {
-                    var: "OTEL_TRACES_EXPORTER",
-                    value: v.to_owned(),
-                    reason: "expected otlp or none",
-                })
-            }
-        }
-    }
-    Ok(on)
-}
-
-fn otlp_protocol() -> Result<OtlpProtocol, TelemetryError> {
-    match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL") {
-        Err(_) => Ok(OtlpProtocol::HttpProtobuf),
-        Ok(v) => match v.trim() {
-            "" | "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
-            "grpc" => Ok(OtlpProtocol::Grpc),
-            _ => Err(TelemetryError::BadVariable {
-                var: "OTEL_EXPORTER_OTLP_PROTOCOL",
-                value: v,
-                reason: "expected grpc or http/protobuf",
-            }),
-        },
-    }
-}
-
-fn prometheus_addr_from_env() -> Result<SocketAddr, TelemetryError> {
-    let host = std::env::var("OTEL_EXPORTER_PROMETHEUS_HOST")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "127.0.0.1".to_owned());
-    let ip: IpAddr = match host.as_str() {
-        "localhost" => IpAddr::from([127, 0, 0, 1]),
-        h => h
-            .trim_matches(|c| c == '[' || c == ']')
-            .parse()
-            .map_err(|_| TelemetryError::BadVariable {
-                var: "OTEL_EXPORTER_PROMETHEUS_HOST",
-                value: host.clone(),
-                reason: "expected an IP address or localhost",
-            })?,
-    };
-    let port = match std::env::var("OTEL_EXPORTER_PROMETHEUS_PORT") {
-        Ok(p) if !p.is_empty() => p.parse().map_err(|_| TelemetryError::BadVariable {
-            var: "OTEL_EXPORTER_PROMETHEUS_PORT",
-            value: p.clone(),
-            reason: "expected a port number 0-65535",
-        })?,
-        _ => 9464,
-    };
-    Ok(SocketAddr::new(ip, port))
-}
-
-/// A current-thread tokio runtime on a thread of its own.
-struct BackgroundRuntime {
-    handle: tokio::runtime::Handle,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl BackgroundRuntime {
-    fn start() -> Result<Self, TelemetryError> {
-        let (tx, rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("lockmeter-telemetry".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                match rt {
-                    Ok(rt) => {
-                        let _ = tx.send(Ok(rt.handle().clone()));
-                        // Runs the server and gRPC connections until told to stop.
-                        let _ = rt.block_on(stop_rx);
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                    }
-                }
-            })
-            .map_err(TelemetryError::Runtime)?;
-        let handle = rx
-            .recv()
-            .map_err(|_| {
-                TelemetryError::Runtime(std::io::Error::other("telemetry thread died at start"))
-            })?
-            .map_err(TelemetryError::Runtime)?;
-        Ok(BackgroundRuntime {
-            handle,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
-    }
-
-    fn serve_prometheus(
-        &self,
-        listener: std::net::TcpListener,
-        registry: prometheus::Registry,
-    ) -> Result<(), TelemetryError> {
-        let _enter = self.handle.enter();
-        let addr = listener
-            .local_addr()
-            .map_err(|source| TelemetryError::Bind {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
-            })?;
-        let listener = tokio::net::TcpListener::from_std(listener)
-            .map_err(|source| TelemetryError::Bind { addr, source })?;
-        let app = axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let registry = registry.clone();
-                    async move { render_metrics(&registry) }
-                }),
-            )
-            .route(
-                "/",
-                axum::routing::get(|| async { "lockmeter: metrics at /metrics\n" }),
-            );
-        self.handle.spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, %addr, "Prometheus endpoint stopped");
-            }
-        });
-        Ok(())
-    }
-}
-
-fn render_metrics(registry: &prometheus::Registry) -> axum::response::Response {
-    use axum::response::IntoResponse as _;
-    use prometheus::Encoder as _;
-    // Lock counts live in atomics until published; a scrape sees them as of now.
-    crate::metrics::flush();
-    let encoder = prometheus::TextEncoder::new();
-    let mut body = Vec::new();
-    match encoder.encode(&registry.gather(), &mut body) {
-        Ok(()) => (
-            [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-            body,
-        )
-            .into_response(),
-        Err(e) => (
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding metrics failed: {e}\n"),
-        )
-            .into_response(),
-    }
-}
-
-impl Drop for BackgroundRuntime {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                eprintln!("lockmeter: telemetry thread panicked");
-            }
-        }
-    }
-}
-
 /// Installed telemetry. Dropping it flushes pending metrics and spans, shuts the providers down
 /// and stops the `/metrics` server.
 pub struct Telemetry {
+    sink: Sink,
     meter_provider: SdkMeterProvider,
     tracer_provider: Option<SdkTracerProvider>,
     prometheus: Option<SocketAddr>,
@@ -668,10 +453,16 @@ impl Telemetry {
         &self.meter_provider
     }
 
-    /// The `lockmeter` meter of the installed provider (for [`crate::FileLockBuilder::meter`]
-    /// when the provider is not global).
+    /// The `lockmeter` meter of the installed provider (for instruments of your own).
     pub fn meter(&self) -> Meter {
         self.meter_provider.meter(SCOPE)
+    }
+
+    /// Where locks should record to reach this telemetry: [`Sink::global`] when the provider
+    /// was made global (the default), else a sink on this provider (pass it to the lock
+    /// builders' `sink`).
+    pub fn sink(&self) -> Sink {
+        self.sink.clone()
     }
 
     /// The address `/metrics` is served on, if the Prometheus exporter is on.
@@ -697,7 +488,6 @@ impl Telemetry {
 
     /// Pushes pending metrics and spans now (for short-lived programs).
     pub fn flush(&self) -> Result<(), TelemetryError> {
-        crate::metrics::flush();
         let m = self.meter_provider.force_flush();
         let t = self
             .tracer_provider
@@ -716,8 +506,6 @@ impl Telemetry {
     }
 
     fn shutdown_inner(&mut self) -> Result<(), TelemetryError> {
-        // Lock counts are published by a flusher; push the last ones first.
-        crate::metrics::flush();
         let t = match self.tracer_provider.take() {
             Some(tp) => tp.shutdown(),
             None => Ok(()),
