@@ -143,11 +143,7 @@ fn who_shows_the_owner_record_holders_and_waiters() {
     let dir = tempfile::tempdir().unwrap();
     let lock = dir.path().join("who.lock");
     let mut holder = lm().exec_ready(&["--owner-record"], &lock, "echo ready; read _");
-    let mut waiter = command("flock")
-        .arg(&lock)
-        .arg("true")
-        .spawn()
-        .unwrap();
+    let mut waiter = command("flock").arg(&lock).arg("true").spawn().unwrap();
     eventually("the waiter to block", || {
         std::fs::read_to_string("/proc/locks")
             .unwrap()

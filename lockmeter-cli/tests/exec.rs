@@ -10,7 +10,7 @@ use lockmeter_testkit::cli::Cli;
 use lockmeter_testkit::proc::send_line;
 use lockmeter_testkit::tools::command;
 use lockmeter_testkit::{
-    eventually, flock_cli_can_lock, free_port, flock_holder, release_flock_holder, require_tool,
+    eventually, flock_cli_can_lock, flock_holder, free_port, release_flock_holder, require_tool,
 };
 
 fn lm() -> Cli {

@@ -35,7 +35,10 @@ lockmeter_testkit::helper_roles! {
 /// Increments a counter file ITERS times under the lock; detects overlap with a marker file.
 fn role_counter() {
     let kind: LockKind = role_var("KIND").parse().unwrap();
-    let lock = FileLock::builder(role_var("LOCK")).kind(kind).open().unwrap();
+    let lock = FileLock::builder(role_var("LOCK"))
+        .kind(kind)
+        .open()
+        .unwrap();
     let counter = PathBuf::from(role_var("COUNTER"));
     let inside = counter.with_extension("inside");
     let iters: u32 = role_var("ITERS").parse().unwrap();
@@ -75,7 +78,10 @@ fn role_hold_and_spawn() {
 /// One non-blocking attempt from another process.
 fn role_try() {
     let kind: LockKind = role_var("KIND").parse().unwrap();
-    let lock = FileLock::builder(role_var("LOCK")).kind(kind).open().unwrap();
+    let lock = FileLock::builder(role_var("LOCK"))
+        .kind(kind)
+        .open()
+        .unwrap();
     let free = lock.try_lock().unwrap().is_some();
     println!("try {}", if free { "free" } else { "held" });
 }

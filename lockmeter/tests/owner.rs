@@ -132,7 +132,9 @@ fn two_mounts_under_load(bf: &Bindfs) -> (u64, bool) {
         assert!(out.status.success(), "helper failed: {text}");
         let value = |key: &str| {
             let mut found = text.lines().filter_map(|l| l.strip_prefix(key));
-            let v = found.next().unwrap_or_else(|| panic!("no {key:?} line: {text}"));
+            let v = found
+                .next()
+                .unwrap_or_else(|| panic!("no {key:?} line: {text}"));
             assert!(found.next().is_none(), "two {key:?} lines: {text}");
             v.to_owned()
         };

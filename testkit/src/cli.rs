@@ -71,7 +71,10 @@ impl Cli {
             .trim_start_matches("http://")
             .trim_end_matches("/metrics")
             .to_owned();
-        assert!(url.ends_with("/metrics") && addr.starts_with("127.0.0.1:"), "{line}");
+        assert!(
+            url.ends_with("/metrics") && addr.starts_with("127.0.0.1:"),
+            "{line}"
+        );
         Demo {
             child: KillOnDrop(child),
             url,
@@ -114,4 +117,3 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
-

@@ -67,8 +67,8 @@ impl Bindfs {
 impl Drop for Bindfs {
     fn drop(&mut self) {
         for m in &self.mounts {
-            let st = tools::locate("fusermount3")
-                .map(|f| Command::new(f).arg("-u").arg(m).status());
+            let st =
+                tools::locate("fusermount3").map(|f| Command::new(f).arg("-u").arg(m).status());
             if !matches!(st, Some(Ok(s)) if s.success()) {
                 eprintln!("warning: could not unmount {} ({st:?})", m.display());
             }

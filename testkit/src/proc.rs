@@ -99,9 +99,12 @@ fn child_line_where(
 /// such line within [`READY_TIMEOUT`] (the child is then killed).
 pub fn read_line_starting(child: &mut Child, prefix: &str) -> String {
     let p = prefix.to_owned();
-    child_line_where(child, false, &format!("a line starting with {prefix:?}"), move |l| {
-        l.starts_with(&p)
-    })
+    child_line_where(
+        child,
+        false,
+        &format!("a line starting with {prefix:?}"),
+        move |l| l.starts_with(&p),
+    )
     .trim_end()
     .to_owned()
 }
@@ -110,9 +113,12 @@ pub fn read_line_starting(child: &mut Child, prefix: &str) -> String {
 /// Same deadline and failure as [`read_line_starting`].
 pub fn read_stderr_line_containing(child: &mut Child, needle: &str) -> String {
     let n = needle.to_owned();
-    child_line_where(child, true, &format!("a line containing {needle:?}"), move |l| {
-        l.contains(&n)
-    })
+    child_line_where(
+        child,
+        true,
+        &format!("a line containing {needle:?}"),
+        move |l| l.contains(&n),
+    )
     .trim_end()
     .to_owned()
 }
@@ -162,7 +168,10 @@ pub fn until_up(
     };
     while !f() {
         if let Some(st) = child.try_wait().unwrap() {
-            panic!("{what}: the process exited ({st}) before it was up\n{}", log_text());
+            panic!(
+                "{what}: the process exited ({st}) before it was up\n{}",
+                log_text()
+            );
         }
         assert!(
             Instant::now() < deadline,
@@ -247,7 +256,9 @@ pub const HELPER_ARGS: [&str; 6] = [
 /// [`helper_roles!`](crate::helper_roles)), with the given environment.
 pub fn helper(role: &str, env: &[(&str, &str)]) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args(HELPER_ARGS).env(ROLE_VAR, role).envs(env.iter().copied());
+    c.args(HELPER_ARGS)
+        .env(ROLE_VAR, role)
+        .envs(env.iter().copied());
     c
 }
 

@@ -155,4 +155,3 @@ pub fn promtool_check_metrics(exposition: &str) -> Result<(), String> {
         Err(format!("{} {report}", out.status))
     }
 }
-

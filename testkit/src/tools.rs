@@ -88,9 +88,9 @@ pub fn missing_message(tool: &str) -> String {
             "it comes from the {s}, which `.ci/run` installs (run `sudo .ci/run` for the \
              whole set-up)"
         ),
-        Some(s) => format!(
-            "it comes from the {s}, which `.ci/run` does not install yet: add it there"
-        ),
+        Some(s) => {
+            format!("it comes from the {s}, which `.ci/run` does not install yet: add it there")
+        }
         None => format!(
             "no package is recorded for it in testkit/src/tools.rs: add `{tool}` to TOOLS \
              there and its package to `.ci/run`"
@@ -151,8 +151,7 @@ pub fn command(tool: &str) -> std::process::Command {
 /// Whether the run opted out of failing on missing tools ([`ALLOW_MISSING_VAR`] is `1`, `true`
 /// or `yes`).
 pub fn missing_allowed() -> bool {
-    std::env::var(ALLOW_MISSING_VAR)
-        .is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
+    std::env::var(ALLOW_MISSING_VAR).is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
 }
 
 /// The skip log: `$CARGO_TARGET_DIR/lockmeter-test-skips.log`, by default
@@ -237,7 +236,10 @@ mod tests {
     #[test]
     fn ci_run_installs_every_package_of_the_table() {
         for (tool, source) in TOOLS {
-            assert!(ci_installs(*source), "{tool}: .ci/run does not install {source}");
+            assert!(
+                ci_installs(*source),
+                "{tool}: .ci/run does not install {source}"
+            );
         }
     }
 
