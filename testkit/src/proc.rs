@@ -83,8 +83,11 @@ fn child_line_where(
     match result {
         Ok(line) => line,
         Err(Some(all)) => {
-            let status = child.wait().ok();
-            panic!("child closed {stream} (exit: {status:?}) before printing {what}; it printed:\n{all}")
+            let status = match child.try_wait() {
+                Ok(Some(st)) => st.to_string(),
+                _ => "still running".to_owned(),
+            };
+            panic!("child closed {stream} ({status}) before printing {what}; it printed:\n{all}")
         }
         Err(None) => {
             let _ = child.kill();
@@ -311,4 +314,28 @@ macro_rules! helper_roles {
             $crate::proc::run_helper_role(&[$(($role, $f as fn())),+]);
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ready_line_consumes_nothing_after_it() {
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo one; echo ready now; echo after; read _"]);
+        let (mut child, line) = spawn_ready(&mut c, "ready");
+        assert_eq!(line, "ready now");
+        assert_eq!(read_line_starting(&mut child, ""), "after");
+        send_line(&mut child, "");
+        assert!(child.wait().unwrap().success());
+    }
+
+    #[test]
+    #[should_panic(expected = "before printing a line starting with \"ready\"")]
+    fn a_child_that_exits_without_its_ready_line_fails_the_test() {
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo something else"]);
+        spawn_ready(&mut c, "ready");
+    }
 }
