@@ -31,3 +31,14 @@ pub use otlp::*;
 pub use proc::*;
 pub use prometheus::*;
 pub use tools::*;
+
+/// Names other branches and older tests use from the crate root: they must keep compiling.
+#[cfg(test)]
+#[allow(unused_imports)]
+mod root_names {
+    use crate::{
+        eventually, flock_cli_can_lock, flock_holder, free_port, http_get, http_get_eventually,
+        parse_debug_dump, prom_query, read_line_starting, release_flock_holder, require_tool,
+        Bindfs, DebugMetric, DebugPoint, DebugSpan, Recorder, Snapshot,
+    };
+}
