@@ -32,6 +32,7 @@ fn read_line_where<R: Read + Send + 'static>(
         let mut byte = [0u8; 1];
         let found = loop {
             match r.read(&mut byte) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Ok(0) | Err(_) => break false,
                 Ok(_) if byte[0] == b'\n' => {
                     let text = String::from_utf8_lossy(&line).into_owned();
