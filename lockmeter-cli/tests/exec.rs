@@ -1,53 +1,33 @@
 //! `lockmeter exec` as a shell user runs it: real processes, flock(1), lslocks, signals.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 
+use lockmeter_testkit::cli::Cli;
+use lockmeter_testkit::proc::send_line;
+use lockmeter_testkit::tools::command;
 use lockmeter_testkit::{
-    eventually, flock_cli_can_lock, flock_holder, read_line_starting, release_flock_holder,
-    require_tool,
+    eventually, flock_cli_can_lock, flock_holder, free_port, release_flock_holder, require_tool,
 };
 
-fn lm() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lockmeter"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OTEL_") {
-            c.env_remove(k);
-        }
-    }
-    c
+fn lm() -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_lockmeter"))
 }
 
 fn run(args: &[&str]) -> Output {
-    lm().args(args).output().unwrap()
+    lm().output(args)
 }
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
-/// `lockmeter exec ARGS LOCK -- sh -c 'echo ready; SCRIPT'` with piped stdio, started and ready.
+/// `lockmeter exec FLAGS LOCK -- sh -c 'echo ready; SCRIPT'`, started and ready.
 fn spawn_ready(flags: &[&str], lock: &Path, script: &str) -> Child {
-    spawn_script(flags, lock, &format!("echo ready; {script}"))
-}
-
-/// `lockmeter exec ARGS LOCK -- sh -c SCRIPT`, waiting for SCRIPT to print `ready`.
-fn spawn_script(flags: &[&str], lock: &Path, script: &str) -> Child {
-    let mut c = lm()
-        .arg("exec")
-        .args(flags)
-        .arg(lock)
-        .args(["--", "sh", "-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    read_line_starting(&mut c, "ready");
-    c
+    lm().exec_ready(flags, lock, &format!("echo ready; {script}"))
 }
 
 #[test]
@@ -86,7 +66,7 @@ fn conflict_and_timeout_exit_without_running_command() {
     ];
     for (flags, code) in cases {
         let o = lm()
-            .arg("exec")
+            .command(["exec"])
             .args(flags)
             .arg(&lock)
             .arg("--")
@@ -134,7 +114,7 @@ fn lock_is_held_while_command_runs() {
     let lock = dir.path().join("c.lock");
     let mut c = spawn_ready(&[], &lock, "read _");
     assert!(!flock_cli_can_lock(&lock));
-    c.stdin.take().unwrap().write_all(b"\n").unwrap();
+    send_line(&mut c, "");
     assert!(c.wait().unwrap().success());
     assert!(flock_cli_can_lock(&lock), "released after COMMAND exits");
     // Shared mode: a shared flock(1) gets in, an exclusive one does not.
@@ -225,7 +205,7 @@ fn signals_are_forwarded_to_command() {
         (rustix::process::Signal::TERM, 42),
         (rustix::process::Signal::HUP, 43),
     ] {
-        let mut c = spawn_script(&[], &lock, script);
+        let mut c = lm().exec_ready(&[], &lock, script);
         let pid = rustix::process::Pid::from_raw(c.id() as i32).unwrap();
         rustix::process::kill_process(pid, sig).unwrap();
         assert_eq!(c.wait().unwrap().code(), Some(code), "{sig:?}");
@@ -247,7 +227,7 @@ fn each_kind_shows_in_lslocks() {
         let lock = dir.path().join(format!("{kind}.lock"));
         let mut c = spawn_ready(&["--kind", kind], &lock, "read _");
         let ino = std::fs::metadata(&lock).unwrap().ino().to_string();
-        let out = Command::new("lslocks")
+        let out = command("lslocks")
             .args(["--noheadings", "--raw", "-o", "TYPE,INODE"])
             .output()
             .unwrap();
@@ -257,7 +237,7 @@ fn each_kind_shows_in_lslocks() {
                 .any(|l| l.split_whitespace().collect::<Vec<_>>() == [shown, &ino]),
             "{kind}: {text}"
         );
-        c.stdin.take().unwrap().write_all(b"\n").unwrap();
+        send_line(&mut c, "");
         assert!(c.wait().unwrap().success());
     }
 }
@@ -313,12 +293,12 @@ fn stdin_and_stdout_are_the_commands() {
     let dir = tempfile::tempdir().unwrap();
     let lock = dir.path().join("io.lock");
     let mut c = lm()
-        .args(["exec", p(&lock), "--", "cat"])
+        .command(["exec", p(&lock), "--", "cat"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    c.stdin.take().unwrap().write_all(b"hello\n").unwrap();
+    send_line(&mut c, "hello");
     let mut out = String::new();
     c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
     assert_eq!(out, "hello\n");
@@ -330,14 +310,10 @@ fn an_unreachable_collector_is_a_warning_not_a_failure() {
     let dir = tempfile::tempdir().unwrap();
     let lock = dir.path().join("otlp.lock");
     // A port nothing listens on: bind one, note it, close it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     for proto in ["grpc", "http/protobuf"] {
         let o = lm()
-            .args(["exec", p(&lock), "--", "sh", "-c", "exit 5"])
+            .command(["exec", p(&lock), "--", "sh", "-c", "exit 5"])
             .env(
                 "OTEL_EXPORTER_OTLP_ENDPOINT",
                 format!("http://127.0.0.1:{port}"),
