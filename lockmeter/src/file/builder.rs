@@ -1,6 +1,7 @@
 //! [`FileLockBuilder`]: a lock's options, opening the lock file, and the file-system check.
 
 use std::os::fd::AsFd as _;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -196,6 +197,17 @@ impl FileLockBuilder {
             Ok(fd) => fd,
             Err(e) => return Err(count_error(&recorder, e)),
         };
+        // Cannot fail: the path just opened has no interior NUL.
+        let c_path = std::ffi::CString::new(self.path.as_os_str().as_bytes()).map_err(|_| {
+            count_error(
+                &recorder,
+                Error::Os {
+                    path: self.path.clone(),
+                    operation: Operation::Open,
+                    errno: Errno::INVAL,
+                },
+            )
+        })?;
         if !fs_info.coherence.is_trustworthy() {
             match self.fs_policy {
                 FsPolicy::Allow => {}
@@ -219,6 +231,7 @@ impl FileLockBuilder {
         };
         Ok(FileLock {
             path: self.path,
+            c_path,
             name,
             kind: self.kind,
             create: self.create,

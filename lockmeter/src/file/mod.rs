@@ -52,6 +52,9 @@ pub use guard::FileLockGuard;
 /// threads hold it exclusively at once.
 pub struct FileLock {
     path: PathBuf,
+    /// `path` as a C string, built once: verifying after each acquire then passes it to
+    /// `lstat` without copying it.
+    c_path: std::ffi::CString,
     name: String,
     kind: LockKind,
     create: bool,

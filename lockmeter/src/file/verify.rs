@@ -33,7 +33,7 @@ impl FileLock {
     /// Whether the path still names the locked inode.
     #[inline(always)]
     pub(super) fn verified(&self, fd: &LockFd) -> bool {
-        matches!(sys::path_id(&self.path), Ok(id) if id == fd.id)
+        matches!(sys::path_id(self.c_path.as_c_str()), Ok(id) if id == fd.id)
     }
 
     /// Takes the lock, then (unless verification is off) checks that the path still names the
@@ -54,7 +54,7 @@ impl FileLock {
             if !self.verify {
                 return Ok(Some(held));
             }
-            match sys::path_id(&self.path) {
+            match sys::path_id(self.c_path.as_c_str()) {
                 Ok(id) if id == held.id() => return Ok(Some(held)),
                 Ok(id) => {
                     let kind = if id.dev != held.id().dev {

@@ -81,7 +81,7 @@ fn id_of(st: &rustix::fs::Stat) -> FileId {
 
 /// Identity of the inode a path names now, without following a final symlink.
 #[inline(always)]
-pub(crate) fn path_id(path: &Path) -> Result<FileId, Errno> {
+pub(crate) fn path_id<P: rustix::path::Arg>(path: P) -> Result<FileId, Errno> {
     rustix::fs::lstat(path).map(|st| id_of(&st))
 }
 
