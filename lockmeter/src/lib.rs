@@ -91,6 +91,8 @@ mod clock;
 mod error;
 mod file;
 pub mod fs;
+#[cfg(any(feature = "etcd", feature = "redis", feature = "postgres"))]
+pub mod lease;
 mod meter;
 pub mod metrics;
 pub mod owner;
