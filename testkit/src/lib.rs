@@ -3,6 +3,7 @@
 //! small HTTP GET.
 #![allow(missing_docs, clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod servers;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

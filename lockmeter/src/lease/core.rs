@@ -189,32 +189,26 @@ impl Shared {
         }
     }
 
-    /// Marks the hold lost: status, an `error!`, and `lock.lost{reason}`. Only the first call
-    /// counts.
+    /// Marks the hold lost: an `error!`, `lock.lost{reason}`, then the status (so whoever
+    /// wakes on it sees the loss already counted). Only the keeper ends a hold, so the check
+    /// and the update cannot race; only the first end counts.
     pub(crate) fn lost(&self, hold: Hold<'_>, reason: LostReason, detail: &str) {
-        let first = self.status.send_if_modified(|s| {
-            if *s == Status::Held {
-                *s = Status::Lost(reason);
-                true
-            } else {
-                false
-            }
-        });
-        if first {
-            tracing::error!(
-                lock.name = %self.name,
-                lock.kind = self.backend,
-                lock.lost.reason = reason.as_str(),
-                "{} lock {:?} lost ({}): {detail}; the holder no longer excludes anyone",
-                self.backend,
-                self.name,
-                reason.as_str()
-            );
-            hold.lost(reason);
-        } else {
-            // Already ended (released or lost): the hold is recorded by whoever ended it.
+        if self.status() != Status::Held {
+            // Already ended: the hold was recorded by whoever ended it.
             drop(hold);
+            return;
         }
+        tracing::error!(
+            lock.name = %self.name,
+            lock.kind = self.backend,
+            lock.lost.reason = reason.as_str(),
+            "{} lock {:?} lost ({}): {detail}; the holder no longer excludes anyone",
+            self.backend,
+            self.name,
+            reason.as_str()
+        );
+        hold.lost(reason);
+        self.status.send_replace(Status::Lost(reason));
     }
 
     /// Marks the hold released (before the release call, so `is_valid()` turns false first).

@@ -372,42 +372,58 @@ async fn keep_alive(
     shared: Arc<Shared>,
     events: mpsc::UnboundedSender<LeaseEvent>,
 ) {
+    /// One renewal's outcome.
+    enum Renew {
+        Granted(Duration),
+        Gone,
+        Failed(String),
+    }
     let mut stream = None;
     let interval = renew_interval(ttl);
+    let per_call = timeout.min(interval);
     loop {
         let sent = Instant::now();
-        let result = tokio::time::timeout(timeout.min(interval), async {
+        let result = tokio::time::timeout(per_call, async {
             match &mut stream {
                 None => {
-                    // Creating the stream sends one keep-alive and checks its answer.
+                    // Creating the stream sends one keep-alive and checks that its answer
+                    // has a positive TTL (the lease's own).
                     let s = client.lease_keep_alive(lease).await?;
                     stream = Some(s);
-                    Ok(None)
+                    Ok::<_, etcd_client::Error>(Renew::Granted(ttl))
                 }
                 Some((keeper, responses)) => {
                     keeper.keep_alive().await?;
-                    Ok(responses.message().await?.map(|r| r.ttl()))
+                    Ok(match responses.message().await? {
+                        Some(r) if r.ttl() > 0 => {
+                            Renew::Granted(Duration::from_secs(r.ttl().unsigned_abs()))
+                        }
+                        Some(_) => Renew::Gone,
+                        None => Renew::Failed("the keep-alive stream ended".into()),
+                    })
                 }
             }
         })
         .await;
-        let granted = match result {
-            // A new stream: its first answer had a positive TTL, the lease's own.
-            Ok(Ok(None)) if stream.is_some() => Some(ttl),
-            Ok(Ok(Some(t))) if t > 0 => Some(Duration::from_secs(t.unsigned_abs())),
-            Ok(Ok(_)) | Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => {
-                // TTL 0 or "lease not found": the server dropped the lease.
-                let _ = events.send(LeaseEvent::Gone);
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(lock.name = %shared.name, "etcd keep-alive failed: {e}");
-                None
-            }
-            Err(_) => None,
+        let renew = match result {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Renew::Failed(e.to_string()),
+            Err(_) => Renew::Failed(format!("no answer within {per_call:?}")),
         };
-        match granted {
-            Some(t) => {
+        let renew = match renew {
+            Renew::Failed(why) => {
+                stream = None;
+                // A failed stream says little (the server may just be unreachable): ask
+                // the server whether it still knows the lease.
+                match op(per_call, client.lease_time_to_live(lease, None)).await {
+                    Ok(r) if r.ttl() <= 0 => Renew::Gone,
+                    _ => Renew::Failed(why),
+                }
+            }
+            r => r,
+        };
+        match renew {
+            Renew::Granted(t) => {
                 if shared.expired() {
                     let _ = events.send(LeaseEvent::LateRenewal);
                     return;
@@ -416,8 +432,12 @@ async fn keep_alive(
                 shared.set_renew_failing(false);
                 tokio::time::sleep(interval).await;
             }
-            None => {
-                stream = None;
+            Renew::Gone => {
+                let _ = events.send(LeaseEvent::Gone);
+                return;
+            }
+            Renew::Failed(why) => {
+                tracing::debug!(lock.name = %shared.name, "etcd keep-alive failed: {why}");
                 shared.set_renew_failing(true);
                 tokio::time::sleep(retry_interval(ttl)).await;
             }
@@ -691,11 +711,13 @@ async fn keeper(inner: Arc<Inner>, shared: Arc<Shared>, wait: Wait, mut reply: A
         Lost(LostReason, String),
     }
     let end = tokio::select! {
-        req = release_requested(&mut rel_rx) => End::Release(req),
+        // Deadline first: after a pause, every branch is ready and the clock decides.
+        biased;
         _ = shared.deadline_passed() => End::Lost(
             shared.deadline_reason(),
             format!("no lease renewal was confirmed within the TTL ({} s)", ttl.as_secs()),
         ),
+        req = release_requested(&mut rel_rx) => End::Release(req),
         ev = lease_events.recv() => match ev {
             Some(LeaseEvent::LateRenewal) => End::Lost(
                 LostReason::Expired,
@@ -712,6 +734,11 @@ async fn keeper(inner: Arc<Inner>, shared: Arc<Shared>, wait: Wait, mut reply: A
             None => End::Lost(shared.deadline_reason(), "the keep-alive task ended".into()),
         },
         ev = watch.next() => match ev {
+            // The lease ran out (the server deleted the key at expiry).
+            _ if shared.expired() => End::Lost(
+                LostReason::Expired,
+                format!("the lease ran out and the server deleted {}", watch.key),
+            ),
             KeyEvent::Deleted => End::Lost(
                 LostReason::Overwritten,
                 format!("the lock key {} was deleted", watch.key),

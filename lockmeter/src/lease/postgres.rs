@@ -576,7 +576,7 @@ async fn keeper(inner: Arc<Inner>, shared: Arc<Shared>, wait: Wait, mut reply: A
     let mut next_check = Instant::now() + interval;
     let end: Result<ReleaseRequest, (LostReason, String)> = loop {
         tokio::select! {
-            req = release_requested(&mut rel_rx) => break Ok(req),
+            biased;
             why = &mut conn.closed => break Err((
                 LostReason::Connection,
                 format!("the session ended: {}", why.unwrap_or_else(|_| "connection task gone".into())),
@@ -585,6 +585,7 @@ async fn keeper(inner: Arc<Inner>, shared: Arc<Shared>, wait: Wait, mut reply: A
                 shared.deadline_reason(),
                 format!("no health check succeeded within the TTL ({:?})", inner.ttl),
             )),
+            req = release_requested(&mut rel_rx) => break Ok(req),
             _ = tokio::time::sleep_until(next_check.into()) => {
                 let sent = Instant::now();
                 match op(inner.op_timeout.min(interval), conn.client.query_one(check_sql, &[&hi, &lo])).await {

@@ -487,11 +487,13 @@ async fn keeper(inner: Arc<Inner>, shared: Arc<Shared>, wait: Wait, mut reply: A
     let mut next_renewal = Instant::now() + interval;
     let end: Result<ReleaseRequest, (LostReason, String)> = loop {
         tokio::select! {
-            req = release_requested(&mut rel_rx) => break Ok(req),
+            // Deadline first: after a pause, every branch is ready and the clock decides.
+            biased;
             _ = shared.deadline_passed() => break Err((
                 shared.deadline_reason(),
                 format!("no renewal was confirmed within the TTL ({:?})", inner.ttl),
             )),
+            req = release_requested(&mut rel_rx) => break Ok(req),
             _ = tokio::time::sleep_until(next_renewal.into()) => {
                 let sent = Instant::now();
                 let r: Result<i64, _> = op(
