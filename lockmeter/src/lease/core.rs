@@ -440,9 +440,11 @@ impl ReleaseRequest {
 }
 
 /// A task aborted when this handle is dropped.
+#[cfg(feature = "etcd")]
 #[derive(Debug)]
 pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
+#[cfg(feature = "etcd")]
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
@@ -486,6 +488,7 @@ pub struct LockStatus {
 }
 
 /// A unique id for a holder: `host:pid:random`.
+#[cfg(feature = "redis")]
 pub(crate) fn holder_id() -> String {
     let host = rustix::system::uname()
         .nodename()
