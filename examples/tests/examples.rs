@@ -198,3 +198,47 @@ fn the_wrap_any_lock_example_runs_against_redis() {
         "{out}"
     );
 }
+
+/// The etcd job example against a real etcd: it finishes and releases; then, with an operator
+/// deleting its lock key mid-run, it stops before its next write and exits 75.
+#[cfg(feature = "etcd")]
+#[test]
+fn distributed_lock_example_writes_with_its_token_and_stops_when_lost() {
+    use std::io::{BufRead as _, BufReader};
+    let etcd = lockmeter_testkit::servers::Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("report.store");
+    let s = store.to_str().unwrap();
+    let out = run_example("distributed_lock", &[&etcd.url, "3", s], &[]);
+    assert!(
+        out.contains("wrote step 3 with fencing token") && out.contains("lock released"),
+        "{out}"
+    );
+    let first: u64 = std::fs::read_to_string(&store)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let mut c = Command::new(example("distributed_lock"))
+        .args([&etcd.url, "1000", s])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(c.stdout.take().unwrap()).lines();
+    let holding = lines.next().unwrap().unwrap();
+    let key = holding.split_whitespace().nth(1).unwrap().to_owned();
+    let token: u64 = holding.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(token > first, "{holding}");
+    assert!(lines.next().unwrap().unwrap().starts_with("wrote step 1"));
+    etcd.ctl_ok(&["del", &key]);
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(
+        rest.last().unwrap().starts_with("lock lost (overwritten)"),
+        "{rest:?}"
+    );
+    assert_eq!(c.wait().unwrap().code(), Some(75));
+}

@@ -114,13 +114,19 @@ fn parent() {
             } else {
                 format!(
                     "target median <= {target_median:.2} {}, worst <= {target_worst:.2} {}",
-                    if med <= *target_median { "met" } else { "MISSED" },
-                    if worst <= *target_worst { "met" } else { "MISSED" }
+                    if med <= *target_median {
+                        "met"
+                    } else {
+                        "MISSED"
+                    },
+                    if worst <= *target_worst {
+                        "met"
+                    } else {
+                        "MISSED"
+                    }
                 )
             };
-            println!(
-                "  {name:<34} median {med:.3}  worst {worst:.3}  best {best:.3}  {target}"
-            );
+            println!("  {name:<34} median {med:.3}  worst {worst:.3}  best {best:.3}  {target}");
         }
     }
 }

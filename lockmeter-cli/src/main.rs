@@ -2,6 +2,7 @@
 
 mod demo;
 mod exec;
+mod exec_lease;
 mod probe;
 mod who;
 
@@ -42,6 +43,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `exec`/`who` with --etcd, --redis or --postgres: distributed locks (exec_lease.rs).
+    if let Some(code) = exec_lease::intercept() {
+        return code;
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -144,7 +144,7 @@ fn prometheus_scrapes_the_demo_and_every_dashboard_and_rule_query_works() {
     // Every rule expression is valid; the hold/wait recordings have data; Prometheus loaded the
     // rules healthy and the migration alert fires on the demo's replaced lock file.
     let rule_exprs = rule_exprs(&yaml(&rules));
-    assert_eq!(rule_exprs.len(), 11);
+    assert_eq!(rule_exprs.len(), 12);
     for (_, expr) in rule_exprs {
         prom.query(&expr); // panics with the expression if Prometheus rejects it
     }

@@ -119,6 +119,12 @@ mod error;
 mod file;
 pub mod fs;
 mod kind;
+#[cfg(any(feature = "etcd", feature = "redis", feature = "postgres"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "etcd", feature = "redis", feature = "postgres")))
+)]
+pub mod lease;
 mod meter;
 pub mod metrics;
 pub mod owner;

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod proc;
 pub mod prometheus;
+pub mod servers;
 pub mod tools;
 
 pub use cli::*;

@@ -54,6 +54,12 @@ pub const TOOLS: &[(&str, Source)] = &[
     ("bindfs", Source::Apt("bindfs")),
     ("fusermount3", Source::Apt("fuse3")),
     ("redis-server", Source::Apt("redis-server")),
+    ("redis-cli", Source::Apt("redis-tools")),
+    ("etcd", Source::Apt("etcd-server")),
+    ("etcdctl", Source::Apt("etcd-client")),
+    ("initdb", Source::Apt("postgresql")),
+    ("postgres", Source::Apt("postgresql")),
+    ("psql", Source::Apt("postgresql-client")),
     ("python3", Source::Apt("python3")),
     ("rotel-agent", Source::Pip("rotel")),
 ];

@@ -367,8 +367,7 @@ impl Drop for FileLockGuard<'_> {
     #[inline(always)]
     fn drop(&mut self) {
         let lock = self.lock;
-        if let (LockKind::Flock, Some(Held::Fd(_)), None) = (lock.kind, &*self.held, &*self.extra)
-        {
+        if let (LockKind::Flock, Some(Held::Fd(_)), None) = (lock.kind, &*self.held, &*self.extra) {
             let Some(Held::Fd(fd)) = self.held.take() else {
                 return;
             };
