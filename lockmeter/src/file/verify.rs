@@ -111,7 +111,7 @@ impl FileLock {
             Backend::Posix(current) => {
                 let mut cur = current.lock();
                 if cur.file().id == old {
-                    match super::builder::open_fd(&self.path, self.create, self.mode, self.kind) {
+                    match self.open_again() {
                         Ok(fd) => *cur = PosixHandle::register(fd.fd, fd.id),
                         // Counted now; the next attempt re-opens through the old handle, finds
                         // the same mismatch and reports through `Unstable` or the open error.
