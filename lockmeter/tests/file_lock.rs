@@ -680,6 +680,8 @@ fn bad_paths_are_typed_errors_and_counted() {
     let e = open(dir.path()).unwrap_err();
     assert!(matches!(e, Error::IsDirectory { .. }), "{e}");
     assert_eq!(e.errno_name(), "EISDIR");
+    // `?` in main prints Debug: the same sentence, naming the path and the errno.
+    assert_eq!(format!("{e:?}"), e.to_string());
 
     let target = dir.path().join("real.lock");
     std::fs::write(&target, b"").unwrap();
