@@ -129,7 +129,7 @@ impl FileLock {
     pub(super) fn stamp(&self, fd: BorrowedFd<'_>) -> std::result::Result<Box<OwnerState>, Errno> {
         let previous = owner::read(fd)?;
         let fence = previous.map_or(1, |p| p.fence.wrapping_add(1));
-        let rec = owner::OwnerRecord::new_for_self(fence)?;
+        let rec = owner::OwnerRecord::new_for_self(fence, &self.name)?;
         owner::write(fd, &rec)?;
         Ok(Box::new(OwnerState {
             token: rec.token,
