@@ -260,12 +260,19 @@ mod tests {
         let mut r = OwnerRecord::parse(OLD.as_bytes()).unwrap();
         r.name = Some("nightly\njob=x".to_owned());
         let text = r.to_string();
-        assert!(text.starts_with(OLD), "the v1 fields come first, unchanged: {text}");
+        assert!(
+            text.starts_with(OLD),
+            "the v1 fields come first, unchanged: {text}"
+        );
         let back = OwnerRecord::parse(text.as_bytes()).unwrap();
         assert_eq!(back.name.as_deref(), Some("nightly job=x"));
         assert_eq!(back.token, r.token);
         r.name = Some("é".repeat(MAX_NAME));
         let back = OwnerRecord::parse(r.to_string().as_bytes()).unwrap();
-        assert_eq!(back.name.unwrap().len(), MAX_NAME, "cut at a character boundary");
+        assert_eq!(
+            back.name.unwrap().len(),
+            MAX_NAME,
+            "cut at a character boundary"
+        );
     }
 }

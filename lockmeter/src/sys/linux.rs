@@ -59,10 +59,12 @@ pub(crate) fn open_lock_file(
     let perm = Mode::from_raw_mode(mode);
     let fd = match rustix::fs::open(path, base | OFlags::RDWR | create_flag, perm) {
         Ok(fd) => fd,
-        Err(Errno::ISDIR) if allow_directory => {
-            rustix::fs::open(path, base | OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
-                .map_err(OpenError::Errno)?
-        }
+        Err(Errno::ISDIR) if allow_directory => rustix::fs::open(
+            path,
+            base | OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .map_err(OpenError::Errno)?,
         Err(e @ (Errno::ACCESS | Errno::ROFS)) if kind == LockKind::Flock => {
             // The file may exist and be readable: flock works on a read-only descriptor locally.
             rustix::fs::open(path, base | OFlags::RDONLY, Mode::empty())

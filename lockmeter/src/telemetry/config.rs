@@ -89,7 +89,10 @@ pub(super) fn otlp_timeout_from_env(
     let specific = signal.var("TIMEOUT");
     for (var, name) in [
         (specific.as_str(), None),
-        ("OTEL_EXPORTER_OTLP_TIMEOUT", Some("OTEL_EXPORTER_OTLP_TIMEOUT")),
+        (
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+            Some("OTEL_EXPORTER_OTLP_TIMEOUT"),
+        ),
     ] {
         let Ok(v) = std::env::var(var) else { continue };
         if v.trim().is_empty() {

@@ -590,9 +590,11 @@ impl Telemetry {
     pub fn flush(&self) -> Result<(), TelemetryError> {
         let mp = self.meter_provider.clone();
         let tp = self.tracer_provider.clone();
-        self.bounded("flush", move || mp.force_flush(), move || {
-            tp.map(|tp| tp.force_flush())
-        })
+        self.bounded(
+            "flush",
+            move || mp.force_flush(),
+            move || tp.map(|tp| tp.force_flush()),
+        )
     }
 
     /// Flushes and shuts down, returning the first error (dropping does the same and prints
@@ -609,9 +611,11 @@ impl Telemetry {
         let mp = self.meter_provider.clone();
         let tp = self.tracer_provider.take();
         let timeout = self.export_timeout;
-        let r = self.bounded("shutdown", move || mp.shutdown(), move || {
-            tp.map(|tp| tp.shutdown_with_timeout(timeout))
-        });
+        let r = self.bounded(
+            "shutdown",
+            move || mp.shutdown(),
+            move || tp.map(|tp| tp.shutdown_with_timeout(timeout)),
+        );
         // Stop the server and the runtime only after the final export went out through it
         // (or was given up on).
         drop(self.runtime.take());
@@ -640,7 +644,10 @@ impl Telemetry {
                     let _ = thread_tx.send((what, f()));
                 });
             if let Err(e) = spawned {
-                let _ = tx.send((what, Some(Err(OTelSdkError::InternalFailure(e.to_string())))));
+                let _ = tx.send((
+                    what,
+                    Some(Err(OTelSdkError::InternalFailure(e.to_string()))),
+                ));
             }
         };
         spawn("metrics", Box::new(move || Some(metrics())));
@@ -828,7 +835,10 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("os error 98"), "{shown}");
-        assert!(!shown.contains("Bind {") && !shown.contains("Os {"), "{shown}");
+        assert!(
+            !shown.contains("Bind {") && !shown.contains("Os {"),
+            "{shown}"
+        );
         let boxed: Box<dyn std::error::Error> = Box::new(e);
         assert_eq!(format!("{boxed:?}"), shown);
     }
