@@ -3,6 +3,7 @@
 mod delivery;
 mod demo;
 mod exec;
+mod locks;
 mod probe;
 mod timefmt;
 mod who;
