@@ -298,7 +298,7 @@ impl ExecArgs {
 /// `-w SECS` as flock(1) reads it: a non-negative decimal number of seconds.
 fn parse_flock_timeout(s: &str) -> Result<Duration, String> {
     let invalid = || format!("invalid timeout value: '{s}'");
-    let secs: f64 = s.parse().map_err(|_| invalid())?;
+    let secs: f64 = s.trim_start().parse().map_err(|_| invalid())?;
     if !secs.is_finite() {
         return Err(invalid());
     }
