@@ -44,7 +44,13 @@ pub struct ProbeArgs {
     #[arg(long)]
     json: bool,
     /// How long to wait for PATH when another process holds it.
-    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value = "30",
+        value_parser = parse_secs,
+        allow_negative_numbers = true
+    )]
     timeout: Duration,
 }
 

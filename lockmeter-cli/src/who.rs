@@ -38,14 +38,17 @@ pub fn run(args: WhoArgs) -> ExitCode {
         }
     };
     println!("lock file:  {} (inode {inode})", args.path.display());
-    let holder = FileLock::builder(&args.path)
-        .create(false)
-        .allow_directory(true)
-        .fs_policy(FsPolicy::Allow)
-        .open()
-        .and_then(|l| l.holder());
     // The owner record's holder, if it is running here, and how long it has held the lock.
     let mut owner: Option<(i64, Option<String>)> = None;
+    let holder = if args.path.is_dir() {
+        Ok(None)
+    } else {
+        FileLock::builder(&args.path)
+            .create(false)
+            .fs_policy(FsPolicy::Allow)
+            .open()
+            .and_then(|l| l.holder())
+    };
     match holder {
         Ok(Some(h)) => {
             if let Some(name) = &h.name {
@@ -89,6 +92,9 @@ pub fn run(args: WhoArgs) -> ExitCode {
                     println!("            command: {c}");
                 }
             }
+        }
+        Ok(None) if args.path.is_dir() => {
+            println!("owner:      none (a directory cannot hold an owner record)")
         }
         Ok(None) => println!("owner:      no owner record (holders did not use --owner-record)"),
         Err(e) => println!("owner:      cannot read: {e}"),

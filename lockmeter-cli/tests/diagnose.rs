@@ -328,3 +328,22 @@ fn lockmeter_alone_names_every_subcommand_in_its_first_line() {
         );
     }
 }
+
+#[test]
+fn who_on_a_locked_directory_shows_its_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let locked = dir.path().join("jobs");
+    std::fs::create_dir(&locked).unwrap();
+    let mut holder = lm().exec_ready(&[], &locked, "echo ready; read _");
+    let o = lm().command(["who"]).arg(&locked).output().unwrap();
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("owner:      none (a directory"), "{text}");
+    assert!(
+        text.contains("FLOCK")
+            && text.contains(&format!("pid {} (lockmeter), running for", holder.id())),
+        "{text}"
+    );
+    send_line(&mut holder, "");
+    assert!(holder.wait().unwrap().success());
+}
