@@ -392,8 +392,9 @@ pub fn run(args: ExecArgs) -> ExitCode {
 pub trait Held {
     /// For `--verbose`: kind, mode, what is locked, file-system trust, fencing token.
     fn describe(&self) -> String;
-    /// The descriptor COMMAND inherits so that the lock outlives lockmeter as with flock(1);
-    /// `None` when there is none to inherit (POSIX locks, `-u`, a network lease).
+    /// The locked descriptor, which COMMAND inherits so that the lock outlives lockmeter as
+    /// with flock(1) (and which `-F` must keep open across the exec); `None` when there is
+    /// none (`-u`, a network lease).
     fn inheritable_fd(&self) -> Option<BorrowedFd<'_>>;
     /// Releases the lock; called before any telemetry delivery.
     fn release(self: Box<Self>) -> Result<(), String>;
@@ -466,7 +467,11 @@ pub fn hold_and_run(
     }
     // flock(1) leaves its own lines in stdio's buffer; lockmeter's come before COMMAND's.
     let _ = std::io::Write::flush(&mut std::io::stdout());
-    let inherit = !plan.close && held.inheritable_fd().is_some();
+    // A forked COMMAND gains nothing from a POSIX lock's descriptor (POSIX locks are not
+    // inherited); with -F it must stay open, or closing it at exec drops the lock.
+    let inherit = !plan.close
+        && held.inheritable_fd().is_some()
+        && (plan.no_fork || plan.kind != LockKind::Posix);
     if inherit {
         if let Some(fd) = held.inheritable_fd() {
             if let Err(e) = rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty()) {
@@ -828,7 +833,7 @@ impl Held for FileHeld<'_> {
     }
 
     fn inheritable_fd(&self) -> Option<BorrowedFd<'_>> {
-        (self.lock.kind() != LockKind::Posix).then(|| self.guard.as_fd())
+        Some(self.guard.as_fd())
     }
 
     fn release(self: Box<Self>) -> Result<(), String> {

@@ -695,6 +695,23 @@ fn no_fork_becomes_the_command_which_keeps_the_lock() {
     send_line(&mut c, "");
     assert_eq!(c.wait().unwrap().code(), Some(6));
     assert!(flock_cli_can_lock(&lock));
+    // Every kind stays locked in COMMAND, POSIX too (the process stays the same, and its
+    // descriptor must stay open across the exec).
+    for (kind, shown) in [("flock", "FLOCK"), ("ofd", "OFDLCK"), ("posix", "POSIX")] {
+        let (mut c, _) = proc::spawn_ready(
+            lm().command(["exec", "-F", "--kind", kind])
+                .arg(&lock)
+                .args(["sh", "-c", "echo ready; read _"])
+                .env("OTEL_METRICS_EXPORTER", "none"),
+            "ready",
+        );
+        let held = kernel_locks(&lock);
+        assert_eq!(held.len(), 1, "{kind}: {held:?}");
+        assert_eq!(held[0].0, shown, "{kind}");
+        send_line(&mut c, "");
+        assert!(c.wait().unwrap().success());
+        assert!(kernel_locks(&lock).is_empty(), "{kind}: released at exit");
+    }
     // Without -F, COMMAND is a child.
     let (mut c, line) = proc::spawn_ready(
         lm().command(["exec"])
