@@ -7,7 +7,7 @@ use std::process::Stdio;
 use lockmeter_testkit::cli::{text as out, Cli};
 use lockmeter_testkit::proc::{read_stderr_line_containing, send_line};
 use lockmeter_testkit::tools::command;
-use lockmeter_testkit::{eventually, require_tool, Bindfs};
+use lockmeter_testkit::{eventually, flock_holder, release_flock_holder, require_tool, Bindfs};
 
 fn lm() -> Cli {
     Cli::new(env!("CARGO_BIN_EXE_lockmeter"))
@@ -142,14 +142,24 @@ fn who_shows_the_owner_record_holders_and_waiters() {
     }
     let dir = tempfile::tempdir().unwrap();
     let lock = dir.path().join("who.lock");
-    let mut holder = lm().exec_ready(&["--owner-record"], &lock, "echo ready; read _");
+    let mut holder = lm().exec_ready(
+        &["--owner-record", "--name", "nightly-job"],
+        &lock,
+        "echo ready; read _",
+    );
     let mut waiter = command("flock").arg(&lock).arg("true").spawn().unwrap();
     eventually("the waiter to block", || {
         std::fs::read_to_string("/proc/locks")
             .unwrap()
             .contains(&format!("-> FLOCK  ADVISORY  WRITE {}", waiter.id()))
     });
-    let o = lm().command(["who"]).arg(&lock).output().unwrap();
+    // Local time: TZ=UTC-9 is nine hours east of UTC (POSIX TZ, no zone files needed).
+    let o = lm()
+        .command(["who"])
+        .arg(&lock)
+        .env("TZ", "UTC-9")
+        .output()
+        .unwrap();
     let text = out(&o);
     assert!(o.status.success(), "{text}");
     assert!(
@@ -157,6 +167,21 @@ fn who_shows_the_owner_record_holders_and_waiters() {
         "{text}"
     );
     assert!(text.contains("fence 1"), "{text}");
+    assert!(text.contains("name:       nightly-job"), "{text}");
+    let owner = text.lines().find(|l| l.starts_with("owner:")).unwrap();
+    let held = regex_like_age(owner, "held for ");
+    assert!(owner.contains(" +0900 (held for "), "{owner}");
+    assert!(held.is_some(), "an age such as 12ms or 3m12s: {owner}");
+    // The holder's and the waiter's command lines, the waiter's wait so far.
+    assert!(
+        text.contains("command: ") && text.contains("--name nightly-job"),
+        "{text}"
+    );
+    let waiting = text
+        .lines()
+        .find(|l| l.contains("waiting") && l.contains(&format!("pid {}", waiter.id())))
+        .unwrap_or_else(|| panic!("no waiter line: {text}"));
+    assert!(regex_like_age(waiting, "waiting ").is_some(), "{waiting}");
     assert!(
         text.contains("FLOCK") && text.contains("held") && text.contains("waiting"),
         "{text}"
@@ -170,6 +195,7 @@ fn who_shows_the_owner_record_holders_and_waiters() {
     assert!(waiter.wait().unwrap().success());
     let o = lm().command(["who"]).arg(&lock).output().unwrap();
     assert!(out(&o).contains("(exited)"), "{}", out(&o));
+    assert!(out(&o).contains(" ago)"), "{}", out(&o));
     assert!(out(&o).contains("no locks on this file"), "{}", out(&o));
 }
 
@@ -223,4 +249,101 @@ fn exec_watch_warns_once_when_the_lock_file_is_replaced() {
         !rest.contains("was replaced"),
         "warned again after the first warning: {rest}"
     );
+}
+
+/// The age after `after` in `line` (`850ms`, `12s`, `3m12s`, `2h05m`, `3d04h`), if well formed.
+fn regex_like_age<'a>(line: &'a str, after: &str) -> Option<&'a str> {
+    let rest = &line[line.rfind(after)? + after.len()..];
+    let age = rest.split([',', ')', ' ']).next()?;
+    let units = ["ms", "s", "m", "h", "d"];
+    let well_formed = !age.is_empty()
+        && age.starts_with(|c: char| c.is_ascii_digit())
+        && age
+            .split(|c: char| c.is_ascii_digit())
+            .filter(|u| !u.is_empty())
+            .all(|u| units.contains(&u));
+    well_formed.then_some(age)
+}
+
+#[test]
+fn probe_says_what_it_waits_for_and_gives_up_at_its_timeout() {
+    if !require_tool("flock") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("busy.lock");
+    let holder = flock_holder(&lock, false);
+    let o = lm()
+        .command(["probe", "--kind", "flock", "--timeout", "0.3"])
+        .arg(&lock)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(75), "{}", out(&o));
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("is locked (FLOCK WRITE held by")
+            && first.contains(&format!("pid {} (flock)", holder.id()))
+            && first.contains("echo locked")
+            && first.contains("waiting up to 300ms"),
+        "said before waiting: who holds it, its command line, how long: {err}"
+    );
+    assert!(err.contains("stayed locked for 300ms"), "{err}");
+
+    // Released while the probe waits: the probe goes on to its verdict.
+    let mut probe = lm()
+        .command(["probe", "--kind", "flock"])
+        .arg(&lock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    read_stderr_line_containing(&mut probe, "waiting up to 30s");
+    release_flock_holder(holder);
+    let o = probe.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(out(&o).contains("can be trusted"), "{}", out(&o));
+}
+
+#[test]
+fn lockmeter_alone_names_every_subcommand_in_its_first_line() {
+    let help = lm().output(["--help"]);
+    let text = String::from_utf8_lossy(&help.stdout).into_owned();
+    let commands: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.len() >= 4, "{text}");
+    let o = lm().output(Vec::<&str>::new());
+    assert_eq!(o.status.code(), Some(64));
+    let first = out(&o).lines().next().unwrap_or_default().to_owned();
+    for c in &commands {
+        assert!(
+            first.contains(&format!(" {c},")) || first.contains(&format!(" {c} ")),
+            "{c} missing from the summary line {first:?}"
+        );
+    }
+}
+
+#[test]
+fn who_on_a_locked_directory_shows_its_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let locked = dir.path().join("jobs");
+    std::fs::create_dir(&locked).unwrap();
+    let mut holder = lm().exec_ready(&[], &locked, "echo ready; read _");
+    let o = lm().command(["who"]).arg(&locked).output().unwrap();
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("owner:      none (a directory"), "{text}");
+    assert!(
+        text.contains("FLOCK")
+            && text.contains(&format!("pid {} (lockmeter), running for", holder.id())),
+        "{text}"
+    );
+    send_line(&mut holder, "");
+    assert!(holder.wait().unwrap().success());
 }

@@ -338,6 +338,111 @@ fn otlp_over_grpc_and_http_reaches_a_third_party_receiver() {
     }
 }
 
+#[test]
+fn holds_that_outlive_lockmeter_report_wait_and_outcome_but_no_hold_time() {
+    if !require_tools(&["rotel-agent", "flock"]) {
+        return;
+    }
+    let rotel = Rotel::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("handoff.lock");
+    let lock_s = lock.to_str().unwrap();
+    let env = |c: &mut std::process::Command, service: &str| {
+        c.env("OTEL_EXPORTER_OTLP_ENDPOINT", rotel.endpoint("grpc"))
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            .env("OTEL_SERVICE_NAME", service);
+    };
+    // flock(1)'s descriptor form: the shell keeps the lock after lockmeter exits; then a
+    // conflict on the same descriptor form while flock(1) holds the file.
+    let mut c = lm().shell(&format!(
+        r#"exec 9>'{lock_s}'; "$LOCKMETER" exec --name fd-job 9 || exit 1; echo "shell holds it"; flock -n '{lock_s}' true; echo "others: $?""#
+    ));
+    env(&mut c, "handoff-fd");
+    let o = c.output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "shell holds it\nothers: 1\n",
+        "{o:?}"
+    );
+    let holder = flock_holder(&lock, false);
+    let mut c = lm().shell(&format!(
+        r#"exec 9>'{lock_s}'; "$LOCKMETER" exec -n --name fd-job 9; echo "status $?""#
+    ));
+    env(&mut c, "handoff-fd");
+    assert_eq!(
+        String::from_utf8_lossy(&c.output().unwrap().stdout),
+        "status 1\n"
+    );
+    release_flock_holder(holder);
+    // -F: COMMAND replaces lockmeter, which delivers before it goes.
+    let mut c = lm().command(["exec", "-F", "--name", "nofork-job", lock_s, "true"]);
+    env(&mut c, "handoff-nofork");
+    assert!(c.status().unwrap().success());
+
+    for (service, name, conflicts, outcomes) in [
+        (
+            "handoff-fd",
+            "fd-job",
+            1.0,
+            &[("acquired", 1), ("would_block", 1)][..],
+        ),
+        ("handoff-nofork", "nofork-job", 0.0, &[("acquired", 1)][..]),
+    ] {
+        let mut metrics = Vec::new();
+        eventually(&format!("{service}: exports in rotel's log"), || {
+            metrics = rotel
+                .dump()
+                .0
+                .into_iter()
+                .filter(|m| m.service == service)
+                .collect();
+            let waits: usize = metrics
+                .iter()
+                .filter(|m| m.name == "lock.wait.duration")
+                .map(|m| m.points.len())
+                .sum();
+            waits >= outcomes.len()
+        });
+        let points = |metric: &str| -> Vec<DebugPoint> {
+            metrics
+                .iter()
+                .filter(|m| m.name == metric)
+                .flat_map(|m| m.points.clone())
+                .filter(|p| p.attrs.get("lock.name").map(String::as_str) == Some(name))
+                .collect()
+        };
+        let acq = points("lock.acquisitions");
+        assert_eq!(
+            acq.iter().filter_map(|p| p.value).sum::<f64>(),
+            1.0,
+            "{service}: {acq:?}"
+        );
+        assert_eq!(acq[0].attrs["lock.kind"], "flock");
+        assert!(acq[0].attrs.contains_key("fs.type"), "{acq:?}");
+        let sum = |metric: &str| points(metric).iter().filter_map(|p| p.value).sum::<f64>();
+        assert_eq!(sum("lock.conflicts"), conflicts, "{service}");
+        assert_eq!(
+            sum("lock.held"),
+            0.0,
+            "{service}: the hold was handed over, not left held by a process that is gone"
+        );
+        assert!(
+            points("lock.duration")
+                .iter()
+                .all(|p| p.count.unwrap_or(0) == 0),
+            "{service}: no hold time: lockmeter cannot see the release"
+        );
+        for (outcome, n) in outcomes {
+            let got: u64 = points("lock.wait.duration")
+                .iter()
+                .filter(|p| p.attrs.get("lock.outcome").map(String::as_str) == Some(outcome))
+                .filter_map(|p| p.count)
+                .sum();
+            assert_eq!(got, *n, "{service}: {outcome}");
+        }
+    }
+}
+
 /// Components used by otel-collector-config.yaml must exist in otelcol-contrib. This list is a
 /// subset of the components built into otelcol-contrib, from its manifest
 /// (opentelemetry-collector-releases, `distributions/otelcol-contrib/manifest.yaml`) and the

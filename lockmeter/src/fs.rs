@@ -365,8 +365,11 @@ pub fn find_mount<'a>(
     best(true).or_else(|| best(false))
 }
 
-/// Works out the file system of `path` (whose descriptor is `fd`) for locks of `kind`.
-pub(crate) fn fs_info(path: &Path, fd: std::os::fd::BorrowedFd<'_>, kind: LockKind) -> FsInfo {
+/// Works out the file system of `path` (whose descriptor is `fd`) for locks of `kind`: what
+/// [`FileLock::fs_info`](crate::FileLock::fs_info) reports, for a descriptor opened elsewhere
+/// (one inherited from a shell, as `lockmeter exec NUMBER` locks). `path` finds the mount in
+/// `/proc/self/mountinfo`; `fd` gives the device and `statfs` type when it is not found.
+pub fn fs_info(path: &Path, fd: std::os::fd::BorrowedFd<'_>, kind: LockKind) -> FsInfo {
     let statfs_type = crate::sys::fs_type(fd);
     let dev = rustix::fs::fstat(fd)
         .ok()

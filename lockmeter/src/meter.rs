@@ -47,8 +47,19 @@ impl LockMeter {
     /// The same, recording into `sink`. Every attempt is timed (no sampling: a lock call
     /// worth wrapping this way costs far more than two histogram records).
     pub fn with_sink(name: &str, kind: &str, sink: &Sink) -> LockMeter {
+        LockMeter::with_attributes(name, kind, sink, &[])
+    }
+
+    /// The same, with `attributes` added to every series (as file locks add `fs.type`). Keep
+    /// them few and bounded: each distinct set is a series.
+    pub fn with_attributes(
+        name: &str,
+        kind: &str,
+        sink: &Sink,
+        attributes: &[opentelemetry::KeyValue],
+    ) -> LockMeter {
         LockMeter {
-            recorder: Recorder::new(sink, name, kind, &[], 1),
+            recorder: Recorder::new(sink, name, kind, attributes, 1),
         }
     }
 
@@ -212,6 +223,17 @@ impl Hold<'_> {
     pub fn lost(mut self, reason: LostReason) {
         self.recorder.lost(reason);
         self.release();
+    }
+
+    /// The lock stays held after this process stops measuring it: a descriptor borrowed from
+    /// a parent shell, a command this process `exec`s into. The hold ends here as far as this
+    /// process's metrics go (`lock.held` does not stay up for a holder that is gone), and no
+    /// hold time is recorded: when the lock is released is not known here.
+    pub fn handed_off(mut self) {
+        if !self.released {
+            self.released = true;
+            self.recorder.count_release(self.mode);
+        }
     }
 
     fn release(&mut self) {

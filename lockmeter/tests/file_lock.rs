@@ -680,6 +680,8 @@ fn bad_paths_are_typed_errors_and_counted() {
     let e = open(dir.path()).unwrap_err();
     assert!(matches!(e, Error::IsDirectory { .. }), "{e}");
     assert_eq!(e.errno_name(), "EISDIR");
+    // `?` in main prints Debug: the same sentence, naming the path and the errno.
+    assert_eq!(format!("{e:?}"), e.to_string());
 
     let target = dir.path().join("real.lock");
     std::fs::write(&target, b"").unwrap();
@@ -827,4 +829,44 @@ fn a_failed_unlock_is_reported_and_counted() {
     assert_eq!(s.updown("lock.held", &[]), 0);
     // The lock is free: the sabotaged descriptors were closed.
     assert!(lock.try_lock().unwrap().is_some());
+}
+
+#[test]
+fn a_directory_is_locked_as_flock_1_locks_it_when_allowed() {
+    if !require_tool("flock") {
+        return;
+    }
+    let dir = tmp();
+    let locked = dir.path().join("d");
+    std::fs::create_dir(&locked).unwrap();
+    let lock = FileLock::builder(&locked)
+        .allow_directory(true)
+        .open()
+        .unwrap();
+    let g = lock.lock().unwrap();
+    assert!(
+        !flock_cli_can_lock(&locked),
+        "flock(1) on the directory must find it taken"
+    );
+    drop(g);
+    assert!(flock_cli_can_lock(&locked));
+    // flock(1) holding the directory excludes lockmeter too.
+    let holder = flock_holder(&locked, false);
+    assert!(lock.try_lock().unwrap().is_none());
+    release_flock_holder(holder);
+    // Opened read-only: nothing can be written into it, so owner records refuse it.
+    let e = FileLock::builder(&locked)
+        .allow_directory(true)
+        .owner_record(true)
+        .open()
+        .unwrap_err();
+    assert!(matches!(e, Error::IsDirectory { .. }), "{e}");
+    // A symlink to a directory is still a symlink.
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&locked, &link).unwrap();
+    let e = FileLock::builder(&link)
+        .allow_directory(true)
+        .open()
+        .unwrap_err();
+    assert!(matches!(e, Error::Symlink { .. }), "{e}");
 }

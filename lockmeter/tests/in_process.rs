@@ -434,3 +434,35 @@ fn tokio_rwlock_times_waits_and_holds_together() {
         1
     );
 }
+
+#[test]
+fn a_handed_off_hold_counts_the_acquisition_but_no_hold_time() {
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let meter = LockMeter::with_attributes(
+        "/var/lock/job",
+        "flock",
+        &sink,
+        &[opentelemetry::KeyValue::new("fs.type", "tmpfs")],
+    );
+    let attempt = meter.start(LockMode::Exclusive);
+    attempt.conflict();
+    let hold = attempt.acquired(true);
+    assert_eq!(rec.snapshot().updown("lock.held", &[]), 1);
+    hold.handed_off();
+    let s = rec.snapshot();
+    let attrs = [("lock.kind", "flock"), ("fs.type", "tmpfs")];
+    assert_eq!(s.counter("lock.acquisitions", &attrs), 1);
+    assert_eq!(s.counter("lock.conflicts", &attrs), 1);
+    assert_eq!(s.hist_count("lock.wait.duration", &attrs), 1);
+    assert_eq!(
+        s.updown("lock.held", &[]),
+        0,
+        "the holder is gone from this process: lock.held must not stay up"
+    );
+    assert_eq!(
+        s.hist_count("lock.duration", &[]),
+        0,
+        "when the lock is released is not known here: no hold time"
+    );
+}

@@ -84,6 +84,31 @@ fn fencing_tokens_increase_and_the_holder_is_readable() {
 }
 
 #[test]
+fn the_record_names_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("named.lock");
+    let lock = FileLock::builder(&path)
+        .name("nightly-job")
+        .owner_record(true)
+        .open()
+        .unwrap();
+    let g = lock.lock().unwrap();
+    let h = lock.holder().unwrap().unwrap();
+    assert_eq!(h.name.as_deref(), Some("nightly-job"));
+    let age = std::time::SystemTime::now()
+        .duration_since(h.acquired_time().unwrap())
+        .unwrap();
+    assert!(age < std::time::Duration::from_secs(60), "{age:?}");
+    drop(g);
+    // Without a name, the record carries the path as given (the default lock.name).
+    let unnamed = FileLock::builder(&path).owner_record(true).open().unwrap();
+    drop(unnamed.lock().unwrap());
+    let h = unnamed.holder().unwrap().unwrap();
+    assert_eq!(h.name.as_deref(), Some(path.to_str().unwrap()));
+    assert_eq!(h.fence, 2, "fences carry on across names");
+}
+
+#[test]
 fn an_overwritten_record_is_one_violation() {
     let rec = Recorder::new();
     let sink = Sink::new(rec.meter());

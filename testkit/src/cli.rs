@@ -39,6 +39,20 @@ impl Cli {
         c
     }
 
+    /// `sh -c SCRIPT` with the same clean environment and `$LOCKMETER` naming the binary: for
+    /// forms that need a shell around lockmeter, such as flock(1)'s descriptor form
+    /// (`exec 9>FILE; "$LOCKMETER" exec -n 9; ...`), where the lock stays with the shell.
+    pub fn shell(&self, script: &str) -> Command {
+        let mut c = Command::new("sh");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("OTEL_") || k == "RUST_LOG" {
+                c.env_remove(k);
+            }
+        }
+        c.args(["-c", script]).env("LOCKMETER", &self.exe);
+        c
+    }
+
     /// Runs `lockmeter ARGS` to completion with captured output.
     pub fn output<I, S>(&self, args: I) -> Output
     where

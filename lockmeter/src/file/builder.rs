@@ -45,6 +45,7 @@ pub struct FileLockBuilder {
     watch: Option<Duration>,
     spans: bool,
     sample_every: u32,
+    allow_directory: bool,
 }
 
 impl FileLockBuilder {
@@ -62,6 +63,7 @@ impl FileLockBuilder {
             watch: None,
             spans: false,
             sample_every: DEFAULT_SAMPLE_EVERY,
+            allow_directory: false,
         }
     }
 
@@ -87,6 +89,17 @@ impl FileLockBuilder {
     /// Permission bits for a created lock file (default `0o644`; the umask applies).
     pub fn mode(mut self, mode: u32) -> Self {
         self.mode = mode;
+        self
+    }
+
+    /// Accept a directory as the lock file (default `false`: [`Error::IsDirectory`]), as
+    /// `flock(1)` does: it is opened read-only (`O_RDONLY | O_DIRECTORY | O_NOFOLLOW |
+    /// O_CLOEXEC`), which is all a `flock` lock needs. POSIX and OFD *write* locks need a
+    /// descriptor open for writing, so on a directory only shared ones can be taken (an
+    /// exclusive one fails with `EBADF`). Owner records cannot be kept in a directory:
+    /// with [`owner_record(true)`](Self::owner_record) a directory is still refused.
+    pub fn allow_directory(mut self, allow: bool) -> Self {
+        self.allow_directory = allow;
         self
     }
 
@@ -167,15 +180,22 @@ impl FileLockBuilder {
 
     /// Opens (and by default creates) the lock file. Nothing is locked yet.
     ///
-    /// Fails on a missing directory, a directory or symlink given as lock file, a file that is
-    /// not a regular file, permission or read-only errors; each failure is also counted in
-    /// `lock.errors`.
+    /// Fails on a missing directory, a directory (unless [allowed](Self::allow_directory)) or
+    /// symlink given as lock file, a file that is not a regular file, permission or read-only
+    /// errors; each failure is also counted in `lock.errors`.
     pub fn open(self) -> Result<FileLock> {
         let name = self
             .name
             .clone()
             .unwrap_or_else(|| self.path.to_string_lossy().into_owned());
-        let opened = open_fd(&self.path, self.create, self.mode, self.kind);
+        let allow_directory = self.allow_directory && !self.owner_record;
+        let opened = open_fd(
+            &self.path,
+            self.create,
+            self.mode,
+            self.kind,
+            allow_directory,
+        );
         let fs_info = match &opened {
             Ok(fd) => crate::fs::fs_info(&self.path, fd.fd.as_fd(), self.kind),
             Err(_) => crate::fs::FsInfo {
@@ -236,6 +256,7 @@ impl FileLockBuilder {
             kind: self.kind,
             create: self.create,
             mode: self.mode,
+            allow_directory,
             verify: self.verify_inode,
             owner_record: self.owner_record,
             watch: self.watch,
@@ -284,8 +305,14 @@ fn warn_untrusted_once(path: &Path, id: FileId, info: &crate::fs::FsInfo) {
 }
 
 /// Opens (and maybe creates) a lock file, mapping failures to typed errors.
-pub(super) fn open_fd(path: &Path, create: bool, mode: u32, kind: LockKind) -> Result<LockFd> {
-    match sys::open_lock_file(path, create, mode, kind) {
+pub(super) fn open_fd(
+    path: &Path,
+    create: bool,
+    mode: u32,
+    kind: LockKind,
+    allow_directory: bool,
+) -> Result<LockFd> {
+    match sys::open_lock_file(path, create, mode, kind, allow_directory) {
         Ok((fd, id)) => Ok(LockFd { fd, id }),
         Err(sys::OpenError::Errno(Errno::ISDIR)) => Err(Error::IsDirectory {
             path: path.to_path_buf(),

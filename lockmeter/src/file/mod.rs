@@ -59,6 +59,8 @@ pub struct FileLock {
     kind: LockKind,
     create: bool,
     mode: u32,
+    /// A directory is accepted as the lock file ([`FileLockBuilder::allow_directory`]).
+    allow_directory: bool,
     verify: bool,
     owner_record: bool,
     watch: Option<Duration>,
@@ -187,9 +189,19 @@ impl FileLock {
     /// Opens another descriptor of the lock file (the pool was empty, or the file changed).
     #[cold]
     fn reopen(&self) -> Result<Box<LockFd>> {
-        builder::open_fd(&self.path, self.create, self.mode, self.kind)
-            .map(Box::new)
-            .map_err(|e| self.count(e))
+        self.open_again().map(Box::new).map_err(|e| self.count(e))
+    }
+
+    /// Opens the lock file again with the options it was opened with (not counted).
+    #[cold]
+    fn open_again(&self) -> Result<LockFd> {
+        builder::open_fd(
+            &self.path,
+            self.create,
+            self.mode,
+            self.kind,
+            self.allow_directory,
+        )
     }
 
     /// A failed system call on the lock file: counted in `lock.errors`, returned typed.

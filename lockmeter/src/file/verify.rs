@@ -111,7 +111,7 @@ impl FileLock {
             Backend::Posix(current) => {
                 let mut cur = current.lock();
                 if cur.file().id == old {
-                    match super::builder::open_fd(&self.path, self.create, self.mode, self.kind) {
+                    match self.open_again() {
                         Ok(fd) => *cur = PosixHandle::register(fd.fd, fd.id),
                         // Counted now; the next attempt re-opens through the old handle, finds
                         // the same mismatch and reports through `Unstable` or the open error.
@@ -129,7 +129,7 @@ impl FileLock {
     pub(super) fn stamp(&self, fd: BorrowedFd<'_>) -> std::result::Result<Box<OwnerState>, Errno> {
         let previous = owner::read(fd)?;
         let fence = previous.map_or(1, |p| p.fence.wrapping_add(1));
-        let rec = owner::OwnerRecord::new_for_self(fence)?;
+        let rec = owner::OwnerRecord::new_for_self(fence, &self.name)?;
         owner::write(fd, &rec)?;
         Ok(Box::new(OwnerState {
             token: rec.token,

@@ -22,6 +22,97 @@ pub enum OtlpProtocol {
     HttpProtobuf,
 }
 
+impl OtlpProtocol {
+    /// The `OTEL_EXPORTER_OTLP_PROTOCOL` value: `grpc` or `http/protobuf`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+impl std::fmt::Display for OtlpProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An OTLP signal, for its per-signal variables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Signal {
+    Metrics,
+    Traces,
+}
+
+impl Signal {
+    fn var(self, suffix: &str) -> String {
+        let s = match self {
+            Signal::Metrics => "METRICS",
+            Signal::Traces => "TRACES",
+        };
+        format!("OTEL_EXPORTER_OTLP_{s}_{suffix}")
+    }
+
+    fn http_path(self) -> &'static str {
+        match self {
+            Signal::Metrics => "/v1/metrics",
+            Signal::Traces => "/v1/traces",
+        }
+    }
+}
+
+/// The endpoint a signal is sent to, resolved as the OTLP exporter resolves it (and then
+/// handed to it, so that messages name exactly what was tried): the per-signal variable as
+/// given; else `OTEL_EXPORTER_OTLP_ENDPOINT`, plus `/v1/metrics` or `/v1/traces` over HTTP;
+/// else `http://localhost:4317` (gRPC) or `http://localhost:4318/v1/…` (HTTP).
+pub(super) fn otlp_endpoint(signal: Signal, protocol: OtlpProtocol) -> String {
+    let nonempty = |v: &str| std::env::var(v).ok().filter(|s| !s.trim().is_empty());
+    if let Some(e) = nonempty(&signal.var("ENDPOINT")) {
+        return e;
+    }
+    let base = nonempty("OTEL_EXPORTER_OTLP_ENDPOINT");
+    match protocol {
+        OtlpProtocol::Grpc => base.unwrap_or_else(|| "http://localhost:4317".to_owned()),
+        OtlpProtocol::HttpProtobuf => {
+            let base = base.unwrap_or_else(|| "http://localhost:4318".to_owned());
+            format!("{}{}", base.trim_end_matches('/'), signal.http_path())
+        }
+    }
+}
+
+/// `OTEL_EXPORTER_OTLP_{METRICS,TRACES}_TIMEOUT`, else `OTEL_EXPORTER_OTLP_TIMEOUT`
+/// (milliseconds), if set.
+pub(super) fn otlp_timeout_from_env(
+    signal: Signal,
+) -> Result<Option<std::time::Duration>, TelemetryError> {
+    let specific = signal.var("TIMEOUT");
+    for (var, name) in [
+        (specific.as_str(), None),
+        (
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+            Some("OTEL_EXPORTER_OTLP_TIMEOUT"),
+        ),
+    ] {
+        let Ok(v) = std::env::var(var) else { continue };
+        if v.trim().is_empty() {
+            continue;
+        }
+        return match v.trim().parse::<u64>() {
+            Ok(ms) => Ok(Some(std::time::Duration::from_millis(ms))),
+            Err(_) => Err(TelemetryError::BadVariable {
+                var: name.unwrap_or(match signal {
+                    Signal::Metrics => "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
+                    Signal::Traces => "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+                }),
+                value: v,
+                reason: "expected a whole number of milliseconds",
+            }),
+        };
+    }
+    Ok(None)
+}
+
 pub(super) fn program_name() -> String {
     std::env::args_os()
         .next()

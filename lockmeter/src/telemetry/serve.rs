@@ -1,7 +1,8 @@
 //! Serving: the background runtime that runs the Prometheus endpoint and OTLP's gRPC client.
 
 use std::net::SocketAddr;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 
 use super::TelemetryError;
 
@@ -27,6 +28,9 @@ impl BackgroundRuntime {
                         let _ = tx.send(Ok(rt.handle().clone()));
                         // Runs the server and gRPC connections until told to stop.
                         let _ = rt.block_on(stop_rx);
+                        // Without waiting for what is left (a connection to a collector that
+                        // never answered): stopping must not hang.
+                        rt.shutdown_background();
                     }
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -51,6 +55,7 @@ impl BackgroundRuntime {
         &self,
         listener: std::net::TcpListener,
         registry: prometheus::Registry,
+        scrapes: Arc<AtomicU64>,
     ) -> Result<(), TelemetryError> {
         let _enter = self.handle.enter();
         let addr = listener
@@ -66,6 +71,7 @@ impl BackgroundRuntime {
                 "/metrics",
                 axum::routing::get(move || {
                     let registry = registry.clone();
+                    scrapes.fetch_add(1, Ordering::Relaxed);
                     async move { render_metrics(&registry) }
                 }),
             )
