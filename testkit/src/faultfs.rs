@@ -22,9 +22,13 @@
 //!
 //! Kernel facts seen through it (checked on 6.x): the kernel turns a daemon's `EINTR` answer to
 //! a lock request into `ERESTARTSYS` ("locking is restartable"), which restarts the system call
-//! when a signal is pending and otherwise reaches user space as errno 512; a lock request whose
-//! process receives a (non-fatal) signal is not abandoned: the kernel sends `FUSE_INTERRUPT` and
-//! keeps waiting for the daemon's answer, which this daemon gives when the lock is had.
+//! when a signal is pending and otherwise reaches user space as errno 512. A signal to a
+//! process waiting in `FUSE_SETLKW` ends its wait (the handler runs; without `SA_RESTART` the
+//! call returns `EINTR`) only while the kernel believes the daemon handles `FUSE_INTERRUPT`;
+//! fuser answers it with `ENOSYS`, after which the kernel keeps later signals pending until the
+//! daemon answers. The daemon's own wait goes on either way, and the lock it gets belongs to the
+//! same lock owner: a retried request is granted at once, and a caller that gave up holds the
+//! lock until it closes the file. A real daemon that implements interrupts cancels its wait.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
