@@ -259,3 +259,39 @@ fn the_descriptor_form_under_lock_faults() {
         }
     }
 }
+
+/// Disks that say no, through `lockmeter exec`: a lock file that cannot be created on a
+/// read-only file system (73, as flock(1)), and an owner record with no space for it (65, the
+/// step named), COMMAND not run.
+#[test]
+fn exec_on_disks_that_say_no() {
+    use lockmeter_testkit::disk::{fill, read_only_bind, tmpfs};
+    let src = tempfile::tempdir().unwrap();
+    let ro = read_only_bind(src.path());
+    let out = lm()
+        .command(["exec"])
+        .arg(ro.path("new.lock"))
+        .args(["--", "true"])
+        .env("OTEL_METRICS_EXPORTER", "none")
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(73), "{t}");
+    assert!(t.contains("Read-only file system"), "{t}");
+    let full = tmpfs(64 << 10, 64);
+    let filler = fill(full.root());
+    let marker = src.path().join("ran");
+    let out = lm()
+        .command(["exec", "--owner-record"])
+        .arg(full.path("job.lock"))
+        .args(["--", "touch"])
+        .arg(&marker)
+        .env("OTEL_METRICS_EXPORTER", "none")
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(65), "{t}");
+    assert!(t.contains("(ENOSPC during lock)"), "{t}");
+    assert!(!marker.exists(), "COMMAND ran without the lock");
+    std::fs::remove_file(filler).unwrap();
+}

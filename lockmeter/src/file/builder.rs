@@ -116,6 +116,12 @@ impl FileLockBuilder {
     /// acquire, and check it before release (default `false`); see [`crate::owner`]. A
     /// different token at release means another holder got the lock meanwhile: counted in
     /// `lock.violations`. Costs a write and an `fdatasync` per exclusive acquire.
+    ///
+    /// A record that cannot be written (`ENOSPC`, `EIO`, `EBADF` on a file only readable, as on
+    /// a read-only file system) fails the acquire: the lock is let go, the call returns
+    /// [`Error::Os`] with [`Operation::Lock`] and the write's errno, counted in `lock.errors`
+    /// (`lock.operation="lock"`). A write that stopped part-way never costs the previous
+    /// holder's record or fence (see [`crate::owner`]).
     pub fn owner_record(mut self, on: bool) -> Self {
         self.owner_record = on;
         self
