@@ -293,12 +293,25 @@ fn intern(s: &str) -> &'static str {
     }
 }
 
-/// One `warn!` per lock file (inode) per process about a file system that may not exclude.
+/// Lock files remembered as warned about; past this many the memory starts over (and a file
+/// may be warned about again): a program that locks a million files on NFS must not keep a
+/// million entries.
+const MAX_WARNED: usize = 4096;
+
+/// One `warn!` per lock file (inode) per process about a file system that may not exclude
+/// (per [`MAX_WARNED`] distinct files).
 #[cold]
 fn warn_untrusted_once(path: &Path, id: FileId, info: &crate::fs::FsInfo) {
     static WARNED: std::sync::OnceLock<Mutex<std::collections::HashSet<FileId>>> =
         std::sync::OnceLock::new();
-    if WARNED.get_or_init(Default::default).lock().insert(id) {
+    let first = {
+        let mut warned = WARNED.get_or_init(Default::default).lock();
+        if warned.len() >= MAX_WARNED {
+            *warned = std::collections::HashSet::new();
+        }
+        warned.insert(id)
+    };
+    if first {
         tracing::warn!(
             lock.path = %path.display(),
             fs.type = %info.fs_type,
