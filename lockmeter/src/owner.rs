@@ -255,9 +255,14 @@ fn self_identity() -> &'static Identity {
 
 /// Start time of a process in clock ticks since boot (`/proc/PID/stat` field 22).
 pub(crate) fn process_start_time(pid: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    start_time_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Field 22 of a `/proc/PID/stat` line.
+fn start_time_of(stat: &str) -> Option<u64> {
     // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    // `get`: a line cut right after the ')' (or anything else) is `None`, never a panic.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     rest.split(' ').nth(19)?.parse().ok()
 }
 
@@ -479,6 +484,18 @@ mod tests {
             bytes[i] = byte;
             let r = OwnerRecord::parse(&bytes);
             prop_assert!(r.is_none(), "flipped byte {} to {:#x}: {:?}", i, byte, r);
+        }
+
+        /// `/proc/PID/stat` lines: any bytes never panic; a well-formed line gives field 22
+        /// whatever the command name holds (spaces, parentheses, any character).
+        #[test]
+        fn stat_lines(bytes in proptest::collection::vec(any::<u8>(), 0..300),
+                      comm in "\\PC{0,16}", start: u64) {
+            let _ = start_time_of(&String::from_utf8_lossy(&bytes));
+            let line = format!(
+                "4242 ({comm}) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {start} 1000 10\n"
+            );
+            prop_assert_eq!(start_time_of(&line), Some(start));
         }
 
         /// Records with arbitrary field values (any string, names with any characters)
