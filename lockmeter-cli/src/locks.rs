@@ -255,14 +255,13 @@ mod tests {
         kind: &str,
         mode: &str,
         pid: i64,
-        dev: (u32, u32),
-        ino: u64,
+        inode: Inode,
         end: &str,
     ) -> String {
         let arrow = if blocked { "-> " } else { "" };
         format!(
-            "{n}: {arrow}{kind}  ADVISORY  {mode} {pid} {:02x}:{:02x}:{ino} 0 {end}",
-            dev.0, dev.1
+            "{n}: {arrow}{kind}  ADVISORY  {mode} {pid} {:02x}:{:02x}:{} 0 {end}",
+            inode.dev.0, inode.dev.1, inode.ino
         )
     }
 
@@ -300,7 +299,7 @@ mod tests {
                 let inode = if *which == 0 { want } else { others[which - 1] };
                 let mode = if *write { "WRITE" } else { "READ" };
                 let end = end.map_or("EOF".to_owned(), |e| e.to_string());
-                text.push_str(&line(i as u32 + 1, *blocked, kinds[*kind], mode, *pid, inode.dev, inode.ino, &end));
+                text.push_str(&line(i as u32 + 1, *blocked, kinds[*kind], mode, *pid, inode, &end));
                 text.push('\n');
                 if let Some(n) = noise.get(i) {
                     text.push_str(&String::from_utf8_lossy(n).replace(':', " "));

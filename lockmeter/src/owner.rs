@@ -215,7 +215,7 @@ impl OwnerRecord {
 impl fmt::Display for OwnerRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let body = self.body();
-        write!(f, "{body}sum={:016x}\n", fnv1a64(body.as_bytes()))
+        writeln!(f, "{body}sum={:016x}", fnv1a64(body.as_bytes()))
     }
 }
 

@@ -232,7 +232,7 @@ fn the_lock_directory_loses_its_permissions_while_held() {
                 tx.send(()).unwrap();
                 done_rx.recv().unwrap();
                 assert!(
-                    std::fs::metadata(&path).is_err(),
+                    std::fs::metadata(path).is_err(),
                     "the path is out of reach now"
                 );
                 assert!(
@@ -246,7 +246,7 @@ fn the_lock_directory_loses_its_permissions_while_held() {
                     (Operation::Verify, "EACCES"),
                     "{kind:?}: {e}"
                 );
-                let e = builder(&path, kind, &sink).open().unwrap_err();
+                let e = builder(path, kind, sink).open().unwrap_err();
                 assert_eq!(
                     (e.operation(), e.errno_name()),
                     (Operation::Open, "EACCES"),

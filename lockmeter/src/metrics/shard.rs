@@ -70,16 +70,24 @@ loom::thread_local! {
 /// Gives the slot back when the thread exits.
 struct Release;
 
+// loom runs thread-local destructors only when a model's execution ends (and cannot reach a
+// thread-local from one): its tests call `release_slot` where a thread would exit.
+#[cfg(not(loom))]
 impl Drop for Release {
     fn drop(&mut self) {
-        let _ = SLOT.try_with(|s| {
-            let slot = s.replace(SHARED);
-            if slot < SHARED {
-                // Release: the next owner sees every count this thread made.
-                FREE.fetch_or(1 << slot, std::sync::atomic::Ordering::Release);
-            }
-        });
+        release_slot();
     }
+}
+
+/// Gives this thread's slot back: the thread is exiting.
+fn release_slot() {
+    let _ = SLOT.try_with(|s| {
+        let slot = s.replace(SHARED);
+        if slot < SHARED {
+            // Release: the next owner sees every count this thread made.
+            FREE.fetch_or(1 << slot, std::sync::atomic::Ordering::Release);
+        }
+    });
 }
 
 /// This thread's slot, claiming one on first use. Always `< SHARDS` (the `min`s let the
@@ -192,12 +200,13 @@ mod loom_tests {
         });
     }
 
-    /// Live threads never own the same slot, also while others exit and give theirs back.
+    /// Live threads never own the same slot, also while others exit and give theirs back, and
+    /// a slot given back is claimed again.
     #[test]
     fn no_two_live_threads_share_a_slot() {
         loom::model(|| {
             let owners: Arc<[AtomicU16; SHARDS]> = Arc::new(Default::default());
-            let run = |owners: Arc<[AtomicU16; SHARDS]>| {
+            let run = |owners: Arc<[AtomicU16; SHARDS]>, exits: bool| {
                 move || {
                     let s = slot();
                     if s < OWNED {
@@ -205,16 +214,25 @@ mod loom_tests {
                         assert_eq!(before, 0, "slot {s} owned twice");
                         owners[s].fetch_sub(1, Relaxed);
                     }
+                    if exits {
+                        release_slot();
+                    }
+                    s
                 }
             };
-            let a = loom::thread::spawn(run(Arc::clone(&owners)));
-            let b = loom::thread::spawn(run(Arc::clone(&owners)));
-            run(Arc::clone(&owners))();
+            let a = loom::thread::spawn(run(Arc::clone(&owners), true));
+            let b = loom::thread::spawn(run(Arc::clone(&owners), true));
+            // Exclusivity is the `owners` check inside `run`: a slot given back may be had
+            // again by a thread that claims later, so the slots seen may repeat.
+            let _mine = run(Arc::clone(&owners), false)();
             a.join().unwrap();
             b.join().unwrap();
-            // Every slot the exited threads held is free again.
+            // The exited threads' slots are free again (this thread keeps its own) ...
             let free = FREE.load(std::sync::atomic::Ordering::Acquire);
             assert_eq!(free.count_ones() as usize, OWNED - 1, "{free:#b}");
+            // ... and the lowest free one is what the next thread gets.
+            let c = loom::thread::spawn(run(Arc::clone(&owners), true));
+            assert_eq!(c.join().unwrap(), free.trailing_zeros() as usize);
         });
     }
 }
