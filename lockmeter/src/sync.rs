@@ -46,12 +46,15 @@
 use std::fmt;
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
+use std::panic::Location;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
+use std::time::Duration;
 
 use crate::clock::HoldStart;
 use crate::kind::LockMode;
-use crate::metrics::{shard, Outcome, Recorder, Sink};
+use crate::metrics::{shard, Outcome, Recorder, Sink, Spec};
+use crate::profile::Site;
 
 /// Default timing sample of the in-process wrappers (`sync`, `tokio`): 1 in this many
 /// acquisitions, plus the first after each metrics collection, records wait and hold times;
@@ -66,6 +69,8 @@ pub(crate) struct Options {
     pub(crate) name: String,
     pub(crate) sink: Sink,
     pub(crate) sample_every: u32,
+    pub(crate) slow_wait: Option<Duration>,
+    pub(crate) slow_hold: Option<Duration>,
 }
 
 impl Options {
@@ -74,12 +79,18 @@ impl Options {
             name,
             sink: Sink::global(),
             sample_every: DEFAULT_SAMPLE_EVERY,
+            slow_wait: None,
+            slow_hold: None,
         }
     }
 
     /// The lock's recorder, with `lock.kind` = `kind`.
     pub(crate) fn recorder(self, kind: &str) -> Arc<Recorder> {
-        Recorder::new(&self.sink, &self.name, kind, &[], self.sample_every)
+        Recorder::new(Spec {
+            slow_wait: self.slow_wait,
+            slow_hold: self.slow_hold,
+            ..Spec::new(&self.sink, &self.name, kind, self.sample_every)
+        })
     }
 }
 
@@ -107,6 +118,22 @@ macro_rules! builder {
                 self
             }
 
+            /// Report acquires that waited at least `d` as `lock.slow_wait` events (default
+            /// [`profile::default_slow_wait`](crate::profile::default_slow_wait): 10 ms or
+            /// `LOCKMETER_SLOW_WAIT_MS`). See [`crate::profile`].
+            pub fn slow_wait(mut self, d: std::time::Duration) -> Self {
+                self.0.slow_wait = Some(d);
+                self
+            }
+
+            /// Report timed holds of at least `d` as `lock.slow_hold` events (default
+            /// [`profile::default_slow_hold`](crate::profile::default_slow_hold): 100 ms or
+            /// `LOCKMETER_SLOW_HOLD_MS`). See [`crate::profile`].
+            pub fn slow_hold(mut self, d: std::time::Duration) -> Self {
+                self.0.slow_hold = Some(d);
+                self
+            }
+
             #[doc = concat!("Builds the [`", stringify!($lock), "`] holding `value`.")]
             pub fn build<T>(self, value: T) -> $lock<T> {
                 let new: fn(crate::sync::Options, T) -> $lock<T> = $new;
@@ -124,6 +151,8 @@ pub(crate) struct Hold<'a> {
     pub(crate) mode: LockMode,
     /// Set when this acquisition is timed.
     pub(crate) since: Option<HoldStart>,
+    /// Where it was acquired.
+    pub(crate) site: Site,
 }
 
 #[cfg(feature = "tokio")]
@@ -131,7 +160,7 @@ impl Hold<'_> {
     /// Counts the release and records the hold if this acquisition is timed.
     #[inline]
     pub(crate) fn release(&self) {
-        self.recorder.released(self.mode, self.since);
+        self.recorder.released(self.mode, self.since, self.site);
     }
 }
 
@@ -139,12 +168,13 @@ impl Hold<'_> {
 /// successful try, a few nanoseconds, inside the lowest bucket, is recorded with the hold).
 #[cfg(feature = "tokio")]
 #[inline]
-pub(crate) fn uncontended(recorder: &Recorder, mode: LockMode) -> Hold<'_> {
+pub(crate) fn uncontended(recorder: &Recorder, mode: LockMode, site: Site) -> Hold<'_> {
     let since = recorder.acquired_uncontended_in(shard::slot(), mode);
     Hold {
         recorder,
         mode,
         since,
+        site,
     }
 }
 
@@ -207,6 +237,8 @@ macro_rules! guard {
             since: Option<HoldStart>,
             /// Set for guards that poison (exclusive ones) taken while not panicking.
             poison: Option<&'a Poison>,
+            /// Where the lock was acquired.
+            site: Site,
             inner: ManuallyDrop<parking_lot::$inner<'a, T>>,
         }
 
@@ -214,11 +246,12 @@ macro_rules! guard {
             #[inline(always)]
             fn drop(&mut self) {
                 self.recorder.count_release($mode);
+                self.recorder.releasing(self.site);
                 Poison::done(self.poison);
                 // SAFETY: `inner` is dropped here, once, and never used again.
                 unsafe { ManuallyDrop::drop(&mut self.inner) };
                 if let Some(since) = self.since {
-                    self.recorder.hold_done($mode, since);
+                    self.recorder.hold_done($mode, since, self.site);
                 }
             }
         }
@@ -243,11 +276,13 @@ macro_rules! guard {
                 &'a self,
                 inner: parking_lot::$inner<'a, T>,
                 since: Option<HoldStart>,
+                site: Site,
             ) -> LockResult<$guard<'a, T>> {
                 let guard = $guard {
                     recorder: &self.recorder,
                     since,
                     poison: if $poisons { self.poison.guard() } else { None },
+                    site,
                     inner: ManuallyDrop::new(inner),
                 };
                 poison(guard, self.poison.get())
@@ -265,32 +300,36 @@ macro_rules! acquire {
      try $try:ident, block $block:ident, $mode:expr, exclusive $exclusive:expr) => {
         $(#[$doc])*
         #[inline(always)]
+        #[track_caller]
         pub fn $name(&self) -> LockResult<$guard<'_, T>> {
+            let site = Location::caller();
             match self.inner.$try() {
                 Some(g) => {
                     let since = self.recorder.acquired_uncontended_in(shard::slot(), $mode);
-                    self.wrap(g, since)
+                    self.wrap(g, since, site)
                 }
-                None => self.$slow(),
+                None => self.$slow(site),
             }
         }
 
         #[cold]
         #[inline(never)]
-        fn $slow(&self) -> LockResult<$guard<'_, T>> {
-            let t0 = self.recorder.contended_start($mode, $exclusive);
+        fn $slow(&self, site: Site) -> LockResult<$guard<'_, T>> {
+            let w = self.recorder.contended_start($mode, $exclusive);
             let g = self.inner.$block();
-            let since = self.recorder.contended_acquired($mode, $exclusive, t0);
-            self.wrap(g, since)
+            let since = self.recorder.contended_acquired($mode, $exclusive, w, site);
+            self.wrap(g, since, site)
         }
 
         $(#[$tdoc])*
         #[inline]
+        #[track_caller]
         pub fn $try_name(&self) -> TryLockResult<$guard<'_, T>> {
+            let site = Location::caller();
             match self.inner.$try() {
                 Some(g) => {
                     let since = self.recorder.acquired_uncontended_in(shard::slot(), $mode);
-                    Ok(self.wrap(g, since)?)
+                    Ok(self.wrap(g, since, site)?)
                 }
                 None => Err(self.would_block($mode)),
             }
@@ -351,7 +390,7 @@ macro_rules! common {
 /// type (generated by `guard!`), all called `wrap` by the `acquire!` expansions.
 trait Wrap<'a, G> {
     type Out;
-    fn wrap(&'a self, inner: G, since: Option<HoldStart>) -> LockResult<Self::Out>;
+    fn wrap(&'a self, inner: G, since: Option<HoldStart>, site: Site) -> LockResult<Self::Out>;
 }
 
 // ---- Mutex --------------------------------------------------------------------------------

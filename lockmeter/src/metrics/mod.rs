@@ -18,7 +18,7 @@ mod series;
 pub(crate) mod shard;
 mod sink;
 
-pub(crate) use recorder::Recorder;
+pub(crate) use recorder::{Recorder, Spec, WaitStart};
 pub use schema::{
     keys, names, DetectedAt, LostReason, MigrationKind, Outcome, DEFAULT_BOUNDARIES, SCOPE,
 };
