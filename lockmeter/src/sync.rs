@@ -47,7 +47,7 @@ use std::fmt;
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::panic::Location;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::Relaxed};
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 use std::time::Duration;
 
@@ -188,35 +188,78 @@ fn poison<G>(g: G, poisoned: bool) -> LockResult<G> {
     }
 }
 
-/// std's poison flag (std's own is private): set when a `Mutex` guard or an `RwLock` write
-/// guard is dropped by a thread that started panicking while holding it.
+/// What sits beside the lock word: std's poison flag (std's own is private), set when a
+/// `Mutex` guard or an `RwLock` write guard is dropped by a thread that started panicking while
+/// holding it, and the call site of the latest acquisition, which a releasing holder hands to
+/// waiters (the lock profile's "caused" column). Written by the holder, on the line it owns.
 #[derive(Debug, Default)]
-struct Poison(AtomicBool);
+#[repr(align(8))]
+struct State {
+    poisoned: AtomicBool,
+    site: AtomicPtr<Location<'static>>,
+}
 
-impl Poison {
+impl State {
     #[inline(always)]
-    fn get(&self) -> bool {
-        self.0.load(Relaxed)
+    fn poisoned(&self) -> bool {
+        self.poisoned.load(Relaxed)
     }
 
-    /// The flag a writing guard sets if its thread panics before releasing; `None` when the
-    /// thread is already panicking (as std: a guard taken during unwinding does not poison).
+    /// Records where the lock was just acquired.
     #[inline(always)]
-    fn guard(&self) -> Option<&Poison> {
-        if std::thread::panicking() {
-            None
-        } else {
-            Some(self)
+    fn acquired_at(&self, site: Site) {
+        let p: *const Location<'static> = site;
+        self.site.store(p.cast_mut(), Relaxed);
+    }
+
+    /// Where the lock was last acquired (by the caller, while it holds the lock exclusively;
+    /// by the latest reader for shared holds).
+    #[inline]
+    fn site(&self) -> Option<Site> {
+        // SAFETY: only `&'static Location` pointers are stored (`acquired_at`).
+        unsafe { self.site.load(Relaxed).cast_const().as_ref() }
+    }
+}
+
+/// A guard's reference to its lock's [`State`], with whether the guard poisons the lock if its
+/// thread panics in the low bit (exclusive guards taken while not panicking, as std). One word:
+/// the guard stays four words, small enough for its drop to be inlined.
+#[derive(Clone, Copy)]
+struct StateRef<'a> {
+    tagged: std::ptr::NonNull<State>,
+    _lock: std::marker::PhantomData<&'a State>,
+}
+
+// SAFETY: a `StateRef` is a `&State` plus a bit; `State` is all atomics.
+unsafe impl Send for StateRef<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for StateRef<'_> {}
+
+impl<'a> StateRef<'a> {
+    #[inline(always)]
+    fn new(state: &'a State, poisons: bool) -> StateRef<'a> {
+        let p = std::ptr::NonNull::from(state);
+        StateRef {
+            // `State` is 8-aligned: bit 0 of its address is free.
+            tagged: p.map_addr(|a| a | usize::from(poisons)),
+            _lock: std::marker::PhantomData,
         }
     }
 
     #[inline(always)]
-    fn done(flag: Option<&Poison>) {
-        if let Some(flag) = flag {
-            if std::thread::panicking() {
-                flag.0.store(true, Relaxed);
-            }
+    fn get(self) -> &'a State {
+        // SAFETY: built from a `&'a State` in `new`; clearing the tag bit restores its address.
+        unsafe {
+            self.tagged
+                .map_addr(|a| std::num::NonZeroUsize::new(a.get() & !1).unwrap_or(a))
+                .as_ref()
         }
+    }
+
+    /// Whether dropping the guard while panicking poisons the lock.
+    #[inline(always)]
+    fn poisons(self) -> bool {
+        self.tagged.addr().get() & 1 != 0
     }
 }
 
@@ -235,23 +278,48 @@ macro_rules! guard {
             recorder: &'a Recorder,
             /// Set when this acquisition is timed.
             since: Option<HoldStart>,
-            /// Set for guards that poison (exclusive ones) taken while not panicking.
-            poison: Option<&'a Poison>,
-            /// Where the lock was acquired.
-            site: Site,
+            /// The lock's poison flag and holder's site; whether this guard poisons.
+            state: StateRef<'a>,
             inner: ManuallyDrop<parking_lot::$inner<'a, T>>,
         }
 
         impl<T: ?Sized> Drop for $guard<'_, T> {
             #[inline(always)]
             fn drop(&mut self) {
+                // One branch for the rare cases, released out of line: a timed hold, someone
+                // waiting. What stays inline is small enough to be inlined wherever a guard
+                // is dropped.
+                if self.since.is_some() | self.recorder.has_waiters() {
+                    self.release_rare();
+                    return;
+                }
                 self.recorder.count_release($mode);
-                self.recorder.releasing(self.site);
-                Poison::done(self.poison);
+                if self.state.poisons() && std::thread::panicking() {
+                    self.state.get().poisoned.store(true, Relaxed);
+                }
                 // SAFETY: `inner` is dropped here, once, and never used again.
                 unsafe { ManuallyDrop::drop(&mut self.inner) };
+            }
+        }
+
+        impl<T: ?Sized> $guard<'_, T> {
+            /// The release of a timed hold, or one someone waits for: counts it, tells waiters
+            /// where the hold was acquired (read while still held: the next holder overwrites
+            /// it), poisons as std, unlocks, then records the hold outside the critical section.
+            #[cold]
+            #[inline(never)]
+            fn release_rare(&mut self) {
+                let state = self.state.get();
+                let site = state.site();
+                self.recorder.count_release($mode);
+                self.recorder.releasing_from(|| site);
+                if self.state.poisons() && std::thread::panicking() {
+                    state.poisoned.store(true, Relaxed);
+                }
+                // SAFETY: called once, from `drop`; `inner` is never used again.
+                unsafe { ManuallyDrop::drop(&mut self.inner) };
                 if let Some(since) = self.since {
-                    self.recorder.hold_done($mode, since, self.site);
+                    self.recorder.hold_done($mode, since, site);
                 }
             }
         }
@@ -278,14 +346,16 @@ macro_rules! guard {
                 since: Option<HoldStart>,
                 site: Site,
             ) -> LockResult<$guard<'a, T>> {
+                self.state.acquired_at(site);
+                // As std: a guard taken while the thread is already panicking does not poison.
+                let poisons = $poisons && !std::thread::panicking();
                 let guard = $guard {
                     recorder: &self.recorder,
                     since,
-                    poison: if $poisons { self.poison.guard() } else { None },
-                    site,
+                    state: StateRef::new(&self.state, poisons),
                     inner: ManuallyDrop::new(inner),
                 };
-                poison(guard, self.poison.get())
+                poison(guard, self.state.poisoned())
             }
         }
     };
@@ -351,17 +421,17 @@ macro_rules! common {
 
             /// Whether the lock is poisoned (a holder panicked), as std's.
             pub fn is_poisoned(&self) -> bool {
-                self.poison.get()
+                self.state.poisoned()
             }
 
             /// Clears the poisoned state, as std's.
             pub fn clear_poison(&self) {
-                self.poison.0.store(false, Relaxed);
+                self.state.poisoned.store(false, Relaxed);
             }
 
             /// Mutable access without locking (an error if poisoned, as std).
             pub fn get_mut(&mut self) -> LockResult<&mut T> {
-                let poisoned = self.poison.get();
+                let poisoned = self.state.poisoned();
                 poison(self.inner.get_mut(), poisoned)
             }
         }
@@ -369,7 +439,7 @@ macro_rules! common {
         impl<T> $lock<T> {
             /// Consumes the lock, returning the value (an error if poisoned, as std).
             pub fn into_inner(self) -> LockResult<T> {
-                let poisoned = self.poison.get();
+                let poisoned = self.state.poisoned();
                 poison(self.inner.into_inner(), poisoned)
             }
         }
@@ -379,7 +449,7 @@ macro_rules! common {
                 f.debug_struct(stringify!($lock))
                     .field("name", &self.recorder.name())
                     .field("inner", &&self.inner)
-                    .field("poisoned", &self.poison.get())
+                    .field("poisoned", &self.state.poisoned())
                     .finish()
             }
         }
@@ -399,7 +469,7 @@ trait Wrap<'a, G> {
 /// see the [module docs](self)). `Send`/`Sync` exactly when std's is.
 pub struct Mutex<T: ?Sized> {
     recorder: Arc<Recorder>,
-    poison: Poison,
+    state: State,
     inner: parking_lot::Mutex<T>,
 }
 
@@ -407,7 +477,7 @@ builder! {
     /// Builder for a [`Mutex`]; see [`Mutex::builder`].
     MutexBuilder => Mutex, |o, value| Mutex {
         recorder: o.recorder("mutex"),
-        poison: Poison::default(),
+        state: State::default(),
         inner: parking_lot::Mutex::new(value),
     }
 }
@@ -457,7 +527,7 @@ impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
 /// exclusive.
 pub struct RwLock<T: ?Sized> {
     recorder: Arc<Recorder>,
-    poison: Poison,
+    state: State,
     inner: parking_lot::RwLock<T>,
 }
 
@@ -465,7 +535,7 @@ builder! {
     /// Builder for an [`RwLock`]; see [`RwLock::builder`].
     RwLockBuilder => RwLock, |o, value| RwLock {
         recorder: o.recorder("rwlock"),
-        poison: Poison::default(),
+        state: State::default(),
         inner: parking_lot::RwLock::new(value),
     }
 }

@@ -26,14 +26,29 @@ use crate::sys;
 const POLL_MIN: Duration = Duration::from_micros(100);
 const POLL_MAX: Duration = Duration::from_millis(10);
 
-/// What the fast path's one non-blocking attempt did.
-enum FastTry {
-    Locked(Box<LockFd>),
-    /// The lock is held elsewhere (conflict counted).
-    Busy,
-    /// The fast path does not apply; take the full path.
-    Slow,
-    Failed(Errno),
+/// A fast-path acquire in progress: the descriptor it locks through, and its start time when
+/// it is in the timing sample.
+pub(super) struct Begun {
+    fd: Box<LockFd>,
+    start: Option<Ticks>,
+}
+
+/// What the fast path's system calls said.
+struct Said {
+    /// The non-blocking lock call.
+    locked: std::result::Result<bool, Errno>,
+    /// `lstat(path)`, when the lock was taken and verification is on.
+    now_names: Option<std::result::Result<crate::sys::FileId, Errno>>,
+}
+
+/// What the fast path found.
+enum FastOutcome {
+    Locked(Box<LockFd>, Option<Ticks>),
+    /// Held elsewhere (conflict counted).
+    Busy(Option<Ticks>),
+    /// Take the full path (it re-locks, re-verifies and counts what happened).
+    Again(Option<Ticks>),
+    Failed(Option<Ticks>, Errno),
 }
 
 /// How an acquire waits once it has found the lock taken.
@@ -152,77 +167,55 @@ impl FileLock {
     }
 
     // ---- the fast path --------------------------------------------------------------------
-
-    /// The clock is read only for an acquire the timing sample picked (decided before the
-    /// lock call); the full paths read it when they start if it was not.
-    #[inline(always)]
-    fn start_if_timed(&self) -> Option<Ticks> {
-        if self.recorder.file_attempt_timed() {
-            Some(self.recorder.timed_start())
-        } else {
-            None
-        }
-    }
+    //
+    // On hosts with return-stack mitigations, the first `ret` after a system call into a frame
+    // entered before that call costs as much as ~100 ns (AMD's SRSO "Safe RET"; Intel with
+    // eIBRS here), a sixth of a whole `flock` + unlock. So the inlined part of an acquire is
+    // the system calls and nothing else: everything before them (`fast_begin`) and after them
+    // (`fast_end`) is an ordinary out-of-line call, whose return is predicted because it was
+    // entered after the last system call or returns before the next. The inlined body stays
+    // small enough that no caller shape (a closure, a generic function, `?`) makes the
+    // compiler outline it.
 
     #[inline(always)]
     fn lock_mode(&self, mode: LockMode, site: Site) -> Result<FileLockGuard<'_>> {
-        let start = self.start_if_timed();
-        match self.fast(mode) {
-            FastTry::Locked(fd) => Ok(self.fast_guard(fd, mode, start, site)),
-            FastTry::Busy => self.acquire_blocking(mode, start, true, site),
-            FastTry::Slow => self.acquire_blocking(mode, start, false, site),
-            FastTry::Failed(errno) => Err(self.fast_failed(mode, start, errno)),
-        }
+        let Some(begun) = self.fast_begin() else {
+            return self.lock_full(mode, site);
+        };
+        let said = self.fast_calls(&begun, mode);
+        self.fast_end_lock(begun, mode, said, site)
     }
 
     #[inline(always)]
     fn try_lock_mode(&self, mode: LockMode, site: Site) -> Result<Option<FileLockGuard<'_>>> {
-        let start = self.start_if_timed();
-        match self.fast(mode) {
-            FastTry::Locked(fd) => Ok(Some(self.fast_guard(fd, mode, start, site))),
-            FastTry::Busy => Ok(self.fast_busy(mode, start)),
-            FastTry::Slow => self.acquire_try(mode, start, site),
-            FastTry::Failed(errno) => Err(self.fast_failed(mode, start, errno)),
-        }
+        let Some(begun) = self.fast_begin() else {
+            return self.try_lock_full(mode, site);
+        };
+        let said = self.fast_calls(&begun, mode);
+        self.fast_end_try(begun, mode, said, site)
     }
 
-    /// A try found the lock taken on the fast path (the conflict is counted).
-    #[cold]
-    #[inline(never)]
-    fn fast_busy(&self, mode: LockMode, start: Option<Ticks>) -> Option<FileLockGuard<'_>> {
-        let start = start.unwrap_or_else(Ticks::now);
-        self.not_acquired(mode, Outcome::WouldBlock, start, &tracing::Span::none());
-        None
-    }
-
-    /// The common case: no owner records, no watching, no per-acquisition spans; one
-    /// descriptor from the pool, one non-blocking lock call, one `stat` to verify. Anything
-    /// else (an empty pool, a migration, POSIX locks) says `Slow`; a conflict is counted and
-    /// says `Busy`. Everything but the lock call itself stays out of line, so the instructions
-    /// and memory touched between the system calls stay few.
+    /// The fast path's system calls, inline: the non-blocking lock, then `lstat` to verify.
     #[inline(always)]
-    fn fast(&self, mode: LockMode) -> FastTry {
-        let Some(pool) = self.fast_pool() else {
-            return FastTry::Slow;
-        };
-        let Some(fd) = pool.take() else {
-            return FastTry::Slow;
-        };
-        match sys::lock(fd.fd.as_fd(), self.kind, mode, false) {
-            Ok(true) if !self.verify || self.verified(&fd) => FastTry::Locked(fd),
-            Ok(true) => {
-                self.unlock_migrated(pool, fd);
-                FastTry::Slow
-            }
-            Ok(false) => {
-                pool.put(fd);
-                self.recorder.conflict(mode);
-                FastTry::Busy
-            }
-            // The descriptor is closed here; the error is counted and returned (a retry that
-            // happened to succeed must not hide it).
-            Err(errno) => FastTry::Failed(errno),
-        }
+    fn fast_calls(&self, begun: &Begun, mode: LockMode) -> Said {
+        let locked = sys::lock(begun.fd.fd.as_fd(), self.kind, mode, false);
+        let now_names = (self.verify && matches!(locked, Ok(true)))
+            .then(|| sys::path_id(self.c_path.as_c_str()));
+        Said { locked, now_names }
+    }
+
+    /// Before the fast path's system calls: whether it applies (flock/OFD without owner
+    /// records, watching or per-acquisition spans, a descriptor idle in the pool), and whether
+    /// this acquire is timed (decided by number, so no clock is read for the others).
+    #[inline(never)]
+    fn fast_begin(&self) -> Option<Begun> {
+        let pool = self.fast_pool()?;
+        let fd = pool.take()?;
+        let start = self
+            .recorder
+            .file_attempt_timed()
+            .then(|| self.recorder.timed_start());
+        Some(Begun { fd, start })
     }
 
     /// The descriptor pool when the fast path applies. Per-acquisition spans (asked for, or
@@ -235,6 +228,100 @@ impl FileLock {
             }
             _ => None,
         }
+    }
+
+    /// After a blocking acquire's fast system calls: the guard, or the full path.
+    #[inline(never)]
+    fn fast_end_lock(
+        &self,
+        begun: Begun,
+        mode: LockMode,
+        said: Said,
+        site: Site,
+    ) -> Result<FileLockGuard<'_>> {
+        match self.fast_outcome(begun, mode, said) {
+            FastOutcome::Locked(fd, start) => Ok(self.fast_guard(fd, mode, start, site)),
+            FastOutcome::Busy(start) => self.acquire_blocking(mode, start, true, site),
+            FastOutcome::Again(start) => self.acquire_blocking(mode, start, false, site),
+            FastOutcome::Failed(start, errno) => Err(self.fast_failed(mode, start, errno)),
+        }
+    }
+
+    /// After a try's fast system calls: the guard, `None`, or the full path.
+    #[inline(never)]
+    fn fast_end_try(
+        &self,
+        begun: Begun,
+        mode: LockMode,
+        said: Said,
+        site: Site,
+    ) -> Result<Option<FileLockGuard<'_>>> {
+        match self.fast_outcome(begun, mode, said) {
+            FastOutcome::Locked(fd, start) => Ok(Some(self.fast_guard(fd, mode, start, site))),
+            FastOutcome::Busy(start) => Ok(self.fast_busy(mode, start)),
+            FastOutcome::Again(start) => self.acquire_try(mode, start, site),
+            FastOutcome::Failed(start, errno) => Err(self.fast_failed(mode, start, errno)),
+        }
+    }
+
+    /// What the fast path's system calls mean; the descriptor goes back to the pool unless
+    /// the lock was taken (or the lock call failed: it is closed, holding nothing).
+    #[inline(always)]
+    fn fast_outcome(&self, begun: Begun, mode: LockMode, said: Said) -> FastOutcome {
+        let Begun { fd, start } = begun;
+        let Backend::Fds(pool) = &self.backend else {
+            // Unreachable: `fast_begin` took the descriptor from this pool.
+            return FastOutcome::Again(start);
+        };
+        match (said.locked, said.now_names) {
+            (Ok(true), None) => FastOutcome::Locked(fd, start),
+            (Ok(true), Some(Ok(id))) if id == fd.id => FastOutcome::Locked(fd, start),
+            // A migration (or a failing stat): let go; the full path counts it.
+            (Ok(true), Some(_)) => {
+                self.unlock_migrated(pool, fd);
+                FastOutcome::Again(start)
+            }
+            (Ok(false), _) => {
+                pool.put(fd);
+                self.recorder.conflict(mode);
+                FastOutcome::Busy(start)
+            }
+            // The descriptor is closed here; the error is counted and returned (a retry that
+            // happened to succeed must not hide it).
+            (Err(errno), _) => FastOutcome::Failed(start, errno),
+        }
+    }
+
+    /// The full blocking path from the start (the fast path does not apply).
+    #[cold]
+    #[inline(never)]
+    fn lock_full(&self, mode: LockMode, site: Site) -> Result<FileLockGuard<'_>> {
+        let start = self.start_if_timed();
+        self.acquire_blocking(mode, start, false, site)
+    }
+
+    /// The full try path from the start.
+    #[cold]
+    #[inline(never)]
+    fn try_lock_full(&self, mode: LockMode, site: Site) -> Result<Option<FileLockGuard<'_>>> {
+        let start = self.start_if_timed();
+        self.acquire_try(mode, start, site)
+    }
+
+    /// Whether this acquire is timed; if so, its start.
+    fn start_if_timed(&self) -> Option<Ticks> {
+        self.recorder
+            .file_attempt_timed()
+            .then(|| self.recorder.timed_start())
+    }
+
+    /// A try found the lock taken on the fast path (the conflict is counted).
+    #[cold]
+    #[inline(never)]
+    fn fast_busy(&self, mode: LockMode, start: Option<Ticks>) -> Option<FileLockGuard<'_>> {
+        let start = start.unwrap_or_else(Ticks::now);
+        self.not_acquired(mode, Outcome::WouldBlock, start, &tracing::Span::none());
+        None
     }
 
     /// A migration (or a failing stat) on the fast path: let go; the full path counts it.

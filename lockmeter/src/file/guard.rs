@@ -321,15 +321,23 @@ impl FileLockGuard<'_> {
         self.lock.unlock(held, self.mode)
     }
 
-    /// Counts the release, tells in-process waiters where the hold was acquired, and records
-    /// the hold if this acquisition is timed.
+    /// Counts the release; records the hold if this acquisition is timed and tells in-process
+    /// waiters where it was acquired if any wait (one branch inline, the rest out of line).
     #[inline(always)]
     fn count_release(&self) {
+        if self.since.is_some() | self.lock.recorder.has_waiters() {
+            self.release_extras();
+        }
+        self.lock.recorder.count_release(self.mode);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn release_extras(&self) {
         if let Some(since) = self.since {
             self.lock
                 .record_hold(self.mode, self.contended, since, self.site);
         }
-        self.lock.recorder.count_release(self.mode);
         self.lock.recorder.releasing(self.site);
     }
 
@@ -370,21 +378,47 @@ impl Drop for FileLockGuard<'_> {
     /// frame entered before it costs ~130 ns, a fifth of the whole `flock` + unlock. Keeping
     /// the system calls in the caller's frame avoids that ret.
     ///
-    /// So the common case, a `flock` guard without extras, is released right here in as few
-    /// instructions as possible; everything else goes out of line.
+    ///
+    /// So only the unlock system call of the common case (a `flock` guard without extras) is
+    /// inlined; what comes before it and after it are ordinary out-of-line calls (see the fast
+    /// path in `acquire.rs`), and everything else goes out of line.
     #[inline(always)]
     fn drop(&mut self) {
-        let lock = self.lock;
-        if let (LockKind::Flock, Some(Held::Fd(_)), None) = (lock.kind, &*self.held, &*self.extra) {
+        if let Some(fd) = self.flock_release_begin() {
+            let r = rustix::fs::flock(fd.fd.as_fd(), rustix::fs::FlockOperation::Unlock);
+            self.lock.flock_release_end(fd, r);
+        }
+    }
+}
+
+impl FileLockGuard<'_> {
+    /// Before the unlock call: for a `flock` guard without extras, counts the release and
+    /// returns the descriptor to unlock; anything else it releases itself (returns `None`).
+    #[inline(never)]
+    fn flock_release_begin(&mut self) -> Option<Box<LockFd>> {
+        if let (LockKind::Flock, Some(Held::Fd(_)), None) =
+            (self.lock.kind, &*self.held, &*self.extra)
+        {
             let Some(Held::Fd(fd)) = self.held.take() else {
-                return;
+                return None;
             };
             self.count_release();
-            if let Err(errno) = lock.unlock_flock(fd) {
-                release_failed(lock, errno);
-            }
+            Some(fd)
         } else {
             self.drop_slow();
+            None
+        }
+    }
+}
+
+impl FileLock {
+    /// After a guard's `flock` unlock: the descriptor back to the pool, or closed and the
+    /// failure reported.
+    #[inline(never)]
+    fn flock_release_end(&self, fd: Box<LockFd>, r: std::result::Result<(), Errno>) {
+        self.return_fd(fd, r);
+        if let Err(errno) = r {
+            release_failed(self, errno);
         }
     }
 }

@@ -239,7 +239,7 @@ impl Recorder {
         self.count_release(mode);
         self.releasing(site);
         if let Some(t) = since {
-            self.hold_done(mode, t, site);
+            self.hold_done(mode, t, Some(site));
         }
     }
 
@@ -276,7 +276,7 @@ impl Recorder {
     /// Records a timed hold that ended now, acquired at `site`.
     #[cold]
     #[inline(never)]
-    pub(crate) fn hold_done(&self, mode: LockMode, since: HoldStart, site: Site) {
+    pub(crate) fn hold_done(&self, mode: LockMode, since: HoldStart, site: Option<Site>) {
         let held = since.at().elapsed_secs();
         if !since.contended() {
             // The wait of a timed uncontended acquisition, recorded here rather than inside
@@ -284,7 +284,9 @@ impl Recorder {
             self.record_wait(mode, Outcome::Acquired, 0.0);
         }
         self.record_hold(mode, since.contended(), held);
-        self.held(mode, site, held);
+        if let Some(site) = site {
+            self.held(mode, site, held);
+        }
     }
 
     /// A try found the lock taken and the caller will wait: counts it as a waiter, reads the
@@ -390,6 +392,23 @@ impl Recorder {
     pub(crate) fn releasing(&self, site: Site) {
         if self.contention.waiters.load(Relaxed) != 0 {
             self.publish_releaser(site);
+        }
+    }
+
+    /// Whether anyone waits for this lock in this process.
+    #[inline(always)]
+    pub(crate) fn has_waiters(&self) -> bool {
+        self.contention.waiters.load(Relaxed) != 0
+    }
+
+    /// [`Self::releasing`] for a lock that keeps its holder's site itself: `site` is only
+    /// asked for when someone waits.
+    #[inline(always)]
+    pub(crate) fn releasing_from(&self, site: impl FnOnce() -> Option<Site>) {
+        if self.contention.waiters.load(Relaxed) != 0 {
+            if let Some(site) = site() {
+                self.publish_releaser(site);
+            }
         }
     }
 
