@@ -142,6 +142,7 @@ macro_rules! builder {
         }
     };
 }
+#[cfg(feature = "tokio")]
 pub(crate) use builder;
 
 /// What a guard needs to record its release.

@@ -312,6 +312,7 @@ impl Recorder {
 
     /// A waiter stops waiting ([`Self::contended_start`]) without the lock (cancelled):
     /// returns its wait in seconds.
+    #[cfg(feature = "tokio")]
     #[cold]
     pub(crate) fn wait_abandoned(&self, w: WaitStart) -> f64 {
         self.contention.waiters.fetch_sub(1, Relaxed);
