@@ -7,6 +7,8 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=bpf/locks.bpf.c");
     println!("cargo:rerun-if-env-changed=CLANG");
+    // Extra clang flags, for experiments with the BPF program (e.g. -DLOCKMETER_BPF_NOOP).
+    println!("cargo:rerun-if-env-changed=LOCKMETER_BPF_CFLAGS");
     if std::env::var_os("CARGO_FEATURE_EBPF").is_none() {
         return;
     }
@@ -24,6 +26,9 @@ fn main() {
     if !multiarch.is_empty() {
         // <asm/types.h> lives in the multiarch include directory on Debian and Ubuntu.
         cmd.arg(format!("-I/usr/include/{multiarch}"));
+    }
+    if let Ok(extra) = std::env::var("LOCKMETER_BPF_CFLAGS") {
+        cmd.args(extra.split_whitespace());
     }
     cmd.args(["-c", "bpf/locks.bpf.c", "-o"])
         .arg(out.join("locks.bpf.o"));

@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub top: usize,
     /// The proc file system (`/proc`; the host's when run in a container).
     pub proc_root: PathBuf,
+    /// The tracepoint source's ring buffer, bytes (a power of two; default 8 MiB).
+    pub ring_bytes: u32,
 }
 
 impl Default for AgentConfig {
@@ -48,6 +50,7 @@ impl Default for AgentConfig {
             rules: LabelRules::default(),
             top: 500,
             proc_root: PathBuf::from("/proc"),
+            ring_bytes: 8 << 20,
         }
     }
 }
@@ -71,9 +74,9 @@ fn start_tracepoints(
         metrics.clone(),
         config.rules.clone(),
         config.top,
-        config.proc_root.join("self/mountinfo"),
+        config.proc_root.clone(),
     );
-    crate::ebpf::TracepointSource::start(model)
+    crate::ebpf::TracepointSource::start(model, config.ring_bytes)
 }
 
 /// Stands for the tracepoint source in a build without it.
@@ -103,7 +106,7 @@ pub fn run(
     let mut scanner = Scanner::new(&config.proc_root);
     // Fail early, with the path, when /proc/locks cannot be read at all.
     let first = scanner.scan()?;
-    let mut tracker = Tracker::new(config.rules.clone(), config.top, &config.proc_root);
+    let mut tracker = Tracker::new(config.rules.clone(), config.top, &config.proc_root).rows(false);
 
     let tracepoints = match config.source {
         SourceChoice::Sampling => None,
@@ -132,11 +135,9 @@ pub fn run(
     on_start(active);
 
     let mut next = Instant::now() + config.interval;
-    loop {
-        match stop.recv_timeout(next.saturating_duration_since(Instant::now())) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            _ => break,
-        }
+    while let Err(mpsc::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(next.saturating_duration_since(Instant::now()))
+    {
         next += config.interval;
         if next < Instant::now() {
             next = Instant::now() + config.interval; // fell behind: do not burst
@@ -150,7 +151,7 @@ pub fn run(
             Err(e) => tracing::warn!("{e}"),
         }
     }
-    drop(tracepoints);
+    // The tracepoint source (if any) detaches as it goes out of scope here.
     Ok(())
 }
 

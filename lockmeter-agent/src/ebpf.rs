@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, MapData, RingBuf};
 use aya::programs::BtfTracePoint;
 use aya::{Btf, Ebpf, EbpfLoader};
 
@@ -23,9 +23,18 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lo
 /// The tracepoints hooked, by program name (the same as the tracepoint's).
 pub const TRACEPOINTS: [&str; 3] = ["flock_lock_inode", "posix_lock_inode", "fcntl_setlk"];
 
-/// How often the reader drains the ring buffer when the kernel does not wake it (it wakes it
-/// only when more than 1 MiB is waiting).
-pub const DRAIN_EVERY: Duration = Duration::from_millis(20);
+/// Default ring buffer size: 8 MiB, drained every 50 ms (the kernel never wakes the reader).
+/// Draining in rare large batches keeps the reader off the ring's cache lines while lock
+/// calls write them (see `bpf/locks.bpf.c`); the ring holds what arrives in between. It is
+/// mapped into the agent, so it counts in its resident memory.
+pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+
+/// How often a ring of `bytes` is drained: often enough that ~2 million lock calls a second
+/// (72 bytes each) fit, between 10 and 100 ms.
+pub fn drain_every(bytes: u32) -> Duration {
+    let ms = u64::from(bytes) / (72 * 2_000_000 / 1000);
+    Duration::from_millis(ms.clamp(10, 100))
+}
 
 fn bpf_err(what: &str, e: impl std::fmt::Display) -> AgentError {
     AgentError::Tracepoints(format!("{what}: {e}"))
@@ -43,10 +52,20 @@ pub struct TracepointSource {
 impl TracepointSource {
     /// Loads and attaches the programs, then starts reading. Errors (no BTF, no permission,
     /// a kernel without these tracepoints) come back here, before anything runs.
-    pub fn start(mut model: TraceModel) -> Result<TracepointSource, AgentError> {
+    ///
+    /// `ring_bytes`: the ring buffer's size, a power of two of at least a page
+    /// ([`DEFAULT_RING_BYTES`]).
+    pub fn start(mut model: TraceModel, ring_bytes: u32) -> Result<TracepointSource, AgentError> {
+        if !ring_bytes.is_power_of_two() || ring_bytes < 4096 {
+            return Err(AgentError::Config(format!(
+                "ring buffer size {ring_bytes}: expected a power of two of at least 4096 bytes"
+            )));
+        }
+        let drain = drain_every(ring_bytes);
         let btf = Btf::from_sys_fs().map_err(|e| bpf_err("reading /sys/kernel/btf/vmlinux", e))?;
         let mut bpf = EbpfLoader::new()
             .btf(Some(&btf))
+            .set_max_entries("events", ring_bytes)
             .load(OBJECT)
             .map_err(|e| bpf_err("loading the BPF object", e))?;
         for name in TRACEPOINTS {
@@ -65,18 +84,18 @@ impl TracepointSource {
                 .ok_or_else(|| bpf_err("events", "map missing"))?,
         )
         .map_err(|e| bpf_err("events ring buffer", e))?;
-        let dropped: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
-            bpf.take_map("dropped")
-                .ok_or_else(|| bpf_err("dropped", "map missing"))?,
+        let counters: Array<MapData, u64> = Array::try_from(
+            bpf.take_map("counters")
+                .ok_or_else(|| bpf_err("counters", "map missing"))?,
         )
-        .map_err(|e| bpf_err("dropped counter", e))?;
+        .map_err(|e| bpf_err("counters", e))?;
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let stats = Arc::new(Mutex::new(TraceStats::default()));
         let stats2 = stats.clone();
         let thread = std::thread::Builder::new()
             .name("lockmeter-tracepoints".into())
             .spawn(move || {
-                reader(bpf, ring, dropped, &mut model, &stop_rx, &stats2);
+                reader(bpf, ring, counters, &mut model, &stop_rx, &stats2, drain);
             })
             .map_err(|e| bpf_err("starting the reader thread", e))?;
         Ok(TracepointSource {
@@ -116,10 +135,11 @@ impl Drop for TracepointSource {
 fn reader(
     bpf: Ebpf,
     mut ring: RingBuf<MapData>,
-    dropped: PerCpuArray<MapData, u64>,
+    counters: Array<MapData, u64>,
     model: &mut TraceModel,
     stop: &mpsc::Receiver<()>,
     stats: &Mutex<TraceStats>,
+    drain: Duration,
 ) {
     let mut last_dropped = 0u64;
     let mut last_check = Instant::now();
@@ -132,8 +152,8 @@ fn reader(
         *stats.lock().unwrap_or_else(PoisonError::into_inner) = model.stats();
         if last_check.elapsed() >= Duration::from_secs(1) {
             last_check = Instant::now();
-            if let Ok(v) = dropped.get(&0, 0) {
-                let total: u64 = v.iter().sum();
+            // counters[1]: events the kernel could not queue (ring buffer full).
+            if let Ok(total) = counters.get(&1, 0) {
                 if total > last_dropped {
                     tracing::warn!(
                         lost = total - last_dropped,
@@ -143,7 +163,7 @@ fn reader(
                 }
             }
         }
-        match stop.recv_timeout(DRAIN_EVERY) {
+        match stop.recv_timeout(drain) {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             // Stopped: detach first, then take what was already sent.
             _ => {

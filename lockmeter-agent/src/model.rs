@@ -201,6 +201,7 @@ pub struct Tracker {
     waiting: HashSet<(u32, Dev, u64)>,
     untrusted: HashMap<PathBuf, Untrusted>,
     check_paths: bool,
+    rows: bool,
 }
 
 impl Tracker {
@@ -215,7 +216,14 @@ impl Tracker {
             waiting: HashSet::new(),
             untrusted: HashMap::new(),
             check_paths: true,
+            rows: true,
         }
+    }
+
+    /// Whether [`Update::rows`] is filled (default on; the agent does not need it).
+    pub fn rows(mut self, on: bool) -> Tracker {
+        self.rows = on;
+        self
     }
 
     /// Whether to stat each held lock's path for migrations (default on).
@@ -355,7 +363,9 @@ impl Tracker {
                     waiting.insert((p.pid, l.raw.dev, l.raw.ino));
                 }
             }
-            up.rows.push(row(l, &name, age_min, migrated));
+            if self.rows {
+                up.rows.push(row(l, &name, age_min, migrated));
+            }
             next.insert(id, seen);
         }
         // Whatever is left in `live` ended since the last snapshot.

@@ -188,6 +188,7 @@ pub fn parse_fdinfo(text: &str) -> impl Iterator<Item = RawLock> + '_ {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

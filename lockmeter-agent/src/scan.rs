@@ -155,7 +155,7 @@ impl Scanner {
         let table = proclocks::parse(&text);
         let uptime = self.uptime();
         let mut comms: HashMap<u32, Option<(String, Option<Duration>)>> = HashMap::new();
-        let mut fd_indexes: HashMap<u32, HashMap<(Dev, u64), (PathBuf, bool)>> = HashMap::new();
+        let mut fd_indexes: HashMap<u32, FdIndex> = HashMap::new();
         let mut fdinfo: Option<HashMap<LineKey, Vec<u32>>> = None;
 
         let mut out: Vec<HostLock> = Vec::new();
@@ -183,11 +183,19 @@ impl Scanner {
             let mut holder_pids: Vec<u32> = Vec::new();
             let mut path = None;
             if let Some(pid) = raw.pid {
-                let index = fd_indexes
-                    .entry(pid)
-                    .or_insert_with(|| fd_index(&self.proc_root, pid));
-                if let Some((p, deleted)) = index.get(&(raw.dev, raw.ino)) {
-                    path = Some((pid, p.clone(), *deleted));
+                // A path found before through this holder is reused: reading a process's
+                // descriptors costs a readlink and a stat each (10,000 for a holder of 10,000
+                // locks). A replaced or unlinked file is caught by `check_path` instead.
+                match self.paths.get(&(raw.dev, raw.ino)) {
+                    Some(p) if p.0 == pid => path = Some(p.clone()),
+                    _ => {
+                        let index = fd_indexes
+                            .entry(pid)
+                            .or_insert_with(|| fd_index(&self.proc_root, pid));
+                        if let Some((p, deleted)) = index.get(&(raw.dev, raw.ino)) {
+                            path = Some((pid, p.clone(), *deleted));
+                        }
+                    }
                 }
                 holder_pids.push(pid);
             }
@@ -350,7 +358,9 @@ pub fn fold_fs_type(t: &str) -> &str {
 const DELETED: &[u8] = b" (deleted)";
 
 /// (dev, ino) -> (path, deleted) for every regular file a process has open.
-fn fd_index(proc_root: &Path, pid: u32) -> HashMap<(Dev, u64), (PathBuf, bool)> {
+type FdIndex = HashMap<(Dev, u64), (PathBuf, bool)>;
+
+fn fd_index(proc_root: &Path, pid: u32) -> FdIndex {
     let mut out = HashMap::new();
     let dir = proc_root.join(pid.to_string()).join("fd");
     let Ok(entries) = std::fs::read_dir(&dir) else {

@@ -18,6 +18,7 @@ use lockmeter::fs::{parse_mountinfo, MountInfo};
 use lockmeter::metrics::{keys, LockMode, Outcome};
 use opentelemetry::metrics::{BoundCounter, BoundHistogram};
 use opentelemetry::KeyValue;
+use rustc_hash::FxHashMap;
 
 use crate::labels::{LabelRules, NameBound};
 use crate::metrics::AgentMetrics;
@@ -79,6 +80,8 @@ pub struct NameEvent {
     pub components: Vec<String>,
     /// The walk stopped before the file system's root (deeper than 16 levels).
     pub truncated: bool,
+    /// The process that locked it (its mount namespace names the path).
+    pub tgid: u32,
 }
 
 /// One event from the kernel.
@@ -125,6 +128,7 @@ pub fn parse_event(b: &[u8]) -> Option<Event> {
             ino,
             components,
             truncated: b[46] != 0,
+            tgid: u32_at(b, 36)?,
         }));
     }
     let kind = match b[45] {
@@ -177,32 +181,41 @@ pub fn errno_name(e: i32) -> &'static str {
     }
 }
 
-#[derive(Clone, Debug)]
+/// What an inode is exported as: an index into the label table, or excluded.
+#[derive(Clone, Copy, Debug)]
 struct Info {
-    /// `None`: excluded by the rules.
-    name: Option<Arc<str>>,
+    label: Option<u32>,
+}
+
+/// A `lock.name` with its `fs.type`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Label {
+    name: Arc<str>,
     fs_type: Arc<str>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Hold {
     start_ns: u64,
     mode: LockMode,
     contended: bool,
-    name: Arc<str>,
-    fs_type: Arc<str>,
-    exe: Arc<str>,
+    label: u32,
+    exe: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// A series of one instrument: small and `Copy`, so the per-event lookups hash a few
+/// integers instead of strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct SeriesKey {
-    name: Arc<str>,
+    label: u32,
+    exe: u32,
     kind: Kind,
     mode: LockMode,
     extra: u8,
-    fs_type: Arc<str>,
-    exe: Arc<str>,
 }
+
+/// Distinct command names kept apart; later ones are exported as `other`.
+const MAX_EXES: usize = 4096;
 
 /// Counts of what the model saw (for logs and tests).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -223,16 +236,20 @@ pub struct TraceModel {
     metrics: Arc<AgentMetrics>,
     rules: LabelRules,
     bound: NameBound,
-    rel_paths: HashMap<(Dev, u64), PathBuf>,
-    infos: HashMap<(Dev, u64), Info>,
-    mounts: Vec<MountInfo>,
-    mountinfo: PathBuf,
-    exes: HashMap<[u8; 16], Arc<str>>,
-    holds: HashMap<(Dev, u64, Kind, u64), Hold>,
-    wait: HashMap<SeriesKey, BoundHistogram<f64>>,
-    hold: HashMap<SeriesKey, BoundHistogram<f64>>,
-    acq: HashMap<SeriesKey, BoundCounter<u64>>,
-    conf: HashMap<SeriesKey, BoundCounter<u64>>,
+    paths: HashMap<(Dev, u64), PathBuf>,
+    infos: FxHashMap<(Dev, u64), Info>,
+    mounts: HashMap<Vec<u8>, Vec<MountInfo>>,
+    fs_types: HashMap<Dev, Arc<str>>,
+    proc_root: PathBuf,
+    labels: Vec<Label>,
+    label_ids: HashMap<Label, u32>,
+    exes: FxHashMap<[u8; 16], u32>,
+    exe_names: Vec<Arc<str>>,
+    holds: FxHashMap<(Dev, u64, Kind, u64), Hold>,
+    wait: FxHashMap<SeriesKey, BoundHistogram<f64>>,
+    hold: FxHashMap<SeriesKey, BoundHistogram<f64>>,
+    acq: FxHashMap<SeriesKey, BoundCounter<u64>>,
+    conf: FxHashMap<SeriesKey, BoundCounter<u64>>,
     stats: TraceStats,
 }
 
@@ -248,32 +265,32 @@ const MAX_HOLDS: usize = 1 << 20;
 
 impl TraceModel {
     /// A model recording into `metrics`, naming locks by `rules`, at most `top` names.
-    /// `mountinfo` maps a file's path inside its file system to where it is mounted
-    /// (`/proc/self/mountinfo`, or the host's through its `/proc`).
+    /// `proc_root` (`/proc`, or the host's) gives the mount tables that turn a file's path
+    /// inside its file system into the path the locking process sees.
     pub fn new(
         metrics: Arc<AgentMetrics>,
         rules: LabelRules,
         top: usize,
-        mountinfo: impl Into<PathBuf>,
+        proc_root: impl Into<PathBuf>,
     ) -> TraceModel {
-        let mountinfo = mountinfo.into();
-        let mounts = std::fs::read_to_string(&mountinfo)
-            .map(|t| parse_mountinfo(&t))
-            .unwrap_or_default();
         TraceModel {
             metrics,
             rules,
             bound: NameBound::new(top),
-            rel_paths: HashMap::new(),
-            infos: HashMap::new(),
-            mounts,
-            mountinfo,
-            exes: HashMap::new(),
-            holds: HashMap::new(),
-            wait: HashMap::new(),
-            hold: HashMap::new(),
-            acq: HashMap::new(),
-            conf: HashMap::new(),
+            paths: HashMap::new(),
+            infos: FxHashMap::default(),
+            mounts: HashMap::new(),
+            fs_types: HashMap::new(),
+            proc_root: proc_root.into(),
+            labels: Vec::new(),
+            label_ids: HashMap::new(),
+            exes: FxHashMap::default(),
+            exe_names: vec![Arc::from("other")],
+            holds: FxHashMap::default(),
+            wait: FxHashMap::default(),
+            hold: FxHashMap::default(),
+            acq: FxHashMap::default(),
+            conf: FxHashMap::default(),
             stats: TraceStats::default(),
         }
     }
@@ -298,22 +315,51 @@ impl TraceModel {
     }
 
     fn on_name(&mut self, n: &NameEvent) {
-        let mut p = PathBuf::from("/");
+        let mut rel = PathBuf::from("/");
         for c in n.components.iter().rev() {
-            p.push(c);
+            rel.push(c);
         }
+        let mut path = match self.host_path(n.tgid, n.dev, &rel) {
+            Some(p) => p,
+            None => rel,
+        };
         if n.truncated {
-            p = Path::new("/…").join(p.strip_prefix("/").unwrap_or(&p));
+            path = Path::new("/…").join(path.strip_prefix("/").unwrap_or(&path));
         }
-        if self.rel_paths.len() > MAX_HOLDS {
-            self.rel_paths.clear();
+        if self.paths.len() > MAX_HOLDS {
+            self.paths.clear();
         }
-        self.rel_paths.insert((n.dev, n.ino), p);
+        self.paths.insert((n.dev, n.ino), path);
         self.infos.remove(&(n.dev, n.ino));
     }
 
-    /// Where an inode's path inside its file system is mounted.
-    fn host_path(&mut self, dev: Dev, rel: &Path) -> Option<(PathBuf, Option<MountInfo>)> {
+    /// The mount table of `pid`'s mount namespace (pid 1's when `pid` is gone).
+    fn mount_table(&mut self, pid: u32) -> Option<(Vec<u8>, &Vec<MountInfo>)> {
+        use std::os::unix::ffi::OsStrExt as _;
+        for p in [pid, 1] {
+            let dir = self.proc_root.join(p.to_string());
+            let Ok(ns) = std::fs::read_link(dir.join("ns/mnt")) else {
+                continue;
+            };
+            let ns = ns.as_os_str().as_bytes().to_vec();
+            if !self.mounts.contains_key(&ns) {
+                let Ok(text) = std::fs::read_to_string(dir.join("mountinfo")) else {
+                    continue;
+                };
+                if self.mounts.len() > 64 {
+                    self.mounts.clear();
+                }
+                self.mounts.insert(ns.clone(), parse_mountinfo(&text));
+            }
+            let t = self.mounts.get(&ns)?;
+            return Some((ns, t));
+        }
+        None
+    }
+
+    /// Where a path inside a file system is, in `pid`'s view: under the mount of that device
+    /// whose root is the longest prefix of the path.
+    fn host_path(&mut self, pid: u32, dev: Dev, rel: &Path) -> Option<PathBuf> {
         let pick = |mounts: &[MountInfo]| {
             mounts
                 .iter()
@@ -322,80 +368,109 @@ impl TraceModel {
                 .max_by_key(|m| m.root.as_os_str().len())
                 .cloned()
         };
-        let mut m = pick(&self.mounts);
+        let (ns, table) = self.mount_table(pid)?;
+        let mut m = pick(table);
         if m.is_none() {
-            // A file system mounted since the last read.
-            self.mounts = std::fs::read_to_string(&self.mountinfo)
-                .map(|t| parse_mountinfo(&t))
-                .unwrap_or_default();
-            m = pick(&self.mounts);
+            // Mounted since the table was read: read it again.
+            self.mounts.remove(&ns);
+            m = pick(self.mount_table(pid)?.1);
         }
         let m = m?;
         let inner = rel.strip_prefix(&m.root).ok()?;
-        Some((m.mount_point.join(inner), Some(m)))
+        let fs_type = fold_fs_type(&m.fs_type).to_owned();
+        self.fs_types.insert(dev, fs_type.into());
+        Some(m.mount_point.join(inner))
     }
 
     fn info(&mut self, dev: Dev, ino: u64) -> Info {
         if let Some(i) = self.infos.get(&(dev, ino)) {
-            return i.clone();
+            return *i;
         }
-        let rel = self.rel_paths.get(&(dev, ino)).cloned();
-        let resolved = rel.as_ref().and_then(|r| self.host_path(dev, r));
-        let (path, mount) = match resolved {
-            Some((p, m)) => (Some(p), m),
-            None => (rel, None),
-        };
+        let path = self.paths.get(&(dev, ino)).cloned();
         if path.is_none() {
             self.stats.unnamed += 1;
         }
-        let fs_type: Arc<str> = match &mount {
-            Some(m) => fold_fs_type(&m.fs_type).into(),
-            None => "unknown".into(),
-        };
-        let name = if self.rules.admits(path.as_deref()) {
+        let fs_type = self
+            .fs_types
+            .get(&dev)
+            .cloned()
+            .unwrap_or_else(|| Arc::from("unknown"));
+        let label = if self.rules.admits(path.as_deref()) {
             let n = match &path {
                 Some(p) => self.rules.name_for(p),
                 None => format!("{dev}:{ino}"),
             };
-            Some(Arc::from(self.bound.bound(&n)))
+            let label = Label {
+                name: Arc::from(self.bound.bound(&n)),
+                fs_type,
+            };
+            let next = u32::try_from(self.labels.len()).unwrap_or(u32::MAX);
+            let id = *self.label_ids.entry(label.clone()).or_insert(next);
+            if id == next {
+                self.labels.push(label);
+            }
+            Some(id)
         } else {
             None
         };
-        let info = Info { name, fs_type };
+        let info = Info { label };
         if self.infos.len() > MAX_HOLDS {
             self.infos.clear();
         }
-        self.infos.insert((dev, ino), info.clone());
+        self.infos.insert((dev, ino), info);
         info
     }
 
-    fn exe(&mut self, comm: &[u8; 16]) -> Arc<str> {
+    fn exe(&mut self, comm: &[u8; 16]) -> u32 {
         if let Some(e) = self.exes.get(comm) {
-            return e.clone();
+            return *e;
         }
-        let e: Arc<str> = cstr(comm).into();
-        if self.exes.len() > 4096 {
-            self.exes.clear();
+        if self.exe_names.len() >= MAX_EXES {
+            return 0; // "other"
         }
-        self.exes.insert(*comm, e.clone());
-        e
+        let id = u32::try_from(self.exe_names.len()).unwrap_or(0);
+        self.exe_names.push(cstr(comm).into());
+        self.exes.insert(*comm, id);
+        id
     }
 
-    fn kvs(k: &SeriesKey, extra: KeyValue) -> Vec<KeyValue> {
-        vec![
-            KeyValue::new(keys::LOCK_NAME, k.name.to_string()),
+    fn kvs(&self, k: &SeriesKey, extra: Option<KeyValue>) -> Vec<KeyValue> {
+        let l = &self.labels[k.label as usize];
+        let mut v = vec![
+            KeyValue::new(keys::LOCK_NAME, l.name.to_string()),
             KeyValue::new(keys::LOCK_KIND, k.kind.as_str()),
             KeyValue::new(keys::LOCK_MODE, k.mode.as_str()),
-            extra,
-            KeyValue::new(keys::FS_TYPE, k.fs_type.to_string()),
-            KeyValue::new(keys::PROCESS_EXECUTABLE_NAME, k.exe.to_string()),
-        ]
+            KeyValue::new(keys::FS_TYPE, l.fs_type.to_string()),
+            KeyValue::new(
+                keys::PROCESS_EXECUTABLE_NAME,
+                self.exe_names[k.exe as usize].to_string(),
+            ),
+        ];
+        v.extend(extra);
+        v
+    }
+
+    fn error(&self, label: u32, exe: u32, kind: Kind, op: &'static str, errno: i32) {
+        let l = &self.labels[label as usize];
+        self.metrics.errors.add(
+            1,
+            &[
+                KeyValue::new(keys::LOCK_NAME, l.name.to_string()),
+                KeyValue::new(keys::LOCK_KIND, kind.as_str()),
+                KeyValue::new(keys::LOCK_OPERATION, op),
+                KeyValue::new(keys::ERROR_TYPE, errno_name(errno)),
+                KeyValue::new(keys::FS_TYPE, l.fs_type.to_string()),
+                KeyValue::new(
+                    keys::PROCESS_EXECUTABLE_NAME,
+                    self.exe_names[exe as usize].to_string(),
+                ),
+            ],
+        );
     }
 
     fn on_call(&mut self, c: &CallEvent) {
         self.stats.calls += 1;
-        let info = self.info(c.dev, c.ino);
-        let Some(name) = info.name else {
+        let Some(label) = self.info(c.dev, c.ino).label else {
             return;
         };
         let exe = self.exe(&c.comm);
@@ -405,108 +480,86 @@ impl TraceModel {
             F_UNLCK => {
                 // A failed unlock (successful ones arrive as releases).
                 if c.ret != 0 {
-                    self.metrics.errors.add(
-                        1,
-                        &[
-                            KeyValue::new(keys::LOCK_NAME, name.to_string()),
-                            KeyValue::new(keys::LOCK_KIND, c.kind.as_str()),
-                            KeyValue::new(keys::LOCK_OPERATION, "unlock"),
-                            KeyValue::new(keys::ERROR_TYPE, errno_name(-c.ret)),
-                            KeyValue::new(keys::FS_TYPE, info.fs_type.to_string()),
-                            KeyValue::new(keys::PROCESS_EXECUTABLE_NAME, exe.to_string()),
-                        ],
-                    );
+                    self.error(label, exe, c.kind, "unlock", -c.ret);
                 }
                 return;
             }
             _ => return,
         };
-        let conflict = c.flags & FLAG_CONFLICT != 0;
         let outcome = match -c.ret {
             0 => Outcome::Acquired,
             libc::EAGAIN | libc::EACCES => Outcome::WouldBlock,
             libc::EINTR | 512 => Outcome::Cancelled,
             _ => Outcome::Error,
         };
+        // A conflict: the call waited (the kernel deferred it) or would have.
+        let conflict = c.flags & FLAG_CONFLICT != 0 || outcome == Outcome::WouldBlock;
         let key = |extra: u8| SeriesKey {
-            name: name.clone(),
+            label,
+            exe,
             kind: c.kind,
             mode,
             extra,
-            fs_type: info.fs_type.clone(),
-            exe: exe.clone(),
         };
         let wait_s = c.ts_end.saturating_sub(c.ts_start) as f64 * 1e-9;
         let k = key(outcome as u8);
-        let metrics = &self.metrics;
-        self.wait
-            .entry(k)
-            .or_insert_with_key(|k| {
-                metrics.wait.bind(&Self::kvs(
-                    k,
-                    KeyValue::new(keys::LOCK_OUTCOME, outcome.as_str()),
-                ))
-            })
-            .record(wait_s);
+        if !self.wait.contains_key(&k) {
+            let b = self.metrics.wait.bind(&self.kvs(
+                &k,
+                Some(KeyValue::new(keys::LOCK_OUTCOME, outcome.as_str())),
+            ));
+            self.wait.insert(k, b);
+        }
+        if let Some(h) = self.wait.get(&k) {
+            h.record(wait_s);
+        }
         if conflict {
-            self.conf
-                .entry(key(0))
-                .or_insert_with_key(|k| {
-                    let mut kv = Self::kvs(k, KeyValue::new(keys::LOCK_CONTENDED, true));
-                    kv.remove(3);
-                    metrics.conflicts.bind(&kv)
-                })
-                .add(1);
+            let k = key(0);
+            if !self.conf.contains_key(&k) {
+                let b = self.metrics.conflicts.bind(&self.kvs(&k, None));
+                self.conf.insert(k, b);
+            }
+            if let Some(cn) = self.conf.get(&k) {
+                cn.add(1);
+            }
         }
         match outcome {
             Outcome::Acquired => {
-                self.acq
-                    .entry(key(u8::from(conflict)))
-                    .or_insert_with_key(|k| {
-                        metrics
-                            .acquisitions
-                            .bind(&Self::kvs(k, KeyValue::new(keys::LOCK_CONTENDED, conflict)))
-                    })
-                    .add(1);
+                let k = key(u8::from(conflict));
+                if !self.acq.contains_key(&k) {
+                    let b = self
+                        .metrics
+                        .acquisitions
+                        .bind(&self.kvs(&k, Some(KeyValue::new(keys::LOCK_CONTENDED, conflict))));
+                    self.acq.insert(k, b);
+                }
+                if let Some(a) = self.acq.get(&k) {
+                    a.add(1);
+                }
                 let hk = (c.dev, c.ino, c.kind, c.owner);
+                let hold = Hold {
+                    start_ns: c.ts_end,
+                    mode,
+                    contended: conflict,
+                    label,
+                    exe,
+                };
                 match self.holds.get(&hk) {
                     Some(h) if h.mode == mode => {} // locked again by the same owner: one hold
                     Some(_) => {
                         // Converted (shared <-> exclusive): the old hold ends here.
                         self.end_hold(hk, c.ts_end);
-                        self.start_hold(hk, c, mode, conflict, name, info.fs_type, exe);
+                        self.start_hold(hk, hold);
                     }
-                    None => self.start_hold(hk, c, mode, conflict, name, info.fs_type, exe),
+                    None => self.start_hold(hk, hold),
                 }
             }
-            Outcome::Error => {
-                self.metrics.errors.add(
-                    1,
-                    &[
-                        KeyValue::new(keys::LOCK_NAME, name.to_string()),
-                        KeyValue::new(keys::LOCK_KIND, c.kind.as_str()),
-                        KeyValue::new(keys::LOCK_OPERATION, "lock"),
-                        KeyValue::new(keys::ERROR_TYPE, errno_name(-c.ret)),
-                        KeyValue::new(keys::FS_TYPE, info.fs_type.to_string()),
-                        KeyValue::new(keys::PROCESS_EXECUTABLE_NAME, exe.to_string()),
-                    ],
-                );
-            }
+            Outcome::Error => self.error(label, exe, c.kind, "lock", -c.ret),
             _ => {}
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn start_hold(
-        &mut self,
-        hk: (Dev, u64, Kind, u64),
-        c: &CallEvent,
-        mode: LockMode,
-        contended: bool,
-        name: Arc<str>,
-        fs_type: Arc<str>,
-        exe: Arc<str>,
-    ) {
+    fn start_hold(&mut self, hk: (Dev, u64, Kind, u64), hold: Hold) {
         if self.holds.len() >= MAX_HOLDS {
             // Releases were lost (a full ring buffer): start over rather than grow.
             tracing::warn!(
@@ -515,17 +568,7 @@ impl TraceModel {
             );
             self.holds.clear();
         }
-        self.holds.insert(
-            hk,
-            Hold {
-                start_ns: c.ts_end,
-                mode,
-                contended,
-                name,
-                fs_type,
-                exe,
-            },
-        );
+        self.holds.insert(hk, hold);
     }
 
     fn end_hold(&mut self, hk: (Dev, u64, Kind, u64), at: u64) -> bool {
@@ -534,24 +577,22 @@ impl TraceModel {
         };
         self.stats.holds += 1;
         let k = SeriesKey {
-            name: h.name,
+            label: h.label,
+            exe: h.exe,
             kind: hk.2,
             mode: h.mode,
             extra: u8::from(h.contended),
-            fs_type: h.fs_type,
-            exe: h.exe,
         };
-        let metrics = &self.metrics;
-        let contended = h.contended;
-        self.hold
-            .entry(k)
-            .or_insert_with_key(|k| {
-                metrics.duration.bind(&Self::kvs(
-                    k,
-                    KeyValue::new(keys::LOCK_CONTENDED, contended),
-                ))
-            })
-            .record(at.saturating_sub(h.start_ns) as f64 * 1e-9);
+        if !self.hold.contains_key(&k) {
+            let b = self
+                .metrics
+                .duration
+                .bind(&self.kvs(&k, Some(KeyValue::new(keys::LOCK_CONTENDED, h.contended))));
+            self.hold.insert(k, b);
+        }
+        if let Some(b) = self.hold.get(&k) {
+            b.record(at.saturating_sub(h.start_ns) as f64 * 1e-9);
+        }
         true
     }
 

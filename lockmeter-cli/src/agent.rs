@@ -29,6 +29,13 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
+fn parse_ring(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(m) if m.is_power_of_two() && m <= 1024 => Ok(m),
+        _ => Err(format!("{s}: expected a power of two from 1 to 1024")),
+    }
+}
+
 /// Path selection and naming, shared by `agent` and `locks`.
 #[derive(Args, Debug, Clone)]
 pub struct Selection {
@@ -88,6 +95,10 @@ pub struct AgentArgs {
     /// At most N lock names get series of their own; the rest are lock_name="(other)".
     #[arg(long, value_name = "N", default_value_t = 500)]
     top: usize,
+    /// The tracepoint source's ring buffer in MiB (a power of two): larger holds bigger bursts
+    /// and is drained less often (cheaper for lock calls), and is resident in the agent.
+    #[arg(long, value_name = "MIB", default_value_t = 8, value_parser = parse_ring)]
+    ring_mib: u32,
     /// Serve /metrics here (overrides OTEL_EXPORTER_PROMETHEUS_HOST and _PORT).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
@@ -125,6 +136,7 @@ pub fn run_agent(args: AgentArgs) -> ExitCode {
         rules,
         top: args.top,
         proc_root: args.selection.proc_root.clone(),
+        ring_bytes: args.ring_mib << 20,
     };
     let (stop_tx, stop_rx) = mpsc::channel();
     if let Err(e) = on_signals(stop_tx) {
