@@ -142,11 +142,21 @@ pub fn run(
         if next < Instant::now() {
             next = Instant::now() + config.interval; // fell behind: do not burst
         }
+        let t0 = Instant::now();
         match scanner.scan() {
             Ok(snap) => {
+                let t1 = Instant::now();
                 let up = tracker.update(&snap);
+                let t2 = Instant::now();
                 report(&up);
                 metrics.apply(&up, record_sampled_holds);
+                tracing::debug!(
+                    locks = snap.locks.len(),
+                    scan_ms = (t1 - t0).as_secs_f64() * 1e3,
+                    update_ms = (t2 - t1).as_secs_f64() * 1e3,
+                    publish_ms = t2.elapsed().as_secs_f64() * 1e3,
+                    "sampled"
+                );
             }
             Err(e) => tracing::warn!("{e}"),
         }

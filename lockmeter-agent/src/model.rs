@@ -7,7 +7,7 @@
 //! to the middle of the interval in which it went. Holds already present at the first snapshot
 //! have no known start and are not recorded.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -202,7 +202,13 @@ pub struct Tracker {
     untrusted: HashMap<PathBuf, Untrusted>,
     check_paths: bool,
     rows: bool,
+    /// Where the next pass starts checking paths (they are checked in turns on big tables).
+    check_cursor: usize,
 }
+
+/// Paths checked for migrations per snapshot: all of them on tables up to this size, in
+/// turns beyond it (a host holding 10,000 locks has each path checked every 5 samples).
+pub const PATH_CHECKS_PER_SAMPLE: usize = 2000;
 
 impl Tracker {
     /// A tracker applying `rules`, with at most `top` lock names in the gauges.
@@ -212,11 +218,12 @@ impl Tracker {
             top: top.max(1),
             proc_root: proc_root.into(),
             prev: None,
-            live: HashMap::new(),
-            waiting: HashSet::new(),
-            untrusted: HashMap::new(),
+            live: HashMap::default(),
+            waiting: HashSet::default(),
+            untrusted: HashMap::default(),
             check_paths: true,
             rows: true,
+            check_cursor: 0,
         }
     }
 
@@ -265,17 +272,27 @@ impl Tracker {
     pub fn update(&mut self, snap: &Snapshot) -> Update {
         let now = snap.taken;
         let mut up = Update::default();
-        let mut dups: HashMap<Identity, u32> = HashMap::new();
-        let mut next: HashMap<Identity, Seen> = HashMap::with_capacity(snap.locks.len());
-        let mut waiting = HashSet::new();
+        let mut dups: HashMap<Identity, u32> = HashMap::default();
+        let mut next: HashMap<Identity, Seen> =
+            HashMap::with_capacity_and_hasher(snap.locks.len(), Default::default());
+        let mut waiting = HashSet::default();
         // name -> activity, for the top-N gauges.
-        let mut held: HashMap<HoldAttrs, (i64, f64)> = HashMap::new();
-        let mut waiters: HashMap<HoldAttrs, i64> = HashMap::new();
-        let mut activity: HashMap<String, usize> = HashMap::new();
-        for l in &snap.locks {
+        let mut held: HashMap<HoldAttrs, (i64, f64)> = HashMap::default();
+        let mut waiters: HashMap<HoldAttrs, i64> = HashMap::default();
+        let mut activity: HashMap<String, usize> = HashMap::default();
+        let n_locks = snap.locks.len();
+        let cursor = if n_locks > PATH_CHECKS_PER_SAMPLE {
+            self.check_cursor % n_locks
+        } else {
+            0
+        };
+        self.check_cursor = cursor + PATH_CHECKS_PER_SAMPLE;
+        for (i, l) in snap.locks.iter().enumerate() {
             let Some(name) = self.name_of(l) else {
                 continue;
             };
+            // Is this lock's path checked this time? (All of them, unless the table is big.)
+            let check_now = (i + n_locks - cursor) % n_locks.max(1) < PATH_CHECKS_PER_SAMPLE;
             let mut id = Identity {
                 kind: l.raw.kind,
                 mode: l.raw.mode,
@@ -308,7 +325,7 @@ impl Tracker {
                 },
             };
             let mut migrated = None;
-            if self.check_paths && !seen.migrated {
+            if self.check_paths && check_now && !seen.migrated {
                 let kind = match check_path(&self.proc_root, l) {
                     PathState::Replaced => Some(MigrationKind::Replaced),
                     PathState::DeviceChanged => Some(MigrationKind::DeviceChanged),
@@ -400,13 +417,13 @@ impl Tracker {
             }
             a
         };
-        let mut g_held: HashMap<HoldAttrs, (i64, f64)> = HashMap::new();
+        let mut g_held: HashMap<HoldAttrs, (i64, f64)> = HashMap::default();
         for (a, (n, age)) in held {
             let e = g_held.entry(fold(a)).or_insert((0, 0.0));
             e.0 += n;
             e.1 = e.1.max(age);
         }
-        let mut g_wait: HashMap<HoldAttrs, i64> = HashMap::new();
+        let mut g_wait: HashMap<HoldAttrs, i64> = HashMap::default();
         for (a, n) in waiters {
             *g_wait.entry(fold(a)).or_default() += n;
         }
