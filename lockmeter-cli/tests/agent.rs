@@ -770,3 +770,54 @@ mod tracepoints {
         agent.stop();
     }
 }
+
+/// Every query of the host-locks dashboard is valid PromQL (promtool parses it as a rule).
+#[test]
+fn host_locks_dashboard_queries_are_valid_promql() {
+    require_tool("promtool");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(repo.join("grafana/dashboards/host-locks.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut exprs = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(serde_json::Value::String(e)) = m.get("expr") {
+                    out.push(e.clone());
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&dash["panels"], &mut exprs);
+    assert!(exprs.len() >= 15, "{} queries", exprs.len());
+    let mut rules = String::from("groups:\n  - name: host-locks\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        let e = e
+            .replace("$__rate_interval", "5m")
+            .replace("$job", ".*")
+            .replace("$lock_kind", ".*")
+            .replace("$fs_type", ".*");
+        assert!(e.contains("lock_"), "{e}");
+        rules.push_str(&format!(
+            "      - record: host_locks:q{i}\n        expr: {}\n",
+            serde_json::to_string(&e).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
