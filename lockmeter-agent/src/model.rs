@@ -9,6 +9,7 @@
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockmeter::fs::Coherence;
@@ -47,15 +48,15 @@ struct Seen {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HoldAttrs {
     /// `lock.name`.
-    pub name: String,
+    pub name: Arc<str>,
     /// `lock.kind`.
     pub kind: Kind,
     /// `lock.mode`.
     pub mode: LockMode,
     /// `fs.type`.
-    pub fs_type: String,
+    pub fs_type: Arc<str>,
     /// `process.executable.name` of the (first) holder.
-    pub exe: String,
+    pub exe: Arc<str>,
 }
 
 impl HoldAttrs {
@@ -239,21 +240,21 @@ impl Tracker {
         self
     }
 
-    fn attrs(&self, l: &HostLock, name: &str) -> HoldAttrs {
+    fn attrs(&self, l: &HostLock, name: &Arc<str>) -> HoldAttrs {
         HoldAttrs {
-            name: name.to_owned(),
+            name: Arc::clone(name),
             kind: l.raw.kind,
             mode: l.raw.mode,
             fs_type: l
                 .fs
                 .as_ref()
-                .map(|f| f.fs_type.clone())
-                .unwrap_or_else(|| "unknown".to_owned()),
+                .map(|f| Arc::clone(&f.fs_type))
+                .unwrap_or_else(|| Arc::from("unknown")),
             exe: l
                 .holders
                 .first()
-                .map(|p| p.comm.clone())
-                .unwrap_or_else(|| "unknown".to_owned()),
+                .map(|p| Arc::clone(&p.comm))
+                .unwrap_or_else(|| Arc::from("unknown")),
         }
     }
 
@@ -279,7 +280,7 @@ impl Tracker {
         // name -> activity, for the top-N gauges.
         let mut held: HashMap<HoldAttrs, (i64, f64)> = HashMap::default();
         let mut waiters: HashMap<HoldAttrs, i64> = HashMap::default();
-        let mut activity: HashMap<String, usize> = HashMap::default();
+        let mut activity: HashMap<Arc<str>, usize> = HashMap::default();
         let n_locks = snap.locks.len();
         let cursor = if n_locks > PATH_CHECKS_PER_SAMPLE {
             self.check_cursor % n_locks
@@ -291,6 +292,7 @@ impl Tracker {
             let Some(name) = self.name_of(l) else {
                 continue;
             };
+            let name: Arc<str> = Arc::from(name);
             // Is this lock's path checked this time? (All of them, unless the table is big.)
             let check_now = (i + n_locks - cursor) % n_locks.max(1) < PATH_CHECKS_PER_SAMPLE;
             let mut id = Identity {
@@ -348,9 +350,9 @@ impl Tracker {
                 if !fs.coherence.is_trustworthy() && !self.untrusted.contains_key(path) {
                     let u = Untrusted {
                         path: path.clone(),
-                        name: name.clone(),
+                        name: name.to_string(),
                         kind: l.raw.kind,
-                        fs_type: fs.fs_type.clone(),
+                        fs_type: fs.fs_type.to_string(),
                         coherence: fs.coherence,
                         reason: fs.reason.clone(),
                     };
@@ -371,8 +373,8 @@ impl Tracker {
                     exe: w
                         .proc
                         .as_ref()
-                        .map(|p| p.comm.clone())
-                        .unwrap_or_else(|| "unknown".to_owned()),
+                        .map(|p| Arc::clone(&p.comm))
+                        .unwrap_or_else(|| Arc::from("unknown")),
                     ..attrs.clone()
                 };
                 *waiters.entry(wa).or_default() += 1;
@@ -404,16 +406,16 @@ impl Tracker {
         self.prev = Some(now);
 
         // Top-N names by activity for the gauges.
-        let mut names: Vec<(&String, &usize)> = activity.iter().collect();
+        let mut names: Vec<(&Arc<str>, &usize)> = activity.iter().collect();
         names.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         let top: HashSet<&str> = names
             .iter()
             .take(self.top)
-            .map(|(n, _)| n.as_str())
+            .map(|(n, _)| -> &str { n })
             .collect();
         let fold = |mut a: HoldAttrs| {
-            if !top.contains(a.name.as_str()) {
-                a.name = OTHER.to_owned();
+            if !top.contains(&*a.name) {
+                a.name = Arc::from(OTHER);
             }
             a
         };
@@ -475,7 +477,7 @@ fn row(l: &HostLock, name: &str, age_min: Option<Duration>, migrated: Option<&'s
             .iter()
             .map(|p| RowProc {
                 pid: p.pid,
-                command: p.comm.clone(),
+                command: p.comm.to_string(),
             })
             .collect(),
         waiters: l
@@ -483,7 +485,7 @@ fn row(l: &HostLock, name: &str, age_min: Option<Duration>, migrated: Option<&'s
             .iter()
             .map(|w| RowWaiter {
                 pid: w.proc.as_ref().map(|p| p.pid),
-                command: w.proc.as_ref().map(|p| p.comm.clone()),
+                command: w.proc.as_ref().map(|p| p.comm.to_string()),
                 mode: mode_str(w.mode),
             })
             .collect(),
@@ -499,7 +501,7 @@ fn row(l: &HostLock, name: &str, age_min: Option<Duration>, migrated: Option<&'s
                 .map(|e| e.to_string())
                 .unwrap_or_else(|| "EOF".to_owned())
         ),
-        fs_type: l.fs.as_ref().map(|f| f.fs_type.clone()),
+        fs_type: l.fs.as_ref().map(|f| f.fs_type.to_string()),
         fs_trust: l.fs.as_ref().map(|f| f.coherence.as_str()),
         migrated,
     }

@@ -11,6 +11,7 @@
 use rustc_hash::FxHashMap as HashMap;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockmeter::fs::{classify, find_mount, parse_mountinfo, Coherence, MountInfo};
@@ -25,7 +26,7 @@ pub struct Proc {
     /// Process id (never a metric attribute).
     pub pid: u32,
     /// Command name (`/proc/PID/comm`): the `process.executable.name` attribute.
-    pub comm: String,
+    pub comm: Arc<str>,
 }
 
 /// A blocked waiter (a `->` line).
@@ -41,7 +42,7 @@ pub struct Waiter {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FsView {
     /// `fs.type`, FUSE subtypes folded into `fuse`.
-    pub fs_type: String,
+    pub fs_type: Arc<str>,
     /// How far locks there exclude, as `lockmeter probe` classifies it.
     pub coherence: Coherence,
     /// Why, in words.
@@ -63,7 +64,7 @@ pub struct HostLock {
     /// The holder's descriptor names a file that has been unlinked (`... (deleted)`).
     pub deleted: bool,
     /// The file system, when the path was found.
-    pub fs: Option<FsView>,
+    pub fs: Option<Arc<FsView>>,
     /// The oldest holder process's age: an upper bound on the hold's age.
     pub holder_age: Option<Duration>,
 }
@@ -115,7 +116,7 @@ pub struct Scanner {
     fdinfo_holders: HashMap<LineKey, Vec<u32>>,
     /// Mount tables by mount namespace.
     mounts: HashMap<Vec<u8>, Vec<MountInfo>>,
-    fs_views: HashMap<(Vec<u8>, Dev, Kind), FsView>,
+    fs_views: HashMap<(Vec<u8>, Dev, Kind), Arc<FsView>>,
     ticks: u64,
     buf: Vec<u8>,
     buf_hint: usize,
@@ -173,7 +174,7 @@ impl Scanner {
         let table = proclocks::parse(&String::from_utf8_lossy(&buf));
         self.buf = buf;
         let uptime = self.uptime();
-        let mut comms: HashMap<u32, Option<(String, Option<Duration>)>> = HashMap::default();
+        let mut comms: HashMap<u32, Option<(Arc<str>, Option<Duration>)>> = HashMap::default();
         let mut fd_indexes: HashMap<u32, FdIndex> = HashMap::default();
         let mut fdinfo: Option<HashMap<LineKey, Vec<u32>>> = None;
         let mut namespaces: HashMap<u32, Vec<u8>> = HashMap::default();
@@ -305,7 +306,7 @@ impl Scanner {
     fn proc_of(
         &self,
         pid: u32,
-        cache: &mut HashMap<u32, Option<(String, Option<Duration>)>>,
+        cache: &mut HashMap<u32, Option<(Arc<str>, Option<Duration>)>>,
         uptime: Option<f64>,
     ) -> Option<(Proc, Option<Duration>)> {
         let entry = cache.entry(pid).or_insert_with(|| {
@@ -317,7 +318,7 @@ impl Scanner {
                 let started = stat.starttime as f64 / self.ticks as f64;
                 Duration::from_secs_f64((up - started).max(0.0))
             });
-            Some((stat.comm, age))
+            Some((Arc::from(stat.comm), age))
         });
         entry.as_ref().map(|(comm, age)| {
             (
@@ -337,7 +338,7 @@ impl Scanner {
         dev: Dev,
         kind: Kind,
         namespaces: &mut HashMap<u32, Vec<u8>>,
-    ) -> Option<FsView> {
+    ) -> Option<Arc<FsView>> {
         let pdir = self.proc_root.join(pid.to_string());
         let ns = namespaces
             .entry(pid)
@@ -348,7 +349,7 @@ impl Scanner {
             })
             .clone();
         if let Some(v) = self.fs_views.get(&(ns.clone(), dev, kind)) {
-            return Some(v.clone());
+            return Some(Arc::clone(v));
         }
         if !self.mounts.contains_key(&ns) {
             let text = std::fs::read_to_string(pdir.join("mountinfo")).ok()?;
@@ -358,25 +359,27 @@ impl Scanner {
             self.mounts.insert(ns.clone(), parse_mountinfo(&text));
         }
         let mounts = self.mounts.get(&ns)?;
-        let view = match find_mount(mounts, path, Some((dev.major, dev.minor))) {
-            Some(m) => {
-                let (coherence, reasons) = classify(m, kind.fs_kind());
-                FsView {
-                    fs_type: fold_fs_type(&m.fs_type).to_owned(),
-                    coherence,
-                    reason: reasons.join("; "),
+        let view = Arc::new(
+            match find_mount(mounts, path, Some((dev.major, dev.minor))) {
+                Some(m) => {
+                    let (coherence, reasons) = classify(m, kind.fs_kind());
+                    FsView {
+                        fs_type: Arc::from(fold_fs_type(&m.fs_type)),
+                        coherence,
+                        reason: reasons.join("; "),
+                    }
                 }
-            }
-            None => FsView {
-                fs_type: "unknown".to_owned(),
-                coherence: Coherence::Unknown,
-                reason: format!("no mount of device {dev} found for {}", path.display()),
+                None => FsView {
+                    fs_type: Arc::from("unknown"),
+                    coherence: Coherence::Unknown,
+                    reason: format!("no mount of device {dev} found for {}", path.display()),
+                },
             },
-        };
+        );
         if self.fs_views.len() > 4096 {
             self.fs_views.clear();
         }
-        self.fs_views.insert((ns, dev, kind), view.clone());
+        self.fs_views.insert((ns, dev, kind), Arc::clone(&view));
         Some(view)
     }
 }

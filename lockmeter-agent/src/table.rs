@@ -115,7 +115,7 @@ pub fn render(rows: &[Row]) -> String {
         }
     }
     if rows.is_empty() {
-        out.push_str("(no file locks held on this host)\n");
+        out.push_str("(no file locks on this host, or none matching --include/--exclude)\n");
     }
     out
 }

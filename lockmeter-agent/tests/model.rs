@@ -101,7 +101,7 @@ fn sampled_holds_ages_waiters_and_top_n() {
             .gauges
             .age
             .iter()
-            .find(|(a, _)| a.name == "/var/lock/b")
+            .find(|(a, _)| &*a.name == "/var/lock/b")
             .unwrap()
             .1;
         assert_eq!(
@@ -144,12 +144,7 @@ fn sampled_holds_ages_waiters_and_top_n() {
             lock(6, 34, "a", "/x/quiet", &[]),
         ],
     ));
-    let names: Vec<_> = up
-        .gauges
-        .held
-        .iter()
-        .map(|(a, v)| (a.name.as_str(), *v))
-        .collect();
+    let names: Vec<_> = up.gauges.held.iter().map(|(a, v)| (&*a.name, *v)).collect();
     assert!(names.contains(&("jobs", 2)), "{names:?}");
     assert!(names.contains(&("/x/busy", 1)), "{names:?}");
     assert!(names.contains(&(OTHER, 1)), "{names:?}");
