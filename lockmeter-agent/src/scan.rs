@@ -174,7 +174,7 @@ impl Scanner {
         let table = proclocks::parse(&String::from_utf8_lossy(&buf));
         self.buf = buf;
         let uptime = self.uptime();
-        let mut comms: HashMap<u32, Option<(Arc<str>, Option<Duration>)>> = HashMap::default();
+        let mut comms: ProcCache = HashMap::default();
         let mut fd_indexes: HashMap<u32, FdIndex> = HashMap::default();
         let mut fdinfo: Option<HashMap<LineKey, Vec<u32>>> = None;
         let mut namespaces: HashMap<u32, Vec<u8>> = HashMap::default();
@@ -306,7 +306,7 @@ impl Scanner {
     fn proc_of(
         &self,
         pid: u32,
-        cache: &mut HashMap<u32, Option<(Arc<str>, Option<Duration>)>>,
+        cache: &mut ProcCache,
         uptime: Option<f64>,
     ) -> Option<(Proc, Option<Duration>)> {
         let entry = cache.entry(pid).or_insert_with(|| {
@@ -394,6 +394,9 @@ pub fn fold_fs_type(t: &str) -> &str {
 }
 
 const DELETED: &[u8] = b" (deleted)";
+
+/// pid -> (command name, process age), `None` when the process is gone.
+type ProcCache = HashMap<u32, Option<(Arc<str>, Option<Duration>)>>;
 
 /// (dev, ino) -> (path, deleted) for every regular file a process has open.
 type FdIndex = HashMap<(Dev, u64), (PathBuf, bool)>;
