@@ -150,8 +150,12 @@ pub fn run(
                 let t2 = Instant::now();
                 report(&up);
                 metrics.apply(&up, record_sampled_holds);
+                let locks = snap.locks.len();
+                drop(up);
+                drop(snap);
+                release_free_heap();
                 tracing::debug!(
-                    locks = snap.locks.len(),
+                    locks,
                     scan_ms = (t1 - t0).as_secs_f64() * 1e3,
                     update_ms = (t2 - t1).as_secs_f64() * 1e3,
                     publish_ms = t2.elapsed().as_secs_f64() * 1e3,
@@ -163,6 +167,18 @@ pub fn run(
     }
     // The tracepoint source (if any) detaches as it goes out of scope here.
     Ok(())
+}
+
+/// Gives free heap memory back to the system. glibc keeps what a thread's arena freed
+/// resident (the per-pass maps of a 10,000-lock table, the BTF parsed to load the BPF
+/// program): measured, ~30 MiB of an agent's 54 MiB with 10,000 locks held was free heap.
+pub(crate) fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system; it takes the allocator's
+    // locks itself and may be called from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn report(up: &crate::model::Update) {

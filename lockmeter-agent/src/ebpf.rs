@@ -90,7 +90,8 @@ impl TracepointSource {
         )
         .map_err(|e| bpf_err("counters", e))?;
         drop(btf);
-        release_free_heap();
+        // Parsing the kernel's BTF (needed only to load) left ~15 MiB of free heap behind.
+        crate::agent::release_free_heap();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let stats = Arc::new(Mutex::new(TraceStats::default()));
         let stats2 = stats.clone();
@@ -131,18 +132,6 @@ impl TracepointSource {
 impl Drop for TracepointSource {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// Gives the memory freed after loading back to the system: parsing the kernel's BTF (a few
-/// MiB of type data, needed only to load the programs) leaves ~15 MiB of free heap that
-/// glibc would otherwise keep resident for the agent's lifetime.
-fn release_free_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory to the system; it takes the allocator's
-    // locks itself and is safe to call from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
