@@ -576,6 +576,9 @@ fn falls_back_to_sampling_without_privileges() {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .unwrap();
+    // A copy nobody can execute (the build directory may not be searchable by nobody).
+    let bin = dir.path().join("lockmeter");
+    std::fs::copy(env!("CARGO_BIN_EXE_lockmeter"), &bin).unwrap();
     let mut cmd = Command::new("setpriv");
     cmd.args([
         "--reuid=65534",
@@ -584,7 +587,7 @@ fn falls_back_to_sampling_without_privileges() {
         "--inh-caps=-all",
         "--bounding-set=-all",
     ])
-    .arg(env!("CARGO_BIN_EXE_lockmeter"));
+    .arg(&bin);
     let agent = Agent::start_with(cmd, dir.path(), &["--source", "auto"]);
     let lock = dir.path().join("nobody.lock");
     let h = flock_holder(&lock, false);
