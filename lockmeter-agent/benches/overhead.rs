@@ -7,8 +7,12 @@
 //!    second (target ≤ 5 % of one core), next to the same agent idle;
 //! 3. the agent's resident memory with 10,000 distinct lock files held (target ≤ 50 MiB).
 //!
-//! `cargo bench -p lockmeter-agent --features ebpf --bench overhead` (root: the tracepoint
-//! source needs it). Without root the first part fails with the loader's error.
+//! `cargo bench -p lockmeter-agent --features ebpf --bench overhead [-- loop|agent]` (root:
+//! the tracepoint source needs it). Without root the first part fails with the loader's
+//! error. `LOCKMETER_RING_MIB=16` measures another ring size; the kernel side alone is
+//! measured by rebuilding the BPF program with `LOCKMETER_BPF_CFLAGS=-DLOCKMETER_BPF_NOOP`
+//! (the programs return at once: the tracepoint trampolines' cost) or
+//! `-DLOCKMETER_BPF_DISCARD` (records reserved and discarded: everything but the reader).
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Write as _};
