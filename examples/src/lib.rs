@@ -4,7 +4,7 @@
 pub mod redis_lock;
 
 /// Prints the `lock_acquisitions_total` and `lock_conflicts_total` lines that Prometheus would
-/// scrape from `telemetry`'s `/metrics` now (in-process counts published first).
+/// scrape from `telemetry`'s `/metrics` now.
 pub fn print_lock_counts(
     telemetry: &lockmeter::telemetry::Telemetry,
 ) -> Result<(), Box<dyn std::error::Error>> {

@@ -3,54 +3,49 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use lockmeter::metrics::Sink;
 use lockmeter::LockMeter;
 use lockmeter_examples::redis_lock::RedisLock;
-use lockmeter_testkit::{eventually, free_port, require_tool, Recorder};
+use lockmeter_testkit::proc::{until_up, KillOnDrop};
+use lockmeter_testkit::tools::command;
+use lockmeter_testkit::{free_port, listening, require_tool, Recorder};
 
+/// A private redis-server on a free loopback port, without persistence; killed on drop.
 struct Redis {
-    child: Child,
+    _server: KillOnDrop,
     url: String,
 }
 
 impl Redis {
+    /// `None` when redis-server is missing and the run allows that (the caller returns).
     fn start() -> Option<Redis> {
         if !require_tool("redis-server") {
             return None;
         }
         let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let server = command("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        eventually("redis-server to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        let mut server = KillOnDrop(server);
+        until_up(
+            &mut server,
+            "redis-server to listen",
+            Duration::from_secs(30),
+            None,
+            || listening(port),
+        );
         Some(Redis {
-            child,
+            _server: server,
             url: format!("redis://127.0.0.1:{port}/"),
         })
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -58,7 +53,7 @@ impl Drop for Redis {
 fn redis_set_nx_lock_excludes_and_is_counted_exactly() {
     let Some(redis) = Redis::start() else { return };
     let rec = Recorder::new();
-    let meter = LockMeter::with_meter("report", "redis", &rec.meter());
+    let meter = LockMeter::with_sink("report", "redis", &Sink::new(rec.meter()));
     let inside = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..2)
         .map(|_| {
@@ -119,7 +114,6 @@ fn redis_set_nx_lock_excludes_and_is_counted_exactly() {
     );
     assert!(stolen.release().unwrap());
 
-    lockmeter::metrics::flush();
     let s = rec.snapshot();
     assert_eq!(
         s.counter("lock.acquisitions", &[("lock.kind", "redis")]),
@@ -174,7 +168,7 @@ fn run_example(name: &str, args: &[&str], env: &[(&str, &str)]) -> String {
 }
 
 #[test]
-fn every_example_runs() {
+fn the_examples_that_need_no_server_run() {
     let out = run_example("file_lock", &[], &[]);
     assert!(
         out.contains("lock_acquisitions_total{") && out.contains("nightly-job"),
@@ -193,11 +187,58 @@ fn every_example_runs() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert_eq!(acquired, 50.0, "{out}");
-    if let Some(redis) = Redis::start() {
-        let out = run_example("wrap_any_lock", &[], &[("REDIS_URL", &redis.url)]);
-        assert!(
-            out.contains("lock_kind=\"redis\"") && out.contains("lock_kind=\"parking_lot_mutex\""),
-            "{out}"
-        );
-    }
+}
+
+#[test]
+fn the_wrap_any_lock_example_runs_against_redis() {
+    let Some(redis) = Redis::start() else { return };
+    let out = run_example("wrap_any_lock", &[], &[("REDIS_URL", &redis.url)]);
+    assert!(
+        out.contains("lock_kind=\"redis\"") && out.contains("lock_kind=\"parking_lot_mutex\""),
+        "{out}"
+    );
+}
+
+/// The etcd job example against a real etcd: it finishes and releases; then, with an operator
+/// deleting its lock key mid-run, it stops before its next write and exits 75.
+#[cfg(feature = "etcd")]
+#[test]
+fn distributed_lock_example_writes_with_its_token_and_stops_when_lost() {
+    use std::io::{BufRead as _, BufReader};
+    let etcd = lockmeter_testkit::servers::Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("report.store");
+    let s = store.to_str().unwrap();
+    let out = run_example("distributed_lock", &[&etcd.url, "3", s], &[]);
+    assert!(
+        out.contains("wrote step 3 with fencing token") && out.contains("lock released"),
+        "{out}"
+    );
+    let first: u64 = std::fs::read_to_string(&store)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let mut c = Command::new(example("distributed_lock"))
+        .args([&etcd.url, "1000", s])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(c.stdout.take().unwrap()).lines();
+    let holding = lines.next().unwrap().unwrap();
+    let key = holding.split_whitespace().nth(1).unwrap().to_owned();
+    let token: u64 = holding.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(token > first, "{holding}");
+    assert!(lines.next().unwrap().unwrap().starts_with("wrote step 1"));
+    etcd.ctl_ok(&["del", &key]);
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(
+        rest.last().unwrap().starts_with("lock lost (overwritten)"),
+        "{rest:?}"
+    );
+    assert_eq!(c.wait().unwrap().code(), Some(75));
 }

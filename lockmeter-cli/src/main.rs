@@ -1,14 +1,18 @@
 //! `lockmeter`: an instrumented `flock(1)`, a demo, and lock diagnostics.
 
 mod agent;
+mod delivery;
 mod demo;
 mod exec;
+mod exec_lease;
+mod locks;
 mod probe;
+mod timefmt;
 mod who;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 /// Exit status for bad usage, as `flock(1)` (sysexits `EX_USAGE`).
 pub(crate) const EX_USAGE: u8 = 64;
@@ -17,7 +21,7 @@ pub(crate) const EX_USAGE: u8 = 64;
 #[command(
     name = "lockmeter",
     version,
-    about = "Observable, honest locks: an instrumented flock(1) and a live demo",
+    about = "Observable, honest locks",
     long_about = "lockmeter measures how long locks are waited for and held, counts conflicts, \
 and notices lock files that were replaced under a lock. Metrics go out through OpenTelemetry \
 (OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set, or a Prometheus /metrics endpoint)."
@@ -29,7 +33,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run COMMAND while holding a lock on LOCKFILE (a drop-in for common flock(1) forms).
+    /// Run COMMAND holding a lock on FILE, or lock a descriptor: flock(1), with metrics.
     Exec(exec::ExecArgs),
     /// Run workers that contend on a few lock files, serve /metrics and print a live summary.
     Demo(demo::DemoArgs),
@@ -46,8 +50,31 @@ enum Command {
     ProbeHelper(probe::HelperArgs),
 }
 
+/// The command line definition, its one-line summary naming every subcommand (so that
+/// `lockmeter` alone, and `--help`, say at a glance what there is).
+fn command() -> clap::Command {
+    let cmd = Cli::command();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .map(|s| s.get_name().to_owned())
+        .collect();
+    let about = format!(
+        "Observable, honest locks. Commands: {} (lockmeter COMMAND --help)",
+        names.join(", ")
+    );
+    cmd.about(about)
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    // `exec`/`who` with --etcd, --redis or --postgres: distributed locks (exec_lease.rs).
+    if let Some(code) = exec_lease::intercept() {
+        return code;
+    }
+    let parsed = command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;

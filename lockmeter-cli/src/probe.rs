@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use clap::Args;
 use lockmeter::fs::Coherence;
-use lockmeter::{FileLock, FsPolicy, LockKind};
+use lockmeter::{FileLock, FileLockGuard, FsPolicy, LockKind};
+
+use crate::locks::{self, Inode};
+use crate::timefmt;
 
 const KINDS: [LockKind; 3] = [LockKind::Flock, LockKind::Ofd, LockKind::Posix];
 
@@ -14,8 +17,10 @@ const KINDS: [LockKind; 3] = [LockKind::Flock, LockKind::Ofd, LockKind::Posix];
 #[derive(Args, Debug)]
 #[command(
     after_help = "Exit status: 0 when locking on PATH can be trusted; 1 when it cannot \
-(the reason is printed); 66 when PATH cannot be opened. PATH is created (mode 0644) if missing \
-and never deleted."
+(the reason is printed); 66 when PATH cannot be opened; 75 when someone else held PATH for \
+longer than --timeout (the holder is named). PATH is created (mode 0644) if missing and never \
+deleted. The probe locks PATH itself: when it is held, the probe says by whom (from \
+/proc/locks) before it waits."
 )]
 pub struct ProbeArgs {
     /// The lock file to check.
@@ -38,6 +43,87 @@ pub struct ProbeArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// How long to wait for PATH when another process holds it.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value = "30",
+        value_parser = parse_secs,
+        allow_negative_numbers = true
+    )]
+    timeout: Duration,
+}
+
+/// sysexits `EX_TEMPFAIL`: PATH stayed locked by someone else; probe again later.
+const EX_TEMPFAIL: u8 = 75;
+
+/// Why the probe could not run to a verdict.
+enum Stop {
+    /// PATH (or the peer) cannot be used: exit 66.
+    Open(String),
+    /// Someone else held PATH for longer than `--timeout`: exit 75.
+    Busy(String),
+}
+
+impl Stop {
+    fn exit(self) -> ExitCode {
+        let (msg, code) = match self {
+            Stop::Open(m) => (m, 66),
+            Stop::Busy(m) => (m, EX_TEMPFAIL),
+        };
+        eprintln!("lockmeter: {msg}");
+        ExitCode::from(code)
+    }
+}
+
+impl From<lockmeter::Error> for Stop {
+    fn from(e: lockmeter::Error) -> Stop {
+        Stop::Open(e.to_string())
+    }
+}
+
+/// Who holds `path` now, from `/proc/locks` (`FLOCK WRITE held by pid 12 (flock): flock …`).
+fn holders_of(path: &Path) -> String {
+    let Ok(inode) = Inode::of(path) else {
+        return "someone".into();
+    };
+    let held: Vec<_> = locks::on(inode)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| !e.blocked)
+        .collect();
+    let lines = locks::describe(&held, inode);
+    if lines.is_empty() {
+        // Not a lock /proc/locks shows here: another host, or another mount's lock domain.
+        "a holder not on this host (no entry in /proc/locks)".into()
+    } else {
+        lines.join("; ")
+    }
+}
+
+/// Takes `lock` exclusively, waiting at most `timeout`; says first what it waits for.
+fn lock_or_say<'a>(
+    lock: &'a FileLock,
+    path: &Path,
+    timeout: Duration,
+) -> Result<FileLockGuard<'a>, Stop> {
+    if let Some(g) = lock.try_lock()? {
+        return Ok(g);
+    }
+    let who = holders_of(path);
+    eprintln!(
+        "lockmeter: {} is locked ({who}); waiting up to {} for it (--timeout)",
+        path.display(),
+        timefmt::age(timeout)
+    );
+    lock.lock_timeout(timeout)?.ok_or_else(|| {
+        Stop::Busy(format!(
+            "{} stayed locked for {} ({}); probe again later, or raise --timeout",
+            path.display(),
+            timefmt::age(timeout),
+            holders_of(path)
+        ))
+    })
 }
 
 /// Arguments of the hidden helper: try a lock from a second process.
@@ -77,36 +163,27 @@ pub fn helper(args: HelperArgs) -> ExitCode {
 
 /// Holds `path` with `kind` and asks a second process to lock `other`: `Ok(true)` if it was
 /// refused (the two exclude each other).
-fn excludes(path: &Path, other: &Path, kind: LockKind) -> Result<bool, String> {
+fn excludes(path: &Path, other: &Path, kind: LockKind, timeout: Duration) -> Result<bool, Stop> {
     let lock = FileLock::builder(path)
         .kind(kind)
         .fs_policy(FsPolicy::Allow)
-        .open()
-        .map_err(|e| e.to_string())?;
+        .open()?;
     // Someone (another probe in a rendezvous, a real holder) may have it: wait, bounded.
-    let _g = lock
-        .lock_timeout(Duration::from_secs(30))
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| {
-            format!(
-                "{} stayed locked by someone else for 30 s; probe again later",
-                path.display()
-            )
-        })?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let _g = lock_or_say(&lock, path, timeout)?;
+    let exe = std::env::current_exe().map_err(|e| Stop::Open(e.to_string()))?;
     let st = Command::new(exe)
         .args(["probe-helper", "--kind", kind.as_str()])
         .arg(other)
         .stdin(Stdio::null())
         .status()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Stop::Open(e.to_string()))?;
     match st.code() {
         Some(1) => Ok(true),
         Some(0) => Ok(false),
-        _ => Err(format!(
+        _ => Err(Stop::Open(format!(
             "the second process could not lock {}",
             other.display()
-        )),
+        ))),
     }
 }
 
@@ -140,7 +217,7 @@ pub fn run(args: ProbeArgs) -> ExitCode {
         if let Ok(i) = info {
             coherences.push((kind, i.coherence, i.reasons));
         }
-        match excludes(&args.path, &args.path, kind) {
+        match excludes(&args.path, &args.path, kind, args.timeout) {
             Ok(true) => local.push((kind, true)),
             Ok(false) => {
                 local.push((kind, false));
@@ -149,13 +226,10 @@ pub fn run(args: ProbeArgs) -> ExitCode {
                     args.path.display()
                 ));
             }
-            Err(e) => {
-                eprintln!("lockmeter: {e}");
-                return ExitCode::from(66);
-            }
+            Err(stop) => return stop.exit(),
         }
         if let Some(peer) = &args.peer {
-            match excludes(&args.path, peer, kind) {
+            match excludes(&args.path, peer, kind, args.timeout) {
                 Ok(x) => {
                     across.push((kind, x));
                     if !x {
@@ -166,10 +240,7 @@ pub fn run(args: ProbeArgs) -> ExitCode {
                         ));
                     }
                 }
-                Err(e) => {
-                    eprintln!("lockmeter: {e}");
-                    return ExitCode::from(66);
-                }
+                Err(stop) => return stop.exit(),
             }
         }
     }
@@ -187,15 +258,12 @@ pub fn run(args: ProbeArgs) -> ExitCode {
     }
     let mut rendezvous_note = None;
     if let Some(hold) = args.rendezvous {
-        match rendezvous(&args.path, hold) {
+        match rendezvous(&args.path, hold, args.timeout.max(hold * 4)) {
             Ok(None) => {
                 rendezvous_note = Some("no other holder appeared while we held the lock".to_owned())
             }
             Ok(Some(v)) => problems.push(v),
-            Err(e) => {
-                eprintln!("lockmeter: {e}");
-                return ExitCode::from(66);
-            }
+            Err(stop) => return stop.exit(),
         }
     }
     problems.dedup();
@@ -297,19 +365,15 @@ pub fn run(args: ProbeArgs) -> ExitCode {
 /// Holds the lock with an owner record for `hold`, checking the record as it goes. Another
 /// host running the same probe against the same file either waits for us (the lock excludes)
 /// or writes its record while we hold (split brain).
-fn rendezvous(path: &Path, hold: Duration) -> Result<Option<String>, String> {
+fn rendezvous(path: &Path, hold: Duration, wait: Duration) -> Result<Option<String>, Stop> {
     let lock = FileLock::builder(path)
         .owner_record(true)
         .fs_policy(FsPolicy::Allow)
-        .open()
-        .map_err(|e| e.to_string())?;
-    let mut g = lock
-        .lock_timeout(hold * 4)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{} stayed locked for {:?}", path.display(), hold * 4))?;
+        .open()?;
+    let mut g = lock_or_say(&lock, path, wait)?;
     let end = std::time::Instant::now() + hold;
     while std::time::Instant::now() < end {
-        if !g.check_owner().map_err(|e| e.to_string())? {
+        if !g.check_owner()? {
             let other = lock
                 .holder()
                 .ok()

@@ -1,34 +1,21 @@
 //! `lockmeter demo` scraped like Prometheus would, and linted by promtool.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read as _, Write as _};
-use std::process::{Command, Stdio};
+use lockmeter_testkit::cli::Cli;
+use lockmeter_testkit::prometheus::promtool_check_metrics;
+use lockmeter_testkit::{eventually, http_get, require_tool};
 
-use lockmeter_testkit::{eventually, http_get, read_line_starting, require_tool};
+fn lm() -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_lockmeter"))
+}
 
 #[test]
 fn demo_serves_metrics_that_promtool_accepts_and_stops_on_ctrl_c() {
     if !require_tool("promtool") {
         return;
     }
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_lockmeter"))
-        .args([
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--interval",
-            "1",
-            "--workers",
-            "3",
-        ])
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_METRICS_EXPORTER")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = read_line_starting(&mut demo, "lockmeter demo: serving metrics on ");
-    let url = line.rsplit(' ').next().unwrap().to_owned();
-    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let demo = lm().demo(1);
+    let url = demo.url.clone();
 
     // Every schema metric the demo drives shows up, migrations included (the janitor replaces
     // rotating.lock every 2 s).
@@ -53,41 +40,49 @@ fn demo_serves_metrics_that_promtool_accepts_and_stops_on_ctrl_c() {
     }
     assert!(body.contains("fs_type=\""));
 
-    let mut check = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = check.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    promtool_check_metrics(&body).unwrap_or_else(|report| panic!("promtool: {report}"));
+
+    // The lock profile beside /metrics: the cache mutex's two call sites told apart.
+    let profile_url = url.replace("/metrics", "/debug/lockmeter/profile");
+    let mut profile = serde_json::Value::Null;
+    eventually(
+        "the profile to show the cache's reader and refresher",
+        || {
+            profile = serde_json::from_str(&http_get(&profile_url)).unwrap();
+            let cache = profile
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["name"] == "demo-cache");
+            cache.is_some_and(|c| {
+                let sites = c["sites"].as_array().unwrap();
+                sites.len() >= 2
+                    && sites.iter().all(|s| {
+                        s["file"]
+                            .as_str()
+                            .is_none_or(|f| f.ends_with("demo/mod.rs"))
+                    })
+            })
+        },
     );
+    let flock = profile
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "orders")
+        .unwrap_or_else(|| panic!("orders missing from the profile: {profile}"));
+    assert_eq!(flock["kind"], "flock");
     assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool: {report}"
+        flock["sites"][0]["waited"]["count"].as_u64().unwrap() > 0
+            || flock["sites"][0]["held"]["count"].as_u64().unwrap() > 0
     );
 
     // Ctrl-C stops it cleanly with a final table.
-    let pid = rustix::process::Pid::from_raw(demo.id() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
-    let mut rest = String::new();
-    demo.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut rest)
-        .unwrap();
-    assert!(demo.wait().unwrap().success());
+    let (status, rest) = demo.interrupt();
+    assert!(status.success(), "{status}: {rest}");
     assert!(rest.contains("whole run"), "{rest}");
+    assert!(rest.contains("lock profile"), "{rest}");
+    assert!(rest.contains("demo-cache (mutex)"), "{rest}");
     for lock in ["orders", "inventory", "reports", "rotating"] {
         assert!(
             rest.contains(lock),
@@ -100,10 +95,7 @@ fn demo_serves_metrics_that_promtool_accepts_and_stops_on_ctrl_c() {
 fn demo_refuses_a_busy_port_with_a_clear_error() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
-    let o = Command::new(env!("CARGO_BIN_EXE_lockmeter"))
-        .args(["demo", "--listen", &addr, "--duration", "1"])
-        .output()
-        .unwrap();
+    let o = lm().output(["demo", "--listen", &addr, "--duration", "1"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&addr) && err.contains("in use"), "{err}");

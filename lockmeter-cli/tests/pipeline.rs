@@ -6,13 +6,19 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
+use lockmeter_testkit::cli::Cli;
+use lockmeter_testkit::otlp::Rotel;
+use lockmeter_testkit::prometheus::{promtool, Prometheus};
 use lockmeter_testkit::{
-    eventually, flock_holder, free_port, http_get_eventually, parse_debug_dump, prom_query,
-    read_line_starting, release_flock_holder, require_tool,
+    eventually, flock_holder, http_get_eventually, release_flock_holder, require_tool,
+    require_tools, DebugPoint,
 };
 use yaml_rust2::{Yaml, YamlLoader};
+
+fn lm() -> Cli {
+    Cli::new(env!("CARGO_BIN_EXE_lockmeter"))
+}
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -26,41 +32,6 @@ fn yaml(path: &Path) -> Yaml {
     YamlLoader::load_from_str(&text)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .remove(0)
-}
-
-/// Kills a child process on drop (servers started by a test).
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_demo() -> (Killed, String) {
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_lockmeter"))
-        .args([
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--interval",
-            "3600",
-            "--workers",
-            "3",
-        ])
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_METRICS_EXPORTER")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = read_line_starting(&mut demo, "lockmeter demo: serving metrics on http://");
-    let addr = line
-        .rsplit("http://")
-        .next()
-        .unwrap()
-        .trim_end_matches("/metrics")
-        .to_owned();
-    (Killed(demo), addr)
 }
 
 /// Every PromQL expression of a Grafana dashboard, with its panel title.
@@ -112,40 +83,14 @@ fn prometheus_scrapes_the_demo_and_every_dashboard_and_rule_query_works() {
     if !require_tool("prometheus") {
         return;
     }
-    let (_demo, demo_addr) = start_demo();
-    let dir = tempfile::tempdir().unwrap();
+    let demo = lm().demo(3600);
     let rules = repo().join("prometheus/rules/lockmeter.yaml");
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
-             scrape_configs:\n  - job_name: lockmeter\n    static_configs:\n      - targets: [\"{demo_addr}\"]\n",
-            rules.display()
-        ),
-    )
-    .unwrap();
-    let port = free_port();
-    let prom = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .arg("--log.level=warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _prom = Killed(prom);
-    let base = format!("http://127.0.0.1:{port}");
-    http_get_eventually(&format!("{base}/-/ready"));
+    let prom = Prometheus::start(&[&demo.addr], &[&rules]);
+    let base = prom.base.clone();
 
     // Wait until the demo has shown everything the panels need, migrations included.
     eventually("a migration and enough samples for rate()", || {
-        let d = prom_query(&base, "sum(increase(lock_inode_migrations_total[30s])) > 0");
-        !d["result"].as_array().unwrap().is_empty()
+        prom.has_data("sum(increase(lock_inode_migrations_total[30s])) > 0")
     });
 
     // Every dashboard expression is valid PromQL; the panels the demo drives return data.
@@ -170,11 +115,11 @@ fn prometheus_scrapes_the_demo_and_every_dashboard_and_rule_query_works() {
         "Acquisitions/s by lock (contended or not)",
         "Locks held",
         "Migrations and violations by lock (selected range)",
+        "Share of waits over 10 ms, by lock",
     ];
     let mut with_data = BTreeSet::new();
     for (title, expr) in &exprs {
-        let d = prom_query(&base, &substitute(expr));
-        if !d["result"].as_array().unwrap().is_empty() {
+        if prom.has_data(&substitute(expr)) {
             with_data.insert(title.clone());
         }
     }
@@ -190,18 +135,9 @@ fn prometheus_scrapes_the_demo_and_every_dashboard_and_rule_query_works() {
         let inner = q.trim_start_matches("label_values(").trim_end_matches(')');
         let (selector, label) = inner.rsplit_once(',').unwrap();
         let selector = substitute(selector.trim());
-        let url = format!("{base}/api/v1/label/{}/values", label.trim());
-        let body = ureq::get(&url)
-            .query("match[]", &selector)
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let name = var["name"].as_str().unwrap();
         assert!(
-            !v["data"].as_array().unwrap().is_empty(),
+            !prom.label_values(label.trim(), &selector).is_empty(),
             "variable {name}: no values for {selector}"
         );
     }
@@ -209,9 +145,9 @@ fn prometheus_scrapes_the_demo_and_every_dashboard_and_rule_query_works() {
     // Every rule expression is valid; the hold/wait recordings have data; Prometheus loaded the
     // rules healthy and the migration alert fires on the demo's replaced lock file.
     let rule_exprs = rule_exprs(&yaml(&rules));
-    assert_eq!(rule_exprs.len(), 11);
+    assert_eq!(rule_exprs.len(), 12);
     for (_, expr) in rule_exprs {
-        prom_query(&base, &expr); // panics with the expression if Prometheus rejects it
+        prom.query(&expr); // panics with the expression if Prometheus rejects it
     }
     for rec in [
         "lockmeter:lock_duration_seconds:p50_5m",
@@ -219,19 +155,10 @@ fn prometheus_scrapes_the_demo_and_every_dashboard_and_rule_query_works() {
         "lockmeter:lock_wait_duration_seconds:p99_5m",
         "lockmeter:lock_conflict_ratio:rate5m",
     ] {
-        eventually(&format!("recording rule {rec}"), || {
-            !prom_query(&base, rec)["result"]
-                .as_array()
-                .unwrap()
-                .is_empty()
-        });
+        eventually(&format!("recording rule {rec}"), || prom.has_data(rec));
     }
     eventually("LockInodeMigration to fire", || {
-        let d = prom_query(
-            &base,
-            "ALERTS{alertname=\"LockInodeMigration\", lock_name=\"rotating\"}",
-        );
-        !d["result"].as_array().unwrap().is_empty()
+        prom.has_data("ALERTS{alertname=\"LockInodeMigration\", lock_name=\"rotating\"}")
     });
     let rules_state: serde_json::Value =
         serde_json::from_str(&http_get_eventually(&format!("{base}/api/v1/rules"))).unwrap();
@@ -253,11 +180,7 @@ fn promtool_accepts_the_config_and_the_rules_and_their_tests_pass() {
         vec!["check", "rules", "rules/lockmeter.yaml"],
         vec!["test", "rules", "rules/lockmeter_test.yaml"],
     ] {
-        let o = Command::new("promtool")
-            .args(&args)
-            .current_dir(&prom)
-            .output()
-            .unwrap();
+        let o = promtool(&args, &prom);
         assert!(
             o.status.success(),
             "promtool {args:?}: {}{}",
@@ -267,62 +190,20 @@ fn promtool_accepts_the_config_and_the_rules_and_their_tests_pass() {
     }
 }
 
-fn rotel_agent() -> Option<PathBuf> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import rotel, os; print(os.path.dirname(rotel.__file__))",
-        ])
-        .output()
-        .ok()?;
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("rotel-agent");
-    if p.exists() {
-        Some(p)
-    } else {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("rotel-agent not installed (pip install rotel): CI=true requires it");
-        }
-        eprintln!("SKIPPED: rotel-agent not installed (pip install rotel)");
-        None
-    }
-}
-
 #[test]
 fn otlp_over_grpc_and_http_reaches_a_third_party_receiver() {
-    let Some(rotel) = rotel_agent() else { return };
-    if !require_tool("flock") {
+    if !require_tools(&["rotel-agent", "flock"]) {
         return;
     }
+    let rotel = Rotel::start();
     let dir = tempfile::tempdir().unwrap();
-    let (grpc, http) = (free_port(), free_port());
-    let log = dir.path().join("rotel.out");
-    let agent = Command::new(&rotel)
-        .args(["start", "--exporter", "blackhole"])
-        .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
-        .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http}")])
-        .args(["--debug-log", "metrics", "--debug-log", "traces"])
-        .args(["--debug-log-verbosity", "detailed"])
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _agent = Killed(agent);
-    eventually("rotel to listen", || {
-        std::net::TcpStream::connect(("127.0.0.1", grpc)).is_ok()
-            && std::net::TcpStream::connect(("127.0.0.1", http)).is_ok()
-    });
-
     let lock = dir.path().join("otlp.lock");
-    for (protocol, port) in [("grpc", grpc), ("http/protobuf", http)] {
+    for protocol in ["grpc", "http/protobuf"] {
         let service = format!("e2e-{}", protocol.replace('/', "-"));
         let run = |args: &[&str]| {
-            Command::new(env!("CARGO_BIN_EXE_lockmeter"))
-                .arg("exec")
+            lm().command(["exec"])
                 .args(args)
-                .env(
-                    "OTEL_EXPORTER_OTLP_ENDPOINT",
-                    format!("http://127.0.0.1:{port}"),
-                )
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", rotel.endpoint(protocol))
                 .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
                 .env("OTEL_TRACES_EXPORTER", "otlp")
                 .env("OTEL_SERVICE_NAME", &service)
@@ -348,7 +229,7 @@ fn otlp_over_grpc_and_http_reaches_a_third_party_receiver() {
         let mut metrics = Vec::new();
         let mut spans = Vec::new();
         eventually(&format!("{protocol}: both exports in rotel's log"), || {
-            let (m, s) = parse_debug_dump(&std::fs::read_to_string(&log).unwrap());
+            let (m, s) = rotel.dump();
             metrics = m.into_iter().filter(|m| m.service == service).collect();
             spans = s.into_iter().filter(|s| s.service == service).collect();
             metrics
@@ -381,7 +262,7 @@ fn otlp_over_grpc_and_http_reaches_a_third_party_receiver() {
                 assert_eq!(m.scope, "lockmeter", "{protocol}: {name}");
             }
         }
-        let points = |name: &str| -> Vec<lockmeter_testkit::DebugPoint> {
+        let points = |name: &str| -> Vec<DebugPoint> {
             find(name)
                 .into_iter()
                 .flat_map(|m| m.points.clone())
@@ -455,6 +336,111 @@ fn otlp_over_grpc_and_http_reaches_a_third_party_receiver() {
         assert_eq!(hold.attrs["lock.name"], "otlp-job");
         assert_eq!(hold.attrs["lock.mode"], "exclusive");
         assert_eq!(hold.scope, "lockmeter");
+    }
+}
+
+#[test]
+fn holds_that_outlive_lockmeter_report_wait_and_outcome_but_no_hold_time() {
+    if !require_tools(&["rotel-agent", "flock"]) {
+        return;
+    }
+    let rotel = Rotel::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("handoff.lock");
+    let lock_s = lock.to_str().unwrap();
+    let env = |c: &mut std::process::Command, service: &str| {
+        c.env("OTEL_EXPORTER_OTLP_ENDPOINT", rotel.endpoint("grpc"))
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            .env("OTEL_SERVICE_NAME", service);
+    };
+    // flock(1)'s descriptor form: the shell keeps the lock after lockmeter exits; then a
+    // conflict on the same descriptor form while flock(1) holds the file.
+    let mut c = lm().shell(&format!(
+        r#"exec 9>'{lock_s}'; "$LOCKMETER" exec --name fd-job 9 || exit 1; echo "shell holds it"; flock -n '{lock_s}' true; echo "others: $?""#
+    ));
+    env(&mut c, "handoff-fd");
+    let o = c.output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "shell holds it\nothers: 1\n",
+        "{o:?}"
+    );
+    let holder = flock_holder(&lock, false);
+    let mut c = lm().shell(&format!(
+        r#"exec 9>'{lock_s}'; "$LOCKMETER" exec -n --name fd-job 9; echo "status $?""#
+    ));
+    env(&mut c, "handoff-fd");
+    assert_eq!(
+        String::from_utf8_lossy(&c.output().unwrap().stdout),
+        "status 1\n"
+    );
+    release_flock_holder(holder);
+    // -F: COMMAND replaces lockmeter, which delivers before it goes.
+    let mut c = lm().command(["exec", "-F", "--name", "nofork-job", lock_s, "true"]);
+    env(&mut c, "handoff-nofork");
+    assert!(c.status().unwrap().success());
+
+    for (service, name, conflicts, outcomes) in [
+        (
+            "handoff-fd",
+            "fd-job",
+            1.0,
+            &[("acquired", 1), ("would_block", 1)][..],
+        ),
+        ("handoff-nofork", "nofork-job", 0.0, &[("acquired", 1)][..]),
+    ] {
+        let mut metrics = Vec::new();
+        eventually(&format!("{service}: exports in rotel's log"), || {
+            metrics = rotel
+                .dump()
+                .0
+                .into_iter()
+                .filter(|m| m.service == service)
+                .collect();
+            let waits: usize = metrics
+                .iter()
+                .filter(|m| m.name == "lock.wait.duration")
+                .map(|m| m.points.len())
+                .sum();
+            waits >= outcomes.len()
+        });
+        let points = |metric: &str| -> Vec<DebugPoint> {
+            metrics
+                .iter()
+                .filter(|m| m.name == metric)
+                .flat_map(|m| m.points.clone())
+                .filter(|p| p.attrs.get("lock.name").map(String::as_str) == Some(name))
+                .collect()
+        };
+        let acq = points("lock.acquisitions");
+        assert_eq!(
+            acq.iter().filter_map(|p| p.value).sum::<f64>(),
+            1.0,
+            "{service}: {acq:?}"
+        );
+        assert_eq!(acq[0].attrs["lock.kind"], "flock");
+        assert!(acq[0].attrs.contains_key("fs.type"), "{acq:?}");
+        let sum = |metric: &str| points(metric).iter().filter_map(|p| p.value).sum::<f64>();
+        assert_eq!(sum("lock.conflicts"), conflicts, "{service}");
+        assert_eq!(
+            sum("lock.held"),
+            0.0,
+            "{service}: the hold was handed over, not left held by a process that is gone"
+        );
+        assert!(
+            points("lock.duration")
+                .iter()
+                .all(|p| p.count.unwrap_or(0) == 0),
+            "{service}: no hold time: lockmeter cannot see the release"
+        );
+        for (outcome, n) in outcomes {
+            let got: u64 = points("lock.wait.duration")
+                .iter()
+                .filter(|p| p.attrs.get("lock.outcome").map(String::as_str) == Some(outcome))
+                .filter_map(|p| p.count)
+                .sum();
+            assert_eq!(got, *n, "{service}: {outcome}");
+        }
     }
 }
 

@@ -68,7 +68,7 @@ fn contended<M: Send + Sync + 'static, F: Fn(&M) + Copy + Send + 'static>(
 
 /// Interleaved contended rounds of std, parking_lot and lockmeter; prints medians and the
 /// target ratio (median of per-round ratios: the three share each round's conditions).
-fn contended_rounds(meter: &opentelemetry::metrics::Meter, rounds: usize, pin: bool) {
+fn contended_rounds(sink: &lockmeter::metrics::Sink, rounds: usize, pin: bool) {
     let mut c: Vec<Vec<f64>> = vec![Vec::new(); 3];
     let (mut vs_std, mut vs_pl) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
@@ -84,8 +84,8 @@ fn contended_rounds(meter: &opentelemetry::metrics::Meter, rounds: usize, pin: b
         );
         let lm = Arc::new(
             lockmeter::sync::Mutex::builder("bench-contended")
-                .meter(meter.clone())
-                .build_mutex(0u64),
+                .sink(sink.clone())
+                .build(0u64),
         );
         let lm_ops = contended(lm, |m| *m.lock().unwrap() += 1, pin);
         c[0].push(std_ops);
@@ -133,17 +133,17 @@ fn main() {
                 .build(),
         )
         .build();
-    let meter = provider.meter("lockmeter");
+    let sink = lockmeter::metrics::Sink::new(provider.meter("lockmeter"));
 
     let std_m = std::sync::Mutex::new(0u64);
     let pl_m = parking_lot::Mutex::new(0u64);
     let lm_m = lockmeter::sync::Mutex::builder("bench")
-        .meter(meter.clone())
-        .build_mutex(0u64);
+        .sink(sink.clone())
+        .build(0u64);
     let lm_all = lockmeter::sync::Mutex::builder("bench-all")
-        .meter(meter.clone())
+        .sink(sink.clone())
         .sample_every(1)
-        .build_mutex(0u64);
+        .build(0u64);
 
     let names = [
         "std::sync::Mutex",
@@ -172,11 +172,10 @@ fn main() {
     // each round and compare within the round (median of per-round ratios).
     let crounds = if quick { 1 } else { 31 };
     if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
-        contended_rounds(&meter, crounds, true);
+        contended_rounds(&sink, crounds, true);
     } else {
         println!("contended, pinned: skipped, fewer than 2 CPUs");
     }
-    contended_rounds(&meter, crounds, false);
-    lockmeter::metrics::flush();
+    contended_rounds(&sink, crounds, false);
     provider.force_flush().unwrap();
 }

@@ -62,6 +62,7 @@ fn main() {
         )
         .build();
     let meter = provider.meter("lockmeter");
+    let sink = lockmeter::metrics::Sink::new(meter.clone());
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bench.lock");
@@ -74,22 +75,21 @@ fn main() {
         .unwrap();
     let raw = raw_file.as_fd();
     let noverify = FileLock::builder(&path)
-        .meter(meter.clone())
+        .sink(sink.clone())
         .verify_inode(false)
         .open()
         .unwrap();
-    let verify = FileLock::builder(&path)
-        .meter(meter.clone())
-        .open()
-        .unwrap();
+    let verify = FileLock::builder(&path).sink(sink.clone()).open().unwrap();
     let exact = FileLock::builder(&path)
-        .meter(meter.clone())
+        .sink(sink.clone())
         .verify_inode(false)
         .sample_every(1)
         .open()
         .unwrap();
     let noop = FileLock::builder(&path)
-        .meter(opentelemetry::metrics::NoopMeterProvider::new().meter("lockmeter"))
+        .sink(lockmeter::metrics::Sink::new(
+            opentelemetry::metrics::NoopMeterProvider::new().meter("lockmeter"),
+        ))
         .verify_inode(false)
         .open()
         .unwrap();

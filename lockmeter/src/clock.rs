@@ -19,21 +19,44 @@ fn clock() -> &'static quanta::Clock {
 }
 
 /// Whether quanta's raw reading is the TSC itself, so `now` can read it inline (no call: see
-/// the overhead benchmark on returns after system calls).
+/// the overhead benchmark on returns after system calls). One relaxed load once known.
 #[cfg(target_arch = "x86_64")]
+#[inline(always)]
 fn raw_is_tsc() -> bool {
-    static IS_TSC: OnceLock<bool> = OnceLock::new();
-    *IS_TSC.get_or_init(|| {
-        let c = clock();
-        (0..3).all(|_| {
-            // SAFETY: `rdtsc` has no preconditions on x86_64.
-            let before = unsafe { core::arch::x86_64::_rdtsc() };
-            let r = c.raw();
-            // SAFETY: as above.
-            let after = unsafe { core::arch::x86_64::_rdtsc() };
-            before <= r && r <= after
-        })
-    })
+    match RAW_IS_TSC.load(std::sync::atomic::Ordering::Relaxed) {
+        TSC => true,
+        NOT_TSC => false,
+        _ => check_raw_is_tsc(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+static RAW_IS_TSC: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNKNOWN);
+#[cfg(target_arch = "x86_64")]
+const UNKNOWN: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+const TSC: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+const NOT_TSC: u8 = 2;
+
+#[cfg(target_arch = "x86_64")]
+#[cold]
+#[inline(never)]
+fn check_raw_is_tsc() -> bool {
+    let c = clock();
+    let is_tsc = (0..3).all(|_| {
+        // SAFETY: `rdtsc` has no preconditions on x86_64.
+        let before = unsafe { core::arch::x86_64::_rdtsc() };
+        let r = c.raw();
+        // SAFETY: as above.
+        let after = unsafe { core::arch::x86_64::_rdtsc() };
+        before <= r && r <= after
+    });
+    RAW_IS_TSC.store(
+        if is_tsc { TSC } else { NOT_TSC },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    is_tsc
 }
 
 impl Ticks {

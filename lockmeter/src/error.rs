@@ -39,7 +39,10 @@ impl fmt::Display for Operation {
 
 /// Errors from lock files. Each one carries the path, the operation and the errno, and is also
 /// counted in `lock.errors` with `error.type` set to the errno name.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Debug` prints the same sentence as `Display` (what `fn main() -> Result<…>` shows for an
+/// error returned with `?`); match on the variants for the fields.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A system call on the lock file failed.
@@ -92,6 +95,29 @@ pub enum Error {
         /// How many times the lock was taken on an inode that the path no longer named.
         attempts: u32,
     },
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt_sentence(self, f)
+    }
+}
+
+/// An error and its sources as one sentence: the `Display` text, then each source whose text
+/// the sentence does not already contain, after a colon. For `Debug` impls, so that `?` in
+/// `main` prints what a person can read.
+pub(crate) fn fmt_sentence(e: &dyn std::error::Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    f.write_str(&text)
 }
 
 impl Error {

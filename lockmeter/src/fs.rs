@@ -20,7 +20,7 @@ use std::fmt;
 use std::os::unix::ffi::OsStringExt as _;
 use std::path::{Path, PathBuf};
 
-use crate::LockKind;
+use crate::kind::LockKind;
 
 /// One line of `/proc/self/mountinfo` (see `proc(5)`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -365,8 +365,11 @@ pub fn find_mount<'a>(
     best(true).or_else(|| best(false))
 }
 
-/// Works out the file system of `path` (whose descriptor is `fd`) for locks of `kind`.
-pub(crate) fn fs_info(path: &Path, fd: std::os::fd::BorrowedFd<'_>, kind: LockKind) -> FsInfo {
+/// Works out the file system of `path` (whose descriptor is `fd`) for locks of `kind`: what
+/// [`FileLock::fs_info`](crate::FileLock::fs_info) reports, for a descriptor opened elsewhere
+/// (one inherited from a shell, as `lockmeter exec NUMBER` locks). `path` finds the mount in
+/// `/proc/self/mountinfo`; `fd` gives the device and `statfs` type when it is not found.
+pub fn fs_info(path: &Path, fd: std::os::fd::BorrowedFd<'_>, kind: LockKind) -> FsInfo {
     let statfs_type = crate::sys::fs_type(fd);
     let dev = rustix::fs::fstat(fd)
         .ok()

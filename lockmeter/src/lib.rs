@@ -22,6 +22,14 @@
 //! # }
 //! ```
 //!
+//! Where the measurements go: lockmeter records through the OpenTelemetry *API*; an
+//! application installs an SDK meter provider to export them (the `telemetry` feature's
+//! [`telemetry::init`] does it from the standard `OTEL_*` variables and serves Prometheus
+//! `/metrics`; any `opentelemetry::global::set_meter_provider` works too). The order does not
+//! matter: a lock created before the provider is installed is picked up by it (see
+//! [Set-up order](#set-up-order)). Without a provider, recording costs next to nothing and
+//! goes nowhere.
+//!
 //! What else is here:
 //!
 //! - [`sync::Mutex`] / [`sync::RwLock`] and (feature `tokio`) `tokio::Mutex` / `tokio::RwLock`:
@@ -34,11 +42,9 @@
 //! - [`owner`]: owner records and fencing tokens ([`FileLockBuilder::owner_record`]) that turn a
 //!   lock which silently stopped excluding into a counted `lock.violations`.
 //! - [`FileLockBuilder::watch`]: notice a lock file replaced or unlinked while held.
+//! - [`metrics`]: the schema's names and keys, and [`metrics::Sink`] for a provider that is
+//!   not the global one.
 //! - [`telemetry`] (feature `telemetry`): SDK, Prometheus `/metrics` and OTLP from `OTEL_*`.
-//!
-//! With no meter provider installed the instruments are no-ops. Install one first (the
-//! `telemetry` feature's [`telemetry::init`] does it from the standard `OTEL_*` variables and
-//! serves `/metrics`), then create locks: a lock binds its instruments when it is opened.
 //!
 //! ## Metrics
 //!
@@ -46,12 +52,13 @@
 //! |---|---|---|
 //! | `lock.duration` | histogram, s | `lock_duration_seconds` |
 //! | `lock.wait.duration` | histogram, s | `lock_wait_duration_seconds` |
-//! | `lock.acquisitions` | counter | `lock_acquisitions_total` |
-//! | `lock.conflicts` | counter | `lock_conflicts_total` |
+//! | `lock.acquisitions` | counter (observed at collection) | `lock_acquisitions_total` |
+//! | `lock.conflicts` | counter (observed at collection) | `lock_conflicts_total` |
 //! | `lock.errors` | counter | `lock_errors_total` |
 //! | `lock.inode.migrations` | counter | `lock_inode_migrations_total` |
 //! | `lock.violations` | counter | `lock_violations_total` |
-//! | `lock.held` | up-down counter | `lock_held` |
+//! | `lock.held` | up-down counter (observed at collection) | `lock_held` |
+//! | `lock.lost` | counter | `lock_lost_total` |
 //!
 //! Attributes: `lock.name`, `lock.kind`, `lock.mode`, `lock.contended` / `lock.outcome`, and
 //! `fs.type` for file locks. `lock.name` defaults to the path: a lock file per resource
@@ -59,7 +66,26 @@
 //! [`name`](FileLockBuilder::name). The SDK's cardinality limit (2000 series per instrument by
 //! default) bounds memory; excess series land in `otel.metric.overflow`.
 //!
-//! ## Kernel facts this crate is built on
+//! Counts are exact: every acquisition, conflict and release is counted in per-lock atomics
+//! that the SDK reads when it collects, so a scrape, a periodic export, `force_flush` or a
+//! shutdown right after an acquisition sees it. Wait and hold times are sampled (1 in 16 file
+//! lock and 1 in 64 in-process acquisitions by default, plus the first after each collection;
+//! `sample_every` on each builder), chosen without regard to durations.
+//!
+//! ## Set-up order
+//!
+//! Locks record into [`metrics::Sink::global`] by default, which follows the global meter
+//! provider as it changes. A lock created before the provider is installed:
+//!
+//! - has its **counts** read by the new provider from the moment lockmeter notices it, and
+//!   they are complete from the lock's creation. [`telemetry::init`] (and
+//!   [`metrics::refresh`], for a provider you install yourself) make it notice at once;
+//!   otherwise it notices at the lock's next timed acquisition (within `sample_every`
+//!   acquisitions) or when another lock is created.
+//! - records **wait and hold times** from that moment on; those of acquisitions before it went
+//!   to the no-op provider and are lost. lockmeter says so once, with a `warn!`.
+//!
+//! //! ## Kernel facts this crate is built on
 //!
 //! - `flock(2)` is its own system call. Its locks belong to the *open file description*: `fork`
 //!   and `dup` share them, and they end at `LOCK_UN` or when the last descriptor of that
@@ -86,27 +112,37 @@
 //!   acquiring (`fstat(fd)` vs `stat(path)`), counts a migration, and re-locks the current file.
 #![deny(missing_docs)]
 #![warn(clippy::unwrap_used)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod clock;
 mod error;
 mod file;
 pub mod fs;
+mod kind;
+#[cfg(any(feature = "etcd", feature = "redis", feature = "postgres"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "etcd", feature = "redis", feature = "postgres")))
+)]
+pub mod lease;
 mod meter;
 pub mod metrics;
 pub mod owner;
+pub mod profile;
 pub mod sync;
 mod sys;
 #[cfg(feature = "telemetry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "telemetry")))]
 pub mod telemetry;
 #[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub mod tokio;
-mod trace;
-mod watch;
 
 pub use error::{Error, Operation, Result};
-pub use file::{FileLock, FileLockBuilder, FileLockGuard, FsPolicy, LockKind};
+pub use file::{FileLock, FileLockBuilder, FileLockGuard, FsPolicy};
+pub use kind::{LockKind, LockMode};
 pub use meter::{Attempt, Hold, LockMeter, Metered};
-pub use metrics::{LockMode, LostReason, Outcome};
+pub use metrics::{LostReason, Outcome};
 
 /// Raw errno type used in [`Error`] (re-exported from `rustix`).
 pub use rustix::io::Errno;

@@ -24,47 +24,63 @@
 //! }
 //! ```
 
+use std::future::Future;
 use std::ops::{Deref, DerefMut};
+use std::panic::Location;
 use std::sync::Arc;
 
-use opentelemetry::metrics::Meter;
-
 use crate::clock::Ticks;
-use crate::metrics::{LockMetrics, LockMode, LockStats, Outcome};
+use crate::kind::LockMode;
+use crate::metrics::{LostReason, Outcome, Recorder, Sink, Spec};
+use crate::profile::Site;
 
 /// Records the schema for one lock whose acquire and release calls are not lockmeter's.
 #[derive(Debug, Clone)]
 pub struct LockMeter {
-    stats: Arc<LockStats>,
+    recorder: Arc<Recorder>,
 }
 
 impl LockMeter {
     /// A meter for the lock `name` of kind `kind` (`lock.kind`: `redis`, `etcd`,
     /// `parking_lot_mutex`, `pg_advisory`, ...) on the global meter provider.
     pub fn new(name: &str, kind: &str) -> LockMeter {
-        LockMeter::with_meter(name, kind, &crate::metrics::default_meter())
+        LockMeter::with_sink(name, kind, &Sink::global())
     }
 
-    /// The same on an explicit meter.
-    pub fn with_meter(name: &str, kind: &str, meter: &Meter) -> LockMeter {
+    /// The same, recording into `sink`. Every attempt is timed (no sampling: a lock call
+    /// worth wrapping this way costs far more than two histogram records).
+    pub fn with_sink(name: &str, kind: &str, sink: &Sink) -> LockMeter {
+        LockMeter::with_attributes(name, kind, sink, &[])
+    }
+
+    /// The same, with `attributes` added to every series (as file locks add `fs.type`). Keep
+    /// them few and bounded: each distinct set is a series.
+    pub fn with_attributes(
+        name: &str,
+        kind: &str,
+        sink: &Sink,
+        attributes: &[opentelemetry::KeyValue],
+    ) -> LockMeter {
         LockMeter {
-            stats: LockStats::new(
-                name,
-                std::sync::Arc::new(LockMetrics::new(meter, name, kind, &[])),
-                1,
-            ),
+            recorder: Recorder::new(Spec {
+                extra: attributes,
+                ..Spec::new(sink, name, kind, 1)
+            }),
         }
     }
 
     /// Starts measuring an acquire call: the wait runs from now until the attempt is resolved
     /// with [`Attempt::acquired`], [`Attempt::would_block`], [`Attempt::timed_out`] or
     /// [`Attempt::failed`]. An attempt dropped unresolved (an async acquire cancelled) records
-    /// `lock.outcome = cancelled`.
+    /// `lock.outcome = cancelled`. The caller's location is the attempt's call site (see
+    /// [`crate::profile`]).
+    #[track_caller]
     pub fn start(&self, mode: LockMode) -> Attempt<'_> {
         Attempt {
-            stats: &self.stats,
+            recorder: &self.recorder,
             mode,
             start: Ticks::now(),
+            site: Location::caller(),
             resolved: false,
             conflicted: std::cell::Cell::new(false),
         }
@@ -73,6 +89,7 @@ impl LockMeter {
     /// Measures a lock with a non-blocking and a blocking acquire (most lock APIs): tries
     /// first; if that fails, counts a conflict and blocks. Returns the lock's guard wrapped so
     /// that dropping it records the hold.
+    #[track_caller]
     pub fn lock<G>(
         &self,
         mode: LockMode,
@@ -97,18 +114,26 @@ impl LockMeter {
     }
 
     /// Measures an async acquire (any future yielding the lock). Cancelled futures record
-    /// `cancelled`. `contended` is unknown for an opaque future: pass what you know.
-    pub async fn lock_async<G>(
-        &self,
+    /// `cancelled`. `contended` is unknown for an opaque future: pass what you know. A plain
+    /// function returning the future, so that it can capture its caller's location.
+    #[track_caller]
+    pub fn lock_async<'a, G, F>(
+        &'a self,
         mode: LockMode,
         contended: bool,
-        acquire: impl std::future::Future<Output = G>,
-    ) -> Metered<'_, G> {
+        acquire: F,
+    ) -> impl Future<Output = Metered<'a, G>> + 'a
+    where
+        F: Future<Output = G> + 'a,
+        G: 'a,
+    {
         let attempt = self.start(mode);
-        let g = acquire.await;
-        Metered {
-            guard: Some(g),
-            hold: attempt.acquired(contended),
+        async move {
+            let g = acquire.await;
+            Metered {
+                guard: Some(g),
+                hold: attempt.acquired(contended),
+            }
         }
     }
 }
@@ -117,9 +142,10 @@ impl LockMeter {
 #[must_use = "resolve the attempt (acquired, would_block, timed_out, failed); dropping it records a cancellation"]
 #[derive(Debug)]
 pub struct Attempt<'a> {
-    stats: &'a LockStats,
+    recorder: &'a Recorder,
     mode: LockMode,
     start: Ticks,
+    site: Site,
     resolved: bool,
     /// A conflict is counted at most once per attempt.
     conflicted: std::cell::Cell<bool>,
@@ -131,7 +157,8 @@ impl<'a> Attempt<'a> {
     /// often it is called.
     pub fn conflict(&self) {
         if !self.conflicted.replace(true) {
-            self.stats.conflict(self.mode);
+            self.recorder.conflict(self.mode);
+            self.recorder.wait_begins();
         }
     }
 
@@ -139,16 +166,30 @@ impl<'a> Attempt<'a> {
     pub fn acquired(mut self, contended: bool) -> Hold<'a> {
         self.resolved = true;
         let now = Ticks::now();
-        self.stats
-            .metrics
-            .record_wait(self.mode, Outcome::Acquired, self.start.secs_until(now));
-        self.stats.acquired(self.mode, contended);
+        let secs = self.start.secs_until(now);
+        self.recorder
+            .record_wait(self.mode, Outcome::Acquired, secs);
+        self.recorder.acquired(self.mode, contended);
+        let holder = self.stop_waiting();
+        if contended || self.recorder.is_slow_wait(secs) {
+            self.recorder.waited(self.mode, self.site, holder, secs);
+        }
         Hold {
-            stats: self.stats,
+            recorder: self.recorder,
             mode: self.mode,
             contended,
             since: now,
+            site: self.site,
             released: false,
+        }
+    }
+
+    /// No longer a waiter (if [`Self::conflict`] made it one): the releasing holder's site.
+    fn stop_waiting(&self) -> Option<Site> {
+        if self.conflicted.get() {
+            self.recorder.wait_over()
+        } else {
+            None
         }
     }
 
@@ -167,14 +208,14 @@ impl<'a> Attempt<'a> {
     /// The acquire failed; `error_type` is recorded as `error.type` on `lock.errors`
     /// (an errno name, or the client's error kind such as `ConnectionRefused`).
     pub fn failed(self, error_type: &str) {
-        self.stats.metrics.error("lock", error_type);
+        self.recorder.error("lock", error_type);
         self.end(Outcome::Error);
     }
 
     fn end(mut self, outcome: Outcome) {
         self.resolved = true;
-        self.stats
-            .metrics
+        self.stop_waiting();
+        self.recorder
             .record_wait(self.mode, outcome, self.start.elapsed_secs());
     }
 }
@@ -182,11 +223,9 @@ impl<'a> Attempt<'a> {
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         if !self.resolved {
-            self.stats.metrics.record_wait(
-                self.mode,
-                Outcome::Cancelled,
-                self.start.elapsed_secs(),
-            );
+            self.stop_waiting();
+            self.recorder
+                .record_wait(self.mode, Outcome::Cancelled, self.start.elapsed_secs());
         }
     }
 }
@@ -195,10 +234,11 @@ impl Drop for Attempt<'_> {
 #[derive(Debug)]
 #[must_use = "the hold ends (and is recorded) when this is dropped"]
 pub struct Hold<'a> {
-    stats: &'a LockStats,
+    recorder: &'a Recorder,
     mode: LockMode,
     contended: bool,
     since: Ticks,
+    site: Site,
     released: bool,
 }
 
@@ -211,25 +251,37 @@ impl Hold<'_> {
     /// The release call failed: counted in `lock.errors` (operation `unlock`) and the hold
     /// ends here.
     pub fn release_failed(mut self, error_type: &str) {
-        self.stats.metrics.error("unlock", error_type);
+        self.recorder.error("unlock", error_type);
         self.release();
     }
 
     /// The hold ended without a release: the lock was taken away (a lease expired, the key was
     /// deleted or overwritten, the connection dropped). Counted in `lock.lost` with `reason`;
     /// the hold time is recorded up to now.
-    pub fn lost(mut self, reason: crate::metrics::LostReason) {
-        self.stats.metrics.lost(reason);
+    pub fn lost(mut self, reason: LostReason) {
+        self.recorder.lost(reason);
         self.release();
+    }
+
+    /// The lock stays held after this process stops measuring it: a descriptor borrowed from
+    /// a parent shell, a command this process `exec`s into. The hold ends here as far as this
+    /// process's metrics go (`lock.held` does not stay up for a holder that is gone), and no
+    /// hold time is recorded: when the lock is released is not known here.
+    pub fn handed_off(mut self) {
+        if !self.released {
+            self.released = true;
+            self.recorder.count_release(self.mode);
+        }
     }
 
     fn release(&mut self) {
         if !self.released {
             self.released = true;
-            self.stats.count_release(self.mode);
-            self.stats
-                .metrics
-                .record_hold(self.mode, self.contended, self.since.elapsed_secs());
+            self.recorder.count_release(self.mode);
+            self.recorder.releasing(self.site);
+            let secs = self.since.elapsed_secs();
+            self.recorder.record_hold(self.mode, self.contended, secs);
+            self.recorder.held(self.mode, self.site, secs);
         }
     }
 }
@@ -242,6 +294,7 @@ impl Drop for Hold<'_> {
 
 /// A lock guard with its measured hold; derefs to the guard.
 #[derive(Debug)]
+#[must_use = "the lock is released (and the hold recorded) as soon as this is dropped"]
 pub struct Metered<'a, G> {
     // Dropped first: the underlying lock is released before the hold is recorded as ended.
     guard: Option<G>,

@@ -12,12 +12,16 @@
 //! token=9f2c41d7a0b84e1c8d3f6a5b2e7c9d10
 //! fence=17
 //! acquired_at=1795461745.577026731
+//! name=nightly-job
 //! ```
 //!
 //! `start_time` is the process start time in clock ticks since boot (`/proc/PID/stat` field 22),
 //! so (`boot_id`, `pid`, `start_time`) names one process even after pid reuse. `token` is 128
 //! random bits for this acquisition. `fence` is one more than the previous holder's: hand it to
 //! the storage you protect and have it refuse writes with a smaller fence (a fencing token).
+//! `name` is the lock's `lock.name` (its [`name`](crate::FileLockBuilder::name), or the path as
+//! given), on one line and at most [`MAX_NAME`] bytes; records written before it existed have
+//! none, and readers that predate it skip it (unknown keys are ignored).
 //!
 //! Before releasing (and while holding, when watching), lockmeter re-reads the record, dropping
 //! cached pages first (`posix_fadvise(DONTNEED)`) so another client's write is seen. A different
@@ -33,6 +37,9 @@ use rustix::io::Errno;
 
 /// Maximum size of a record lockmeter reads back.
 const MAX_RECORD: usize = 4096;
+
+/// Longest `name` a record carries, in bytes (longer names are cut at a character boundary).
+pub const MAX_NAME: usize = 256;
 
 /// The holder record written into a lock file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +58,8 @@ pub struct OwnerRecord {
     pub fence: u64,
     /// When it was acquired, seconds since the Unix epoch.
     pub acquired_at: String,
+    /// The lock's `lock.name`; `None` in records written by versions that did not record it.
+    pub name: Option<String>,
 }
 
 impl OwnerRecord {
@@ -69,6 +78,7 @@ impl OwnerRecord {
             token: String::new(),
             fence: 0,
             acquired_at: String::new(),
+            name: None,
         };
         for line in lines {
             let Some((k, v)) = line.split_once('=') else {
@@ -82,14 +92,26 @@ impl OwnerRecord {
                 "token" => r.token = v.to_owned(),
                 "fence" => r.fence = v.parse().ok()?,
                 "acquired_at" => r.acquired_at = v.to_owned(),
+                "name" => r.name = Some(v.to_owned()),
                 _ => {} // later versions may add fields
             }
         }
         (!r.token.is_empty()).then_some(r)
     }
 
-    /// A record for this process with a fresh random token and the given fence.
-    pub(crate) fn new_for_self(fence: u64) -> Result<OwnerRecord, Errno> {
+    /// When it was acquired, as a time (`None` if `acquired_at` is not `SECONDS.NANOS`).
+    pub fn acquired_time(&self) -> Option<std::time::SystemTime> {
+        let (secs, nanos) = self
+            .acquired_at
+            .split_once('.')
+            .unwrap_or((&self.acquired_at, "0"));
+        let secs: u64 = secs.parse().ok()?;
+        let nanos: u32 = format!("{nanos:0<9}").get(..9)?.parse().ok()?;
+        std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(secs, nanos))
+    }
+
+    /// A record for this process with a fresh random token, the given fence and lock name.
+    pub(crate) fn new_for_self(fence: u64, name: &str) -> Result<OwnerRecord, Errno> {
         let mut raw = [0u8; 16];
         let mut filled = 0;
         while filled < raw.len() {
@@ -109,6 +131,7 @@ impl OwnerRecord {
             token,
             fence,
             acquired_at: format!("{}.{:09}", now.as_secs(), now.subsec_nanos()),
+            name: Some(one_line_name(name)),
         })
     }
 }
@@ -122,8 +145,26 @@ impl fmt::Display for OwnerRecord {
         writeln!(f, "start_time={}", self.start_time)?;
         writeln!(f, "token={}", self.token)?;
         writeln!(f, "fence={}", self.fence)?;
-        writeln!(f, "acquired_at={}", self.acquired_at)
+        writeln!(f, "acquired_at={}", self.acquired_at)?;
+        match &self.name {
+            Some(name) => writeln!(f, "name={}", one_line_name(name)),
+            None => Ok(()),
+        }
     }
+}
+
+/// `name` as one record line: control characters (a newline would end the field) become
+/// spaces, and it is cut to [`MAX_NAME`] bytes at a character boundary.
+fn one_line_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len().min(MAX_NAME));
+    for c in name.chars() {
+        let c = if c.is_control() { ' ' } else { c };
+        if out.len() + c.len_utf8() > MAX_NAME {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 struct Identity {
@@ -193,4 +234,45 @@ pub(crate) fn write(fd: BorrowedFd<'_>, rec: &OwnerRecord) -> Result<(), Errno> 
     }
     rustix::fs::ftruncate(fd, bytes.len() as u64)?;
     rustix::fs::fdatasync(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const OLD: &str = "lockmeter-owner v1\nhost=h\nboot_id=b\npid=7\nstart_time=9\n\
+                       token=00112233445566778899aabbccddeeff\nfence=3\n\
+                       acquired_at=1795461745.5\n";
+
+    #[test]
+    fn a_record_without_a_name_still_parses() {
+        let r = OwnerRecord::parse(OLD.as_bytes()).unwrap();
+        assert_eq!((r.pid, r.fence, r.name.as_deref()), (7, 3, None));
+        assert_eq!(
+            r.acquired_time().unwrap(),
+            std::time::UNIX_EPOCH + std::time::Duration::new(1_795_461_745, 500_000_000)
+        );
+    }
+
+    #[test]
+    fn the_name_round_trips_on_one_line() {
+        let mut r = OwnerRecord::parse(OLD.as_bytes()).unwrap();
+        r.name = Some("nightly\njob=x".to_owned());
+        let text = r.to_string();
+        assert!(
+            text.starts_with(OLD),
+            "the v1 fields come first, unchanged: {text}"
+        );
+        let back = OwnerRecord::parse(text.as_bytes()).unwrap();
+        assert_eq!(back.name.as_deref(), Some("nightly job=x"));
+        assert_eq!(back.token, r.token);
+        r.name = Some("é".repeat(MAX_NAME));
+        let back = OwnerRecord::parse(r.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            back.name.unwrap().len(),
+            MAX_NAME,
+            "cut at a character boundary"
+        );
+    }
 }

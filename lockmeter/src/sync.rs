@@ -24,21 +24,19 @@
 //! `read` may deadlock if a writer is waiting.
 //!
 //! Cost model: the uncontended path is the lock's own try plus a plain load and store into
-//! this thread's shard of the lock's counters (published by a background flusher, see
-//! [`crate::metrics::flush`]). Timing (two clock reads and two histogram records, ~65 ns) is
-//! done for 1 in `sample_every` acquisitions (default 64, a power of two;
-//! [`MutexBuilder::sample_every`]) plus the first after each flusher tick (100 ms), chosen
-//! without regard to durations, among uncontended and contended ones alike, so the histograms'
-//! quantiles are unbiased estimates and rarely taken locks are timed every time. Only the clock
+//! this thread's shard of the lock's counters, which the SDK reads when it collects (see
+//! [`crate::metrics`]). Timing (two clock reads and two histogram records) is done for 1 in
+//! `sample_every` acquisitions (default 64, a power of two; [`MutexBuilder::sample_every`])
+//! plus the first after each metrics collection, chosen without regard to durations, among
+//! uncontended and contended ones alike, so the histograms' quantiles are unbiased estimates
+//! and locks taken less often than metrics are collected are timed every time. Only the clock
 //! reads happen while the lock is held; the records are made after the release. Memory: each
-//! lock's counters take ~1.2 KB (one 128-byte shard per thread slot, see `metrics::shard`),
-//! allocated once at construction.
-//! `lock_acquisitions_total`, `lock_conflicts_total` and `lock_held` are exact: every
-//! acquisition and every contended wait is counted. `sample_every(1)` times every acquisition
-//! (exact histograms, ~15x a bare std mutex when uncontended). Measured with
-//! `cargo bench -p lockmeter --bench mutex`. An uncontended timed acquisition, and a `try_*`
-//! that found the lock taken, record a wait of 0 s: one attempt of a few nanoseconds, inside
-//! the lowest bucket (1 µs).
+//! lock's counters take ~1.2 KB (one 128-byte shard per thread slot), allocated once at
+//! construction. `lock_acquisitions_total`, `lock_conflicts_total` and `lock_held` are exact:
+//! every acquisition and every contended wait is counted. `sample_every(1)` times every
+//! acquisition. An uncontended timed acquisition, and a `try_*` that found the lock taken,
+//! record a wait of 0 s: one attempt of a few nanoseconds, inside the lowest bucket (1 µs).
+//! Measured costs: the README's overhead table and `cargo bench -p lockmeter --bench mutex`.
 //!
 //! Leaked guards and panics: a guard leaked with `mem::forget` never unlocks the lock
 //! either, so `lock_held` stays raised, which is the truth. A thread that panics while holding
@@ -48,88 +46,113 @@
 use std::fmt;
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
+use std::panic::Location;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
-
-use opentelemetry::metrics::Meter;
+use std::time::Duration;
 
 use crate::clock::HoldStart;
-use crate::metrics::{shard, LockMetrics, LockMode, LockStats, Outcome};
+use crate::kind::LockMode;
+use crate::metrics::{shard, Outcome, Recorder, Sink, Spec};
+use crate::profile::Site;
 
 /// Default timing sample of the in-process wrappers (`sync`, `tokio`): 1 in this many
-/// acquisitions, plus the first after each flusher tick, records wait and hold times; counts
-/// are always exact. Lower than file locks' ([`crate::metrics::DEFAULT_SAMPLE_EVERY`], 16): two
-/// histogram records cost ~30 ns, six bare mutex cycles, and more when two cores record into
-/// the same histogram; at 1 in 16 they cost a third of two-thread contended throughput.
+/// acquisitions, plus the first after each metrics collection, records wait and hold times;
+/// counts are always exact. Lower than file locks' ([`crate::metrics::DEFAULT_SAMPLE_EVERY`],
+/// 16): two histogram records cost several bare mutex cycles, and more when two cores record
+/// into the same histogram.
 pub const DEFAULT_SAMPLE_EVERY: u32 = 64;
 
-/// Builder shared by the in-process lock wrappers.
+/// What the in-process wrappers' builders set.
 #[derive(Debug)]
-#[must_use = "call .build(value)"]
-pub struct MutexBuilder {
-    name: String,
-    meter: Option<Meter>,
-    sample_every: u32,
+pub(crate) struct Options {
+    pub(crate) name: String,
+    pub(crate) sink: Sink,
+    pub(crate) sample_every: u32,
+    pub(crate) slow_wait: Option<Duration>,
+    pub(crate) slow_hold: Option<Duration>,
 }
 
-impl MutexBuilder {
-    pub(crate) fn new(name: impl Into<String>) -> Self {
-        MutexBuilder {
-            name: name.into(),
-            meter: None,
+impl Options {
+    pub(crate) fn new(name: String) -> Options {
+        Options {
+            name,
+            sink: Sink::global(),
             sample_every: DEFAULT_SAMPLE_EVERY,
+            slow_wait: None,
+            slow_hold: None,
         }
     }
 
-    /// The meter to record on (default: the global provider's `lockmeter` meter).
-    pub fn meter(mut self, meter: Meter) -> Self {
-        self.meter = Some(meter);
-        self
-    }
-
-    /// Time 1 in `n` acquisitions, uncontended and contended alike, plus the first after each
-    /// flusher tick (`n` rounded up to a power of two; default [`DEFAULT_SAMPLE_EVERY`], 64;
-    /// `1` times every one). Counts are always exact.
-    pub fn sample_every(mut self, n: u32) -> Self {
-        self.sample_every = n.max(1);
-        self
-    }
-
-    pub(crate) fn stats(self, kind: &str) -> Arc<LockStats> {
-        let meter = self.meter.unwrap_or_else(crate::metrics::default_meter);
-        LockStats::new(
-            &self.name,
-            std::sync::Arc::new(LockMetrics::new(&meter, &self.name, kind, &[])),
-            self.sample_every,
-        )
-    }
-
-    /// Builds a [`Mutex`].
-    pub fn build_mutex<T>(self, value: T) -> Mutex<T> {
-        Mutex {
-            stats: self.stats("mutex"),
-            poison: Poison::default(),
-            inner: parking_lot::Mutex::new(value),
-        }
-    }
-
-    /// Builds a [`RwLock`].
-    pub fn build_rwlock<T>(self, value: T) -> RwLock<T> {
-        RwLock {
-            stats: self.stats("rwlock"),
-            poison: Poison::default(),
-            inner: parking_lot::RwLock::new(value),
-        }
+    /// The lock's recorder, with `lock.kind` = `kind`.
+    pub(crate) fn recorder(self, kind: &str) -> Arc<Recorder> {
+        Recorder::new(Spec {
+            slow_wait: self.slow_wait,
+            slow_hold: self.slow_hold,
+            ..Spec::new(&self.sink, &self.name, kind, self.sample_every)
+        })
     }
 }
+
+/// Generates a builder type for one in-process lock type: `sink`, `sample_every`, `build`.
+macro_rules! builder {
+    ($(#[$doc:meta])* $builder:ident => $lock:ident, $new:expr) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        #[must_use = "call .build(value) to create the lock"]
+        pub struct $builder(crate::sync::Options);
+
+        impl $builder {
+            /// Where to record (default [`Sink::global`](crate::metrics::Sink::global)).
+            pub fn sink(mut self, sink: crate::metrics::Sink) -> Self {
+                self.0.sink = sink;
+                self
+            }
+
+            /// Time 1 in `n` acquisitions, uncontended and contended alike, plus the first
+            /// after each metrics collection (`n` rounded up to a power of two; default
+            /// [`DEFAULT_SAMPLE_EVERY`](crate::sync::DEFAULT_SAMPLE_EVERY), 64; `1` times every
+            /// one). Counts are always exact.
+            pub fn sample_every(mut self, n: u32) -> Self {
+                self.0.sample_every = n.max(1);
+                self
+            }
+
+            /// Report acquires that waited at least `d` as `lock.slow_wait` events (default
+            /// [`profile::default_slow_wait`](crate::profile::default_slow_wait): 10 ms or
+            /// `LOCKMETER_SLOW_WAIT_MS`). See [`crate::profile`].
+            pub fn slow_wait(mut self, d: std::time::Duration) -> Self {
+                self.0.slow_wait = Some(d);
+                self
+            }
+
+            /// Report timed holds of at least `d` as `lock.slow_hold` events (default
+            /// [`profile::default_slow_hold`](crate::profile::default_slow_hold): 100 ms or
+            /// `LOCKMETER_SLOW_HOLD_MS`). See [`crate::profile`].
+            pub fn slow_hold(mut self, d: std::time::Duration) -> Self {
+                self.0.slow_hold = Some(d);
+                self
+            }
+
+            #[doc = concat!("Builds the [`", stringify!($lock), "`] holding `value`.")]
+            pub fn build<T>(self, value: T) -> $lock<T> {
+                let new: fn(crate::sync::Options, T) -> $lock<T> = $new;
+                new(self.0, value)
+            }
+        }
+    };
+}
+pub(crate) use builder;
 
 /// What a guard needs to record its release.
 #[cfg(feature = "tokio")]
 pub(crate) struct Hold<'a> {
-    pub(crate) stats: &'a LockStats,
+    pub(crate) recorder: &'a Recorder,
     pub(crate) mode: LockMode,
     /// Set when this acquisition is timed.
     pub(crate) since: Option<HoldStart>,
+    /// Where it was acquired.
+    pub(crate) site: Site,
 }
 
 #[cfg(feature = "tokio")]
@@ -137,7 +160,7 @@ impl Hold<'_> {
     /// Counts the release and records the hold if this acquisition is timed.
     #[inline]
     pub(crate) fn release(&self) {
-        self.stats.released(self.mode, self.since);
+        self.recorder.released(self.mode, self.since, self.site);
     }
 }
 
@@ -145,9 +168,14 @@ impl Hold<'_> {
 /// successful try, a few nanoseconds, inside the lowest bucket, is recorded with the hold).
 #[cfg(feature = "tokio")]
 #[inline]
-pub(crate) fn uncontended(stats: &LockStats, mode: LockMode) -> Hold<'_> {
-    let since = stats.acquired_uncontended_in(shard::slot(), mode);
-    Hold { stats, mode, since }
+pub(crate) fn uncontended(recorder: &Recorder, mode: LockMode, site: Site) -> Hold<'_> {
+    let since = recorder.acquired_uncontended_in(shard::slot(), mode);
+    Hold {
+        recorder,
+        mode,
+        since,
+        site,
+    }
 }
 
 /// Wraps `g` as std does: `Err(PoisonError)` when the lock was poisoned.
@@ -202,24 +230,28 @@ impl Poison {
 macro_rules! guard {
     ($(#[$doc:meta])* $guard:ident($inner:ident) of $lock:ident, $mode:expr, poisons $poisons:expr) => {
         $(#[$doc])*
+        #[must_use = "the lock is released as soon as the guard is dropped"]
         pub struct $guard<'a, T: ?Sized> {
-            stats: &'a LockStats,
+            recorder: &'a Recorder,
             /// Set when this acquisition is timed.
             since: Option<HoldStart>,
             /// Set for guards that poison (exclusive ones) taken while not panicking.
             poison: Option<&'a Poison>,
+            /// Where the lock was acquired.
+            site: Site,
             inner: ManuallyDrop<parking_lot::$inner<'a, T>>,
         }
 
         impl<T: ?Sized> Drop for $guard<'_, T> {
             #[inline(always)]
             fn drop(&mut self) {
-                self.stats.count_release($mode);
+                self.recorder.count_release($mode);
+                self.recorder.releasing(self.site);
                 Poison::done(self.poison);
                 // SAFETY: `inner` is dropped here, once, and never used again.
                 unsafe { ManuallyDrop::drop(&mut self.inner) };
                 if let Some(since) = self.since {
-                    self.stats.hold_done($mode, since);
+                    self.recorder.hold_done($mode, since, self.site);
                 }
             }
         }
@@ -244,11 +276,13 @@ macro_rules! guard {
                 &'a self,
                 inner: parking_lot::$inner<'a, T>,
                 since: Option<HoldStart>,
+                site: Site,
             ) -> LockResult<$guard<'a, T>> {
                 let guard = $guard {
-                    stats: &self.stats,
+                    recorder: &self.recorder,
                     since,
                     poison: if $poisons { self.poison.guard() } else { None },
+                    site,
                     inner: ManuallyDrop::new(inner),
                 };
                 poison(guard, self.poison.get())
@@ -266,32 +300,36 @@ macro_rules! acquire {
      try $try:ident, block $block:ident, $mode:expr, exclusive $exclusive:expr) => {
         $(#[$doc])*
         #[inline(always)]
+        #[track_caller]
         pub fn $name(&self) -> LockResult<$guard<'_, T>> {
+            let site = Location::caller();
             match self.inner.$try() {
                 Some(g) => {
-                    let since = self.stats.acquired_uncontended_in(shard::slot(), $mode);
-                    self.wrap(g, since)
+                    let since = self.recorder.acquired_uncontended_in(shard::slot(), $mode);
+                    self.wrap(g, since, site)
                 }
-                None => self.$slow(),
+                None => self.$slow(site),
             }
         }
 
         #[cold]
         #[inline(never)]
-        fn $slow(&self) -> LockResult<$guard<'_, T>> {
-            let t0 = self.stats.contended_start($mode, $exclusive);
+        fn $slow(&self, site: Site) -> LockResult<$guard<'_, T>> {
+            let w = self.recorder.contended_start($mode, $exclusive);
             let g = self.inner.$block();
-            let since = self.stats.contended_acquired($mode, $exclusive, t0);
-            self.wrap(g, since)
+            let since = self.recorder.contended_acquired($mode, $exclusive, w, site);
+            self.wrap(g, since, site)
         }
 
         $(#[$tdoc])*
         #[inline]
+        #[track_caller]
         pub fn $try_name(&self) -> TryLockResult<$guard<'_, T>> {
+            let site = Location::caller();
             match self.inner.$try() {
                 Some(g) => {
-                    let since = self.stats.acquired_uncontended_in(shard::slot(), $mode);
-                    Ok(self.wrap(g, since)?)
+                    let since = self.recorder.acquired_uncontended_in(shard::slot(), $mode);
+                    Ok(self.wrap(g, since, site)?)
                 }
                 None => Err(self.would_block($mode)),
             }
@@ -306,10 +344,8 @@ macro_rules! common {
         impl<T: ?Sized> $lock<T> {
             #[cold]
             fn would_block<G>(&self, mode: LockMode) -> TryLockError<G> {
-                self.stats.conflict(mode);
-                self.stats
-                    .metrics
-                    .record_wait(mode, Outcome::WouldBlock, 0.0);
+                self.recorder.conflict(mode);
+                self.recorder.record_wait(mode, Outcome::WouldBlock, 0.0);
                 TryLockError::WouldBlock
             }
 
@@ -341,7 +377,7 @@ macro_rules! common {
         impl<T: ?Sized + fmt::Debug> fmt::Debug for $lock<T> {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.debug_struct(stringify!($lock))
-                    .field("name", &self.stats.name())
+                    .field("name", &self.recorder.name())
                     .field("inner", &&self.inner)
                     .field("poisoned", &self.poison.get())
                     .finish()
@@ -354,7 +390,7 @@ macro_rules! common {
 /// type (generated by `guard!`), all called `wrap` by the `acquire!` expansions.
 trait Wrap<'a, G> {
     type Out;
-    fn wrap(&'a self, inner: G, since: Option<HoldStart>) -> LockResult<Self::Out>;
+    fn wrap(&'a self, inner: G, since: Option<HoldStart>, site: Site) -> LockResult<Self::Out>;
 }
 
 // ---- Mutex --------------------------------------------------------------------------------
@@ -362,23 +398,32 @@ trait Wrap<'a, G> {
 /// An instrumented mutex with `std::sync::Mutex`'s API and poisoning (on parking_lot's lock,
 /// see the [module docs](self)). `Send`/`Sync` exactly when std's is.
 pub struct Mutex<T: ?Sized> {
-    stats: Arc<LockStats>,
+    recorder: Arc<Recorder>,
     poison: Poison,
     inner: parking_lot::Mutex<T>,
+}
+
+builder! {
+    /// Builder for a [`Mutex`]; see [`Mutex::builder`].
+    MutexBuilder => Mutex, |o, value| Mutex {
+        recorder: o.recorder("mutex"),
+        poison: Poison::default(),
+        inner: parking_lot::Mutex::new(value),
+    }
 }
 
 impl<T> Mutex<T> {
     /// A mutex recording as `lock.name = name` on the global meter.
     pub fn named(name: impl Into<String>, value: T) -> Mutex<T> {
-        MutexBuilder::new(name).build_mutex(value)
+        Mutex::builder(name).build(value)
     }
 }
 
 impl Mutex<()> {
-    /// A builder for a mutex named `name` (meter, sampling); finish with
-    /// [`MutexBuilder::build_mutex`].
+    /// A builder for a mutex named `name` (sink, sampling); finish with
+    /// [`MutexBuilder::build`].
     pub fn builder(name: impl Into<String>) -> MutexBuilder {
-        MutexBuilder::new(name)
+        MutexBuilder(Options::new(name.into()))
     }
 }
 
@@ -411,23 +456,32 @@ impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
 /// parking_lot's lock, see the [module docs](self)): `read` is `lock.mode = shared`, `write`
 /// exclusive.
 pub struct RwLock<T: ?Sized> {
-    stats: Arc<LockStats>,
+    recorder: Arc<Recorder>,
     poison: Poison,
     inner: parking_lot::RwLock<T>,
+}
+
+builder! {
+    /// Builder for an [`RwLock`]; see [`RwLock::builder`].
+    RwLockBuilder => RwLock, |o, value| RwLock {
+        recorder: o.recorder("rwlock"),
+        poison: Poison::default(),
+        inner: parking_lot::RwLock::new(value),
+    }
 }
 
 impl<T> RwLock<T> {
     /// A reader-writer lock recording as `lock.name = name` on the global meter.
     pub fn named(name: impl Into<String>, value: T) -> RwLock<T> {
-        MutexBuilder::new(name).build_rwlock(value)
+        RwLock::builder(name).build(value)
     }
 }
 
 impl RwLock<()> {
-    /// A builder for a lock named `name` (meter, sampling); finish with
-    /// [`MutexBuilder::build_rwlock`].
-    pub fn builder(name: impl Into<String>) -> MutexBuilder {
-        MutexBuilder::new(name)
+    /// A builder for a lock named `name` (sink, sampling); finish with
+    /// [`RwLockBuilder::build`].
+    pub fn builder(name: impl Into<String>) -> RwLockBuilder {
+        RwLockBuilder(Options::new(name.into()))
     }
 }
 

@@ -13,63 +13,74 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
 use std::ops::{Deref, DerefMut};
+use std::panic::Location;
 use std::sync::Arc;
 
 use crate::clock::Ticks;
-use crate::metrics::{LockMode, LockStats, Outcome};
-use crate::sync::{Hold, MutexBuilder};
+use crate::kind::LockMode;
+use crate::metrics::{Outcome, Recorder, WaitStart};
+use crate::profile::Site;
+use crate::sync::{builder, Hold, Options};
 
 /// Records `cancelled` if an acquire future is dropped while waiting.
 struct Waiting<'a> {
-    stats: &'a LockStats,
+    recorder: &'a Recorder,
     mode: LockMode,
-    since: Ticks,
+    start: WaitStart,
     done: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.stats.metrics.record_wait(
-                self.mode,
-                Outcome::Cancelled,
-                self.since.elapsed_secs(),
-            );
+            let secs = self.recorder.wait_abandoned(self.start);
+            self.recorder
+                .record_wait(self.mode, Outcome::Cancelled, secs);
         }
     }
 }
 
 /// Try first; on conflict count it and await `wait`, recording the wait (or its cancellation).
 async fn acquire<'s, G, F>(
-    stats: &'s LockStats,
+    recorder: &'s Recorder,
     mode: LockMode,
     tried: Option<G>,
     wait: F,
+    site: Site,
 ) -> (G, Hold<'s>)
 where
-    F: std::future::Future<Output = G>,
+    F: Future<Output = G>,
 {
     if let Some(g) = tried {
-        return (g, crate::sync::uncontended(stats, mode));
+        return (g, crate::sync::uncontended(recorder, mode, site));
     }
     // Tokio locks are held across await points: count with atomics, not under-lock stores.
-    let t0 = stats.contended_start(mode, false);
+    let start = recorder.contended_start(mode, false);
     let mut waiting = Waiting {
-        stats,
+        recorder,
         mode,
-        since: t0.unwrap_or_else(Ticks::now),
+        start,
         done: false,
     };
     let g = wait.await;
     waiting.done = true;
-    let since = stats.contended_acquired(mode, false, t0);
-    (g, Hold { stats, mode, since })
+    let since = recorder.contended_acquired(mode, false, start, site);
+    (
+        g,
+        Hold {
+            recorder,
+            mode,
+            since,
+            site,
+        },
+    )
 }
 
 /// An instrumented `tokio::sync::Mutex`.
 pub struct Mutex<T: ?Sized> {
-    stats: Arc<LockStats>,
+    recorder: Arc<Recorder>,
     inner: ::tokio::sync::Mutex<T>,
 }
 
@@ -86,67 +97,57 @@ impl<T> Mutex<T> {
 }
 
 impl Mutex<()> {
-    /// A builder (meter, sampling); finish with [`TokioBuilder::build`] or
-    /// [`TokioBuilder::build_rwlock`].
-    pub fn builder(name: impl Into<String>) -> TokioBuilder {
-        TokioBuilder(MutexBuilder::new(name))
+    /// A builder (sink, sampling); finish with [`MutexBuilder::build`].
+    pub fn builder(name: impl Into<String>) -> MutexBuilder {
+        MutexBuilder(Options::new(name.into()))
     }
 }
 
-/// Builder for the tokio wrappers.
-#[derive(Debug)]
-#[must_use = "call .build(value)"]
-pub struct TokioBuilder(MutexBuilder);
-
-impl TokioBuilder {
-    /// The meter to record on.
-    pub fn meter(self, meter: opentelemetry::metrics::Meter) -> Self {
-        TokioBuilder(self.0.meter(meter))
-    }
-
-    /// Time 1 in `n` uncontended acquisitions (default [`crate::sync::DEFAULT_SAMPLE_EVERY`], 64).
-    pub fn sample_every(self, n: u32) -> Self {
-        TokioBuilder(self.0.sample_every(n))
-    }
-
-    /// Builds a [`Mutex`].
-    pub fn build<T>(self, value: T) -> Mutex<T> {
-        Mutex {
-            stats: self.0.stats("tokio_mutex"),
-            inner: ::tokio::sync::Mutex::new(value),
-        }
-    }
-
-    /// Builds a [`RwLock`].
-    pub fn build_rwlock<T>(self, value: T) -> RwLock<T> {
-        RwLock {
-            stats: self.0.stats("tokio_rwlock"),
-            inner: ::tokio::sync::RwLock::new(value),
-        }
+builder! {
+    /// Builder for a tokio [`Mutex`]; see [`Mutex::builder`].
+    MutexBuilder => Mutex, |o, value| Mutex {
+        recorder: o.recorder("tokio_mutex"),
+        inner: ::tokio::sync::Mutex::new(value),
     }
 }
 
 impl<T: ?Sized> Mutex<T> {
     /// Locks, waiting asynchronously. Cancel-safe like tokio's: dropping the future while it
-    /// waits gives up the place in the queue (recorded as `cancelled`).
-    pub async fn lock(&self) -> MutexGuard<'_, T> {
-        let tried = self.inner.try_lock().ok();
-        let (inner, hold) =
-            acquire(&self.stats, LockMode::Exclusive, tried, self.inner.lock()).await;
-        MutexGuard { hold, inner }
+    /// waits gives up the place in the queue (recorded as `cancelled`). A plain function
+    /// returning the future, so that it can capture its caller's location.
+    #[track_caller]
+    pub fn lock(&self) -> impl Future<Output = MutexGuard<'_, T>> + '_ {
+        let site = Location::caller();
+        async move {
+            let tried = self.inner.try_lock().ok();
+            let (inner, hold) = acquire(
+                &self.recorder,
+                LockMode::Exclusive,
+                tried,
+                self.inner.lock(),
+                site,
+            )
+            .await;
+            MutexGuard { hold, inner }
+        }
     }
 
     /// Tries to lock without waiting; a failure is counted as a conflict.
+    #[track_caller]
     pub fn try_lock(&self) -> Result<MutexGuard<'_, T>, ::tokio::sync::TryLockError> {
         let t0 = Ticks::now();
         match self.inner.try_lock() {
             Ok(inner) => Ok(MutexGuard {
-                hold: crate::sync::uncontended(&self.stats, LockMode::Exclusive),
+                hold: crate::sync::uncontended(
+                    &self.recorder,
+                    LockMode::Exclusive,
+                    Location::caller(),
+                ),
                 inner,
             }),
             Err(e) => {
-                self.stats.conflict(LockMode::Exclusive);
-                self.stats.metrics.record_wait(
+                self.recorder.conflict(LockMode::Exclusive);
+                self.recorder.record_wait(
                     LockMode::Exclusive,
                     Outcome::WouldBlock,
                     t0.elapsed_secs(),
@@ -165,13 +166,14 @@ impl<T: ?Sized> Mutex<T> {
 impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Mutex")
-            .field("name", &self.stats.name())
+            .field("name", &self.recorder.name())
             .field("inner", &&self.inner)
             .finish()
     }
 }
 
 /// Guard of a tokio [`Mutex`].
+#[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct MutexGuard<'a, T: ?Sized> {
     hold: Hold<'a>,
     inner: ::tokio::sync::MutexGuard<'a, T>,
@@ -204,14 +206,14 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
 
 /// An instrumented `tokio::sync::RwLock`.
 pub struct RwLock<T: ?Sized> {
-    stats: Arc<LockStats>,
+    recorder: Arc<Recorder>,
     inner: ::tokio::sync::RwLock<T>,
 }
 
 impl<T> RwLock<T> {
     /// A reader-writer lock recording as `lock.name = name` on the global meter.
     pub fn named(name: impl Into<String>, value: T) -> RwLock<T> {
-        Mutex::builder(name).build_rwlock(value)
+        RwLock::builder(name).build(value)
     }
 
     /// Consumes the lock, returning the value.
@@ -220,39 +222,78 @@ impl<T> RwLock<T> {
     }
 }
 
+impl RwLock<()> {
+    /// A builder (sink, sampling); finish with [`RwLockBuilder::build`].
+    pub fn builder(name: impl Into<String>) -> RwLockBuilder {
+        RwLockBuilder(Options::new(name.into()))
+    }
+}
+
+builder! {
+    /// Builder for a tokio [`RwLock`]; see [`RwLock::builder`].
+    RwLockBuilder => RwLock, |o, value| RwLock {
+        recorder: o.recorder("tokio_rwlock"),
+        inner: ::tokio::sync::RwLock::new(value),
+    }
+}
+
 impl<T: ?Sized> RwLock<T> {
-    /// Shared access, waiting asynchronously.
-    pub async fn read(&self) -> RwLockReadGuard<'_, T> {
-        let tried = self.inner.try_read().ok();
-        let (inner, hold) = acquire(&self.stats, LockMode::Shared, tried, self.inner.read()).await;
-        RwLockReadGuard { hold, inner }
+    /// Shared access, waiting asynchronously (a plain function returning the future, so that
+    /// it can capture its caller's location).
+    #[track_caller]
+    pub fn read(&self) -> impl Future<Output = RwLockReadGuard<'_, T>> + '_ {
+        let site = Location::caller();
+        async move {
+            let tried = self.inner.try_read().ok();
+            let (inner, hold) = acquire(
+                &self.recorder,
+                LockMode::Shared,
+                tried,
+                self.inner.read(),
+                site,
+            )
+            .await;
+            RwLockReadGuard { hold, inner }
+        }
     }
 
-    /// Exclusive access, waiting asynchronously.
-    pub async fn write(&self) -> RwLockWriteGuard<'_, T> {
-        let tried = self.inner.try_write().ok();
-        let (inner, hold) =
-            acquire(&self.stats, LockMode::Exclusive, tried, self.inner.write()).await;
-        RwLockWriteGuard { hold, inner }
+    /// Exclusive access, waiting asynchronously (a plain function returning the future).
+    #[track_caller]
+    pub fn write(&self) -> impl Future<Output = RwLockWriteGuard<'_, T>> + '_ {
+        let site = Location::caller();
+        async move {
+            let tried = self.inner.try_write().ok();
+            let (inner, hold) = acquire(
+                &self.recorder,
+                LockMode::Exclusive,
+                tried,
+                self.inner.write(),
+                site,
+            )
+            .await;
+            RwLockWriteGuard { hold, inner }
+        }
     }
 }
 
 impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RwLock")
-            .field("name", &self.stats.name())
+            .field("name", &self.recorder.name())
             .field("inner", &&self.inner)
             .finish()
     }
 }
 
 /// Shared guard of a tokio [`RwLock`].
+#[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct RwLockReadGuard<'a, T: ?Sized> {
     hold: Hold<'a>,
     inner: ::tokio::sync::RwLockReadGuard<'a, T>,
 }
 
 /// Exclusive guard of a tokio [`RwLock`].
+#[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct RwLockWriteGuard<'a, T: ?Sized> {
     hold: Hold<'a>,
     inner: ::tokio::sync::RwLockWriteGuard<'a, T>,

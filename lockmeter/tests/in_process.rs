@@ -7,6 +7,7 @@ use std::rc::Rc;
 use std::sync::{Arc, TryLockError};
 use std::time::Duration;
 
+use lockmeter::metrics::Sink;
 use lockmeter::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use lockmeter::{LockMeter, LockMode};
 use lockmeter_testkit::Recorder;
@@ -35,12 +36,13 @@ assert_not_impl_any!(lockmeter::tokio::Mutex<Rc<u8>>: Send, Sync);
 #[test]
 fn eight_threads_hammering_one_mutex_are_counted_exactly() {
     for sample in [1, 16, lockmeter::sync::DEFAULT_SAMPLE_EVERY] {
-        let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+        let rec = Recorder::new();
+        let sink = Sink::new(rec.meter());
         let m = Arc::new(
             Mutex::builder("hammered")
-                .meter(rec.meter())
+                .sink(sink.clone())
                 .sample_every(sample)
-                .build_mutex(0u64),
+                .build(0u64),
         );
         let started = std::time::Instant::now();
         let threads: Vec<_> = (0..8)
@@ -101,12 +103,13 @@ fn eight_threads_hammering_one_mutex_are_counted_exactly() {
 
 #[test]
 fn rwlock_counts_shared_and_exclusive() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let l = Arc::new(
         RwLock::builder("table")
-            .meter(rec.meter())
+            .sink(sink.clone())
             .sample_every(1)
-            .build_rwlock(0u32),
+            .build(0u32),
     );
     let readers: Vec<_> = (0..4)
         .map(|_| {
@@ -149,8 +152,9 @@ fn rwlock_counts_shared_and_exclusive() {
 
 #[test]
 fn a_panicking_holder_poisons_like_std_and_its_release_is_counted() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
-    let m = Arc::new(Mutex::builder("fragile").meter(rec.meter()).build_mutex(1));
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let m = Arc::new(Mutex::builder("fragile").sink(sink.clone()).build(1));
     let m2 = Arc::clone(&m);
     let r = std::thread::spawn(move || {
         let _g = m2.lock().unwrap();
@@ -243,8 +247,9 @@ fn rwlock_poisoning_follows_std_rule_by_rule() {
 
 #[test]
 fn a_leaked_guard_keeps_the_lock_held_and_says_so() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
-    let m = Mutex::builder("leaky").meter(rec.meter()).build_mutex(());
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let m = Mutex::builder("leaky").sink(sink.clone()).build(());
     std::mem::forget(m.lock().unwrap());
     // As with std, the mutex stays locked: lock.held reports exactly that.
     assert!(matches!(m.try_lock(), Err(TryLockError::WouldBlock)));
@@ -259,7 +264,8 @@ fn a_leaked_guard_keeps_the_lock_held_and_says_so() {
 
 #[test]
 fn tokio_mutex_counts_contention_and_cancellation() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -267,7 +273,7 @@ fn tokio_mutex_counts_contention_and_cancellation() {
         .unwrap();
     let m = Arc::new(
         lockmeter::tokio::Mutex::builder("sessions")
-            .meter(rec.meter())
+            .sink(sink.clone())
             .sample_every(1)
             .build(0u64),
     );
@@ -316,8 +322,9 @@ fn tokio_mutex_counts_contention_and_cancellation() {
 
 #[test]
 fn lock_meter_measures_a_parking_lot_mutex_and_arbitrary_calls() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
-    let meter = LockMeter::with_meter("pl", "parking_lot_mutex", &rec.meter());
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let meter = LockMeter::with_sink("pl", "parking_lot_mutex", &sink);
     let m = Arc::new(parking_lot::Mutex::new(0u32));
     let held = m.lock();
     let waiter = {
@@ -393,15 +400,16 @@ fn lock_meter_measures_a_parking_lot_mutex_and_arbitrary_calls() {
 
 #[test]
 fn tokio_rwlock_times_waits_and_holds_together() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let l = lockmeter::tokio::Mutex::builder("catalog")
-        .meter(rec.meter())
+    let l = lockmeter::tokio::RwLock::builder("catalog")
+        .sink(sink.clone())
         .sample_every(1)
-        .build_rwlock(0u32);
+        .build(0u32);
     rt.block_on(async {
         for _ in 0..10 {
             let _ = *l.read().await;
@@ -424,5 +432,37 @@ fn tokio_rwlock_times_waits_and_holds_together() {
     assert_eq!(
         s.hist_count("lock.wait.duration", &[("lock.mode", "exclusive")]),
         1
+    );
+}
+
+#[test]
+fn a_handed_off_hold_counts_the_acquisition_but_no_hold_time() {
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let meter = LockMeter::with_attributes(
+        "/var/lock/job",
+        "flock",
+        &sink,
+        &[opentelemetry::KeyValue::new("fs.type", "tmpfs")],
+    );
+    let attempt = meter.start(LockMode::Exclusive);
+    attempt.conflict();
+    let hold = attempt.acquired(true);
+    assert_eq!(rec.snapshot().updown("lock.held", &[]), 1);
+    hold.handed_off();
+    let s = rec.snapshot();
+    let attrs = [("lock.kind", "flock"), ("fs.type", "tmpfs")];
+    assert_eq!(s.counter("lock.acquisitions", &attrs), 1);
+    assert_eq!(s.counter("lock.conflicts", &attrs), 1);
+    assert_eq!(s.hist_count("lock.wait.duration", &attrs), 1);
+    assert_eq!(
+        s.updown("lock.held", &[]),
+        0,
+        "the holder is gone from this process: lock.held must not stay up"
+    );
+    assert_eq!(
+        s.hist_count("lock.duration", &[]),
+        0,
+        "when the lock is released is not known here: no hold time"
     );
 }

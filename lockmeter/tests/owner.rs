@@ -2,33 +2,29 @@
 //! FUSE mounts (split-brain and lock-forwarding bindfs).
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use std::io::Write as _;
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::child;
+use lockmeter::metrics::Sink;
 use lockmeter::{FileLock, FsPolicy};
+use lockmeter_testkit::proc::{helper, role_var, send_line, spawn_ready};
 use lockmeter_testkit::{Bindfs, Recorder};
 
-/// Helper-process entry point: does nothing unless started by `common::child`.
-#[test]
-#[ignore = "helper process entry point, started by other tests"]
-fn child_entry() {
-    let Ok(role) = std::env::var("LOCKMETER_TEST_ROLE") else {
-        return;
-    };
-    let var = |k: &str| std::env::var(k).unwrap();
-    assert_eq!(role, "owner_loop");
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
-    let lock = FileLock::builder(var("LOCK"))
+lockmeter_testkit::helper_roles! {
+    "owner_loop" => role_owner_loop,
+}
+
+/// Takes the lock at LOCK with owner records in a loop for MILLIS, after the parent's go;
+/// prints the violations it counted and whether its fencing tokens increased.
+fn role_owner_loop() {
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let lock = FileLock::builder(role_var("LOCK"))
         .owner_record(true)
         .fs_policy(FsPolicy::Allow)
-        .meter(rec.meter())
+        .sink(sink.clone())
         .open()
         .unwrap();
-    let window = Duration::from_millis(var("MILLIS").parse().unwrap());
+    let window = Duration::from_millis(role_var("MILLIS").parse().unwrap());
     // Start together: report ready, wait for the parent's go; then run for a fixed window, so
     // the two holders overlap even if one is scheduled late on a loaded machine.
     println!("ready");
@@ -43,6 +39,7 @@ fn child_entry() {
         g.unlock().unwrap();
     }
     let v = rec.snapshot().counter("lock.violations", &[]);
+    println!("acquisitions {}", fences.len());
     println!("violations {v}");
     println!(
         "fences_increasing {}",
@@ -52,12 +49,13 @@ fn child_entry() {
 
 #[test]
 fn fencing_tokens_increase_and_the_holder_is_readable() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fenced.lock");
     let lock = FileLock::builder(&path)
         .owner_record(true)
-        .meter(rec.meter())
+        .sink(sink.clone())
         .open()
         .unwrap();
     assert!(
@@ -86,13 +84,39 @@ fn fencing_tokens_increase_and_the_holder_is_readable() {
 }
 
 #[test]
+fn the_record_names_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("named.lock");
+    let lock = FileLock::builder(&path)
+        .name("nightly-job")
+        .owner_record(true)
+        .open()
+        .unwrap();
+    let g = lock.lock().unwrap();
+    let h = lock.holder().unwrap().unwrap();
+    assert_eq!(h.name.as_deref(), Some("nightly-job"));
+    let age = std::time::SystemTime::now()
+        .duration_since(h.acquired_time().unwrap())
+        .unwrap();
+    assert!(age < std::time::Duration::from_secs(60), "{age:?}");
+    drop(g);
+    // Without a name, the record carries the path as given (the default lock.name).
+    let unnamed = FileLock::builder(&path).owner_record(true).open().unwrap();
+    drop(unnamed.lock().unwrap());
+    let h = unnamed.holder().unwrap().unwrap();
+    assert_eq!(h.name.as_deref(), Some(path.to_str().unwrap()));
+    assert_eq!(h.fence, 2, "fences carry on across names");
+}
+
+#[test]
 fn an_overwritten_record_is_one_violation() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stolen.lock");
     let lock = FileLock::builder(&path)
         .owner_record(true)
-        .meter(rec.meter())
+        .sink(sink.clone())
         .open()
         .unwrap();
     let mut g = lock.lock().unwrap();
@@ -115,43 +139,39 @@ fn an_overwritten_record_is_one_violation() {
 
 /// Two processes taking the "same" exclusive lock through two mounts of one directory.
 fn two_mounts_under_load(bf: &Bindfs) -> (u64, bool) {
-    let procs: Vec<_> = [bf.a(), bf.b()]
+    let mut procs: Vec<_> = [bf.a(), bf.b()]
         .iter()
         .map(|m| {
-            child(
+            let lock = m.join("shared.lock");
+            let mut c = helper(
                 "owner_loop",
-                &[
-                    ("LOCK", m.join("shared.lock").to_str().unwrap()),
-                    ("MILLIS", "400"),
-                ],
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap()
+                &[("LOCK", lock.to_str().unwrap()), ("MILLIS", "400")],
+            );
+            spawn_ready(&mut c, "ready").0
         })
         .collect();
-    let mut procs = procs;
     for p in &mut procs {
-        lockmeter_testkit::read_line_starting(p, "ready");
-    }
-    for p in &mut procs {
-        p.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        send_line(p, "go");
     }
     let mut violations = 0;
     let mut increasing = true;
     for p in procs {
         let out = p.wait_with_output().unwrap();
-        assert!(out.status.success());
         let text = String::from_utf8_lossy(&out.stdout);
-        for line in text.lines() {
-            if let Some(v) = line.strip_prefix("violations ") {
-                violations += v.parse::<u64>().unwrap();
-            }
-            if let Some(v) = line.strip_prefix("fences_increasing ") {
-                increasing &= v == "true";
-            }
-        }
+        assert!(out.status.success(), "helper failed: {text}");
+        let value = |key: &str| {
+            let mut found = text.lines().filter_map(|l| l.strip_prefix(key));
+            let v = found
+                .next()
+                .unwrap_or_else(|| panic!("no {key:?} line: {text}"));
+            assert!(found.next().is_none(), "two {key:?} lines: {text}");
+            v.to_owned()
+        };
+        // A holder that never got the lock would make both results vacuous.
+        let acquisitions: u64 = value("acquisitions ").parse().unwrap();
+        assert!(acquisitions > 0, "a helper never got the lock: {text}");
+        violations += value("violations ").parse::<u64>().unwrap();
+        increasing &= value("fences_increasing ") == "true";
     }
     (violations, increasing)
 }

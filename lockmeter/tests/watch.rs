@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use lockmeter::metrics::Sink;
 use lockmeter::{FileLock, FsPolicy};
 use lockmeter_testkit::{Bindfs, Recorder};
 
@@ -31,13 +32,14 @@ fn inotify_sees_replace_unlink_and_rename_within_100ms_counted_once() {
         ("unlink", "unlinked"),
         ("rename", "unlinked"),
     ] {
-        let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+        let rec = Recorder::new();
+        let sink = Sink::new(rec.meter());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.lock");
         // A one-hour polling interval: only inotify can notice within the deadline.
         let lock = FileLock::builder(&path)
             .watch(LONG)
-            .meter(rec.meter())
+            .sink(sink.clone())
             .open()
             .unwrap();
         let g = lock.lock().unwrap();
@@ -77,13 +79,14 @@ fn uncached_bindfs() -> Option<Bindfs> {
 #[test]
 fn polling_sees_changes_inotify_cannot_within_one_interval() {
     let Some(bf) = uncached_bindfs() else { return };
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let interval = Duration::from_millis(200);
     let path = bf.a().join("polled.lock");
     let lock = FileLock::builder(&path)
         .watch(interval)
         .fs_policy(FsPolicy::Allow)
-        .meter(rec.meter())
+        .sink(sink.clone())
         .open()
         .unwrap();
     let g = lock.lock().unwrap();
@@ -100,12 +103,13 @@ fn polling_sees_changes_inotify_cannot_within_one_interval() {
 #[test]
 fn a_change_nobody_saw_during_hold_is_caught_at_release() {
     let Some(bf) = uncached_bindfs() else { return };
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let path = bf.a().join("late.lock");
     let lock = FileLock::builder(&path)
         .watch(LONG)
         .fs_policy(FsPolicy::Allow)
-        .meter(rec.meter())
+        .sink(sink.clone())
         .open()
         .unwrap();
     let g = lock.lock().unwrap();
@@ -117,12 +121,13 @@ fn a_change_nobody_saw_during_hold_is_caught_at_release() {
 
 #[test]
 fn ten_thousand_watched_acquisitions_without_replacement_report_nothing() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tempfile::tempdir().unwrap();
     let lock = FileLock::builder(dir.path().join("quiet.lock"))
         .watch(Duration::from_millis(1))
         .owner_record(false)
-        .meter(rec.meter())
+        .sink(sink.clone())
         .open()
         .unwrap();
     // Neighbours in the same directory come and go: events for other names must not count.
@@ -145,13 +150,14 @@ fn ten_thousand_watched_acquisitions_without_replacement_report_nothing() {
 
 #[test]
 fn the_watcher_catches_a_foreign_owner_record_during_hold() {
-    let rec = Recorder::new().with_flush(lockmeter::metrics::flush);
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("owned.lock");
     let lock = FileLock::builder(&path)
         .owner_record(true)
         .watch(Duration::from_millis(50))
-        .meter(rec.meter())
+        .sink(sink.clone())
         .open()
         .unwrap();
     let g = lock.lock().unwrap();

@@ -22,8 +22,10 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, OnceLock};
 
+use lock_api::RawRwLock as _;
 use parking_lot::Mutex;
 
+use crate::kind::LockMode;
 use crate::sys::FileId;
 
 pub(crate) struct PosixFile {
@@ -40,6 +42,20 @@ pub(crate) struct PosixFile {
 impl PosixFile {
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// Unlocks the in-process gate.
+    ///
+    /// # Safety
+    /// The caller holds one lock of the gate in `mode`.
+    pub(crate) unsafe fn unlock_gate(&self, mode: LockMode) {
+        // SAFETY: per the caller's contract.
+        unsafe {
+            match mode {
+                LockMode::Exclusive => self.gate.unlock_exclusive(),
+                LockMode::Shared => self.gate.unlock_shared(),
+            }
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use rustix::fs::{FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::{LockKind, LockMode};
+use crate::kind::{LockKind, LockMode};
 
 /// Identity of an inode: what a path named when it was opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -41,12 +41,14 @@ pub(crate) enum OpenError {
 ///
 /// Read-write first, as exclusive locks need on NFS and POSIX/OFD write locks need everywhere;
 /// for `flock` a read-only fallback is tried when write access is refused (`EACCES`, `EROFS`),
-/// which is what `flock(1)` does.
+/// which is what `flock(1)` does. With `allow_directory`, a directory (which cannot be opened
+/// for writing: `EISDIR`) is opened read-only with `O_DIRECTORY`, as `flock(1)` opens one.
 pub(crate) fn open_lock_file(
     path: &Path,
     create: bool,
     mode: u32,
     kind: LockKind,
+    allow_directory: bool,
 ) -> Result<(OwnedFd, FileId), OpenError> {
     let base = OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY;
     let create_flag = if create {
@@ -57,6 +59,12 @@ pub(crate) fn open_lock_file(
     let perm = Mode::from_raw_mode(mode);
     let fd = match rustix::fs::open(path, base | OFlags::RDWR | create_flag, perm) {
         Ok(fd) => fd,
+        Err(Errno::ISDIR) if allow_directory => rustix::fs::open(
+            path,
+            base | OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .map_err(OpenError::Errno)?,
         Err(e @ (Errno::ACCESS | Errno::ROFS)) if kind == LockKind::Flock => {
             // The file may exist and be readable: flock works on a read-only descriptor locally.
             rustix::fs::open(path, base | OFlags::RDONLY, Mode::empty())
@@ -66,7 +74,7 @@ pub(crate) fn open_lock_file(
     };
     let st = rustix::fs::fstat(&fd).map_err(OpenError::Errno)?;
     let ft = FileType::from_raw_mode(st.st_mode);
-    if ft != FileType::RegularFile {
+    if ft != FileType::RegularFile && !(allow_directory && ft == FileType::Directory) {
         return Err(OpenError::NotRegular(ft));
     }
     Ok((fd, id_of(&st)))
@@ -81,7 +89,7 @@ fn id_of(st: &rustix::fs::Stat) -> FileId {
 
 /// Identity of the inode a path names now, without following a final symlink.
 #[inline(always)]
-pub(crate) fn path_id(path: &Path) -> Result<FileId, Errno> {
+pub(crate) fn path_id<P: rustix::path::Arg>(path: P) -> Result<FileId, Errno> {
     rustix::fs::lstat(path).map(|st| id_of(&st))
 }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rustix::fs::inotify;
 
-use crate::metrics::{DetectedAt, LockMetrics, MigrationKind};
+use crate::metrics::{DetectedAt, MigrationKind, Recorder};
 use crate::sys::{self, FileId};
 
 /// The shared state of one watched guard.
@@ -30,7 +30,7 @@ pub(crate) struct Watch {
     name: OsString,
     id: FileId,
     lock_name: String,
-    metrics: Arc<LockMetrics>,
+    recorder: Arc<Recorder>,
     interval: Duration,
     /// (descriptor used only for reading the owner record, our token); flock/OFD only.
     owner: Option<(OwnedFd, String, Arc<AtomicBool>)>,
@@ -97,7 +97,7 @@ impl Watch {
             Ok(_) => Some(MigrationKind::Replaced),
             Err(rustix::io::Errno::NOENT) => Some(MigrationKind::Unlinked),
             Err(errno) => {
-                self.metrics.error("verify", sys::errno_name(errno));
+                self.recorder.error("verify", sys::errno_name(errno));
                 None
             }
         };
@@ -106,7 +106,7 @@ impl Watch {
                 Ok(rec) if rec.as_ref().map(|r| r.token.as_str()) != Some(token.as_str()) => {
                     // Counted once per guard, whoever notices first (watcher or guard).
                     if !counted.swap(true, Ordering::AcqRel) {
-                        self.metrics.violation();
+                        self.recorder.violation();
                         tracing::error!(
                             lock.name = %self.lock_name,
                             lock.path = %self.path.display(),
@@ -119,7 +119,7 @@ impl Watch {
                 }
                 Ok(_) => false,
                 Err(errno) => {
-                    self.metrics.error("verify", sys::errno_name(errno));
+                    self.recorder.error("verify", sys::errno_name(errno));
                     false
                 }
             },
@@ -130,7 +130,7 @@ impl Watch {
         if let (Some(kind), None) = (kind, s.migrated) {
             s.migrated = Some(kind);
             changed = true;
-            self.metrics.migration(kind, at);
+            self.recorder.migration(kind, at);
             tracing::warn!(
                 lock.name = %self.lock_name,
                 lock.path = %self.path.display(),
@@ -166,7 +166,7 @@ pub(crate) struct WatchSpec {
     pub(crate) path: PathBuf,
     pub(crate) id: FileId,
     pub(crate) lock_name: String,
-    pub(crate) metrics: Arc<LockMetrics>,
+    pub(crate) recorder: Arc<Recorder>,
     pub(crate) interval: Duration,
     pub(crate) owner: Option<(OwnedFd, String, Arc<AtomicBool>)>,
 }
@@ -240,7 +240,7 @@ pub(crate) fn register(spec: WatchSpec) -> WatchHandle {
         name,
         id: spec.id,
         lock_name: spec.lock_name,
-        metrics: spec.metrics,
+        recorder: spec.recorder,
         interval: spec.interval,
         owner: spec.owner,
         state: std::sync::Mutex::new(State {
@@ -296,7 +296,7 @@ impl Watcher {
                     }
                     // Polling still covers it (e.g. ENOSPC: inotify watch limit reached).
                     Err(errno) => {
-                        watch.metrics.error("verify", sys::errno_name(errno));
+                        watch.recorder.error("verify", sys::errno_name(errno));
                         None
                     }
                 }

@@ -19,16 +19,23 @@
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT` | collector address | unset |
 //! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `grpc` or `http/protobuf` | `http/protobuf` (as the OTLP spec says) |
 //! | `OTEL_METRIC_EXPORT_INTERVAL` | OTLP push period, ms | 60000 |
+//! | `OTEL_EXPORTER_OTLP_TIMEOUT` (`_METRICS_`/`_TRACES_TIMEOUT`) | limit for one export, and for flush and shutdown as a whole, ms | 10000, or the builder's [`default_export_timeout`](TelemetryBuilder::default_export_timeout) |
 //! | `OTEL_EXPORTER_PROMETHEUS_HOST` | listen address | `127.0.0.1` |
 //! | `OTEL_EXPORTER_PROMETHEUS_PORT` | listen port | `9464` |
 //!
 //! Recording never waits on the network: OTLP is pushed from the SDK's reader thread, so an
 //! unreachable collector costs the lock path nothing (failed exports are logged by the SDK).
-//! A busy Prometheus port is an error from [`TelemetryBuilder::init`].
+//! [`Telemetry::flush`] and [`Telemetry::shutdown`] (and the drop) give up after the export
+//! timeout, and their errors name the endpoint and protocol they tried. A busy Prometheus port
+//! is an error from [`TelemetryBuilder::init`].
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::mpsc;
-use std::time::Duration;
+mod config;
+mod serve;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use opentelemetry::metrics::{Meter, MeterProvider as _};
 use opentelemetry::trace::TracerProvider as _;
@@ -39,10 +46,24 @@ use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::metrics::{names, DEFAULT_BOUNDARIES, SCOPE};
+use crate::metrics::{names, Sink, DEFAULT_BOUNDARIES, SCOPE};
+use config::{
+    env_set, otlp_endpoint, otlp_protocol, otlp_timeout_from_env, parse_metrics_exporters,
+    parse_traces_exporter, program_name, prometheus_addr_from_env, Signal,
+};
+pub use config::{otlp_metrics_endpoint_set, MetricsExporter, OtlpProtocol};
+use serve::BackgroundRuntime;
 
-/// Errors from setting telemetry up.
-#[derive(Debug, thiserror::Error)]
+/// The OTLP export timeout when neither `OTEL_EXPORTER_OTLP_TIMEOUT` nor the builder sets one
+/// (the OTLP specification's default).
+pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors from setting telemetry up and from delivering it.
+///
+/// `Debug` prints the same sentence as `Display`, followed by any cause it does not already
+/// name: `fn main() -> Result<(), Box<dyn Error>>` with `?` shows
+/// `cannot serve Prometheus metrics on 127.0.0.1:9464: Address in use (os error 98)`.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum TelemetryError {
     /// The Prometheus listen address could not be bound (busy port, bad address, permission).
@@ -73,11 +94,13 @@ pub enum TelemetryError {
     },
     /// Pending telemetry could not be delivered at flush or shutdown (an unreachable collector,
     /// a timeout). Recording was not affected.
-    #[error("could not deliver telemetry at {stage}: {message} (is the collector at OTEL_EXPORTER_OTLP_ENDPOINT reachable?)")]
+    #[error("could not deliver telemetry at {stage} to {target}: {message}")]
     Flush {
         /// `flush` or `shutdown`.
         stage: &'static str,
-        /// The SDK's error.
+        /// Where it was going: protocol and endpoint (`OTLP (grpc) at http://127.0.0.1:4317`).
+        target: String,
+        /// What went wrong: the exporter's error, or that no answer came in time.
         message: String,
     },
     /// The background runtime could not be started.
@@ -85,22 +108,10 @@ pub enum TelemetryError {
     Runtime(std::io::Error),
 }
 
-/// A metrics exporter selectable through `OTEL_METRICS_EXPORTER`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MetricsExporter {
-    /// Serve `/metrics` for Prometheus to scrape.
-    Prometheus,
-    /// Push OTLP to a collector.
-    Otlp,
-}
-
-/// OTLP transport (`OTEL_EXPORTER_OTLP_PROTOCOL`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OtlpProtocol {
-    /// gRPC (port 4317 by convention).
-    Grpc,
-    /// HTTP with protobuf bodies (port 4318 by convention).
-    HttpProtobuf,
+impl std::fmt::Debug for TelemetryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::error::fmt_sentence(self, f)
+    }
 }
 
 /// Builder for [`Telemetry`]. Explicit settings win over variables, which win over defaults.
@@ -113,6 +124,7 @@ pub struct TelemetryBuilder {
     traces: Option<bool>,
     prometheus_addr: Option<SocketAddr>,
     export_interval: Option<Duration>,
+    default_export_timeout: Option<Duration>,
     boundaries: Vec<f64>,
     tracing_subscriber: bool,
     compact_console: bool,
@@ -129,6 +141,7 @@ impl Default for TelemetryBuilder {
             traces: None,
             prometheus_addr: None,
             export_interval: None,
+            default_export_timeout: None,
             boundaries: DEFAULT_BOUNDARIES.to_vec(),
             tracing_subscriber: true,
             compact_console: false,
@@ -180,6 +193,16 @@ impl TelemetryBuilder {
     /// OTLP push period, overriding `OTEL_METRIC_EXPORT_INTERVAL`.
     pub fn export_interval(mut self, interval: Duration) -> Self {
         self.export_interval = Some(interval);
+        self
+    }
+
+    /// The OTLP export timeout used when `OTEL_EXPORTER_OTLP_TIMEOUT` (or its `_METRICS_` /
+    /// `_TRACES_` form) is unset (default [`DEFAULT_EXPORT_TIMEOUT`], 10 s). It limits each
+    /// export, and [`Telemetry::flush`] and [`Telemetry::shutdown`] as a whole: a collector
+    /// that accepts connections and never answers costs a short-lived program at most this
+    /// much at exit.
+    pub fn default_export_timeout(mut self, timeout: Duration) -> Self {
+        self.default_export_timeout = Some(timeout);
         self
     }
 
@@ -251,6 +274,11 @@ impl TelemetryBuilder {
         } else {
             OtlpProtocol::HttpProtobuf
         };
+        let default_timeout = self
+            .default_export_timeout
+            .unwrap_or(DEFAULT_EXPORT_TIMEOUT);
+        let metrics_timeout = otlp_timeout_from_env(Signal::Metrics)?.unwrap_or(default_timeout);
+        let traces_timeout = otlp_timeout_from_env(Signal::Traces)?.unwrap_or(default_timeout);
         let resource = self.resource();
 
         // A runtime of our own, on its own thread: tonic's gRPC client and the HTTP server run
@@ -281,6 +309,7 @@ impl TelemetryBuilder {
 
         let mut prometheus = None;
         let mut prom_registry = None;
+        let scrapes = Arc::new(AtomicU64::new(0));
         if metrics_exporters.contains(&MetricsExporter::Prometheus) {
             let addr = match self.prometheus_addr {
                 Some(a) => a,
@@ -302,27 +331,39 @@ impl TelemetryBuilder {
                 .local_addr()
                 .map_err(|source| TelemetryError::Bind { addr, source })?;
             if let Some(rt) = &runtime {
-                rt.serve_prometheus(listener, registry.clone())?;
+                rt.serve_prometheus(listener, registry.clone(), Arc::clone(&scrapes))?;
             }
             prom_registry = Some(registry);
             prometheus = Some(local);
         }
 
+        let last_export_error = Arc::new(Mutex::new(None));
+        let mut otlp_metrics = None;
         if metrics_exporters.contains(&MetricsExporter::Otlp) {
             let _enter = runtime.as_ref().map(|rt| rt.handle.enter());
+            let endpoint = otlp_endpoint(Signal::Metrics, protocol);
             let exporter = match protocol {
                 OtlpProtocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
                     .with_tonic()
+                    .with_endpoint(&endpoint)
+                    .with_timeout(metrics_timeout)
                     .build(),
                 OtlpProtocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
                     .with_http()
                     .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_endpoint(&endpoint)
+                    .with_timeout(metrics_timeout)
                     .build(),
             }
             .map_err(|e| TelemetryError::Exporter {
                 what: "OTLP metrics",
-                message: e.to_string(),
+                message: format!("{e} (endpoint {endpoint})"),
             })?;
+            let exporter = ReportingExporter {
+                inner: exporter,
+                last_error: Arc::clone(&last_export_error),
+            };
+            otlp_metrics = Some(endpoint);
             let mut reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter);
             if let Some(i) = self.export_interval {
                 reader = reader.with_interval(i);
@@ -331,21 +372,28 @@ impl TelemetryBuilder {
         }
         let meter_provider = mp.build();
 
+        let mut otlp_traces = None;
         let tracer_provider = if traces {
             let _enter = runtime.as_ref().map(|rt| rt.handle.enter());
+            let endpoint = otlp_endpoint(Signal::Traces, protocol);
             let exporter = match protocol {
                 OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
                     .with_tonic()
+                    .with_endpoint(&endpoint)
+                    .with_timeout(traces_timeout)
                     .build(),
                 OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
                     .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_endpoint(&endpoint)
+                    .with_timeout(traces_timeout)
                     .build(),
             }
             .map_err(|e| TelemetryError::Exporter {
                 what: "OTLP traces",
-                message: e.to_string(),
+                message: format!("{e} (endpoint {endpoint})"),
             })?;
+            otlp_traces = Some(endpoint);
             Some(
                 SdkTracerProvider::builder()
                     .with_resource(resource)
@@ -356,12 +404,17 @@ impl TelemetryBuilder {
             None
         };
 
-        if self.set_global {
+        let sink = if self.set_global {
             opentelemetry::global::set_meter_provider(meter_provider.clone());
             if let Some(tp) = &tracer_provider {
                 opentelemetry::global::set_tracer_provider(tp.clone());
             }
-        }
+            // Locks created before now start counting into the new provider at once.
+            crate::metrics::refresh();
+            Sink::global()
+        } else {
+            Sink::new(meter_provider.meter(SCOPE))
+        };
 
         let mut tracing_installed = false;
         if self.tracing_subscriber {
@@ -392,12 +445,19 @@ impl TelemetryBuilder {
         }
 
         Ok(Telemetry {
+            sink,
             meter_provider,
             tracer_provider,
             prometheus,
             registry: prom_registry,
             metrics_exporters,
             protocol: needs_otlp.then_some(protocol),
+            otlp_metrics,
+            otlp_traces,
+            export_timeout: metrics_timeout.max(traces_timeout),
+            last_export_error,
+            scrapes,
+            shut_down: false,
             tracing_installed,
             runtime,
         })
@@ -420,227 +480,26 @@ impl TelemetryBuilder {
     }
 }
 
-fn program_name() -> String {
-    std::env::args_os()
-        .next()
-        .and_then(|a| {
-            std::path::Path::new(&a)
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-        })
-        .unwrap_or_else(|| "lockmeter".to_owned())
-}
-
-/// Whether an OTLP metrics endpoint is configured (`OTEL_EXPORTER_OTLP_ENDPOINT` or
-/// `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`, non-empty): the condition under which the default
-/// exporters include OTLP.
-pub fn otlp_metrics_endpoint_set() -> bool {
-    env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-}
-
-fn env_set(var: &str) -> bool {
-    std::env::var_os(var).is_some_and(|v| !v.is_empty())
-}
-
-fn parse_metrics_exporters(v: &str) -> Result<Vec<MetricsExporter>, TelemetryError> {
-    let mut out = Vec::new();
-    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part {
-            "prometheus" => out.push(MetricsExporter::Prometheus),
-            "otlp" => out.push(MetricsExporter::Otlp),
-            "none" => {}
-            _ => {
-                return Err(TelemetryError::BadVariable {
-                    var: "OTEL_METRICS_EXPORTER",
-                    value: v.to_owned(),
-                    reason: "expected a comma-separated list of prometheus, otlp, none",
-                })
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn parse_traces_exporter(v: &str) -> Result<bool, TelemetryError> {
-    let mut on = false;
-    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part {
-            "otlp" => on = true,
-            "none" => {}
-            _ => {
-                return Err(TelemetryError::BadVariable {
-                    var: "OTEL_TRACES_EXPORTER",
-                    value: v.to_owned(),
-                    reason: "expected otlp or none",
-                })
-            }
-        }
-    }
-    Ok(on)
-}
-
-fn otlp_protocol() -> Result<OtlpProtocol, TelemetryError> {
-    match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL") {
-        Err(_) => Ok(OtlpProtocol::HttpProtobuf),
-        Ok(v) => match v.trim() {
-            "" | "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
-            "grpc" => Ok(OtlpProtocol::Grpc),
-            _ => Err(TelemetryError::BadVariable {
-                var: "OTEL_EXPORTER_OTLP_PROTOCOL",
-                value: v,
-                reason: "expected grpc or http/protobuf",
-            }),
-        },
-    }
-}
-
-fn prometheus_addr_from_env() -> Result<SocketAddr, TelemetryError> {
-    let host = std::env::var("OTEL_EXPORTER_PROMETHEUS_HOST")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "127.0.0.1".to_owned());
-    let ip: IpAddr = match host.as_str() {
-        "localhost" => IpAddr::from([127, 0, 0, 1]),
-        h => h
-            .trim_matches(|c| c == '[' || c == ']')
-            .parse()
-            .map_err(|_| TelemetryError::BadVariable {
-                var: "OTEL_EXPORTER_PROMETHEUS_HOST",
-                value: host.clone(),
-                reason: "expected an IP address or localhost",
-            })?,
-    };
-    let port = match std::env::var("OTEL_EXPORTER_PROMETHEUS_PORT") {
-        Ok(p) if !p.is_empty() => p.parse().map_err(|_| TelemetryError::BadVariable {
-            var: "OTEL_EXPORTER_PROMETHEUS_PORT",
-            value: p.clone(),
-            reason: "expected a port number 0-65535",
-        })?,
-        _ => 9464,
-    };
-    Ok(SocketAddr::new(ip, port))
-}
-
-/// A current-thread tokio runtime on a thread of its own.
-struct BackgroundRuntime {
-    handle: tokio::runtime::Handle,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl BackgroundRuntime {
-    fn start() -> Result<Self, TelemetryError> {
-        let (tx, rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("lockmeter-telemetry".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                match rt {
-                    Ok(rt) => {
-                        let _ = tx.send(Ok(rt.handle().clone()));
-                        // Runs the server and gRPC connections until told to stop.
-                        let _ = rt.block_on(stop_rx);
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                    }
-                }
-            })
-            .map_err(TelemetryError::Runtime)?;
-        let handle = rx
-            .recv()
-            .map_err(|_| {
-                TelemetryError::Runtime(std::io::Error::other("telemetry thread died at start"))
-            })?
-            .map_err(TelemetryError::Runtime)?;
-        Ok(BackgroundRuntime {
-            handle,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
-    }
-
-    fn serve_prometheus(
-        &self,
-        listener: std::net::TcpListener,
-        registry: prometheus::Registry,
-    ) -> Result<(), TelemetryError> {
-        let _enter = self.handle.enter();
-        let addr = listener
-            .local_addr()
-            .map_err(|source| TelemetryError::Bind {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
-            })?;
-        let listener = tokio::net::TcpListener::from_std(listener)
-            .map_err(|source| TelemetryError::Bind { addr, source })?;
-        let app = axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let registry = registry.clone();
-                    async move { render_metrics(&registry) }
-                }),
-            )
-            .route(
-                "/",
-                axum::routing::get(|| async { "lockmeter: metrics at /metrics\n" }),
-            );
-        self.handle.spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, %addr, "Prometheus endpoint stopped");
-            }
-        });
-        Ok(())
-    }
-}
-
-fn render_metrics(registry: &prometheus::Registry) -> axum::response::Response {
-    use axum::response::IntoResponse as _;
-    use prometheus::Encoder as _;
-    // Lock counts live in atomics until published; a scrape sees them as of now.
-    crate::metrics::flush();
-    let encoder = prometheus::TextEncoder::new();
-    let mut body = Vec::new();
-    match encoder.encode(&registry.gather(), &mut body) {
-        Ok(()) => (
-            [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-            body,
-        )
-            .into_response(),
-        Err(e) => (
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding metrics failed: {e}\n"),
-        )
-            .into_response(),
-    }
-}
-
-impl Drop for BackgroundRuntime {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                eprintln!("lockmeter: telemetry thread panicked");
-            }
-        }
-    }
-}
-
 /// Installed telemetry. Dropping it flushes pending metrics and spans, shuts the providers down
 /// and stops the `/metrics` server.
 pub struct Telemetry {
+    sink: Sink,
     meter_provider: SdkMeterProvider,
     tracer_provider: Option<SdkTracerProvider>,
     prometheus: Option<SocketAddr>,
     registry: Option<prometheus::Registry>,
     metrics_exporters: Vec<MetricsExporter>,
     protocol: Option<OtlpProtocol>,
+    /// OTLP endpoint of metrics and of traces, when exported.
+    otlp_metrics: Option<String>,
+    otlp_traces: Option<String>,
+    /// The longer of the two export timeouts: the bound on flush and shutdown.
+    export_timeout: Duration,
+    /// The OTLP metrics exporter's last error, for messages that say what went wrong.
+    last_export_error: Arc<Mutex<Option<String>>>,
+    /// `/metrics` requests served.
+    scrapes: Arc<AtomicU64>,
+    shut_down: bool,
     tracing_installed: bool,
     runtime: Option<BackgroundRuntime>,
 }
@@ -651,6 +510,8 @@ impl std::fmt::Debug for Telemetry {
             .field("metrics_exporters", &self.metrics_exporters)
             .field("prometheus", &self.prometheus)
             .field("otlp_protocol", &self.protocol)
+            .field("otlp_metrics_endpoint", &self.otlp_metrics)
+            .field("export_timeout", &self.export_timeout)
             .field("traces", &self.tracer_provider.is_some())
             .field("tracing_installed", &self.tracing_installed)
             .finish()
@@ -668,10 +529,16 @@ impl Telemetry {
         &self.meter_provider
     }
 
-    /// The `lockmeter` meter of the installed provider (for [`crate::FileLockBuilder::meter`]
-    /// when the provider is not global).
+    /// The `lockmeter` meter of the installed provider (for instruments of your own).
     pub fn meter(&self) -> Meter {
         self.meter_provider.meter(SCOPE)
+    }
+
+    /// Where locks should record to reach this telemetry: [`Sink::global`] when the provider
+    /// was made global (the default), else a sink on this provider (pass it to the lock
+    /// builders' `sink`).
+    pub fn sink(&self) -> Sink {
+        self.sink.clone()
     }
 
     /// The address `/metrics` is served on, if the Prometheus exporter is on.
@@ -695,45 +562,207 @@ impl Telemetry {
         self.tracer_provider.is_some()
     }
 
-    /// Pushes pending metrics and spans now (for short-lived programs).
-    pub fn flush(&self) -> Result<(), TelemetryError> {
-        crate::metrics::flush();
-        let m = self.meter_provider.force_flush();
-        let t = self
-            .tracer_provider
-            .as_ref()
-            .map(|tp| tp.force_flush())
-            .unwrap_or(Ok(()));
-        m.and(t).map_err(|e| TelemetryError::Flush {
-            stage: "flush",
-            message: e.to_string(),
-        })
+    /// The OTLP endpoint metrics are pushed to (the full URL for `http/protobuf`), if OTLP
+    /// metrics are on.
+    pub fn otlp_metrics_endpoint(&self) -> Option<&str> {
+        self.otlp_metrics.as_deref()
     }
 
-    /// Flushes and shuts down, returning the first error (dropping does the same and logs it).
+    /// The OTLP protocol in use, if anything is exported over OTLP.
+    pub fn otlp_protocol(&self) -> Option<OtlpProtocol> {
+        self.protocol
+    }
+
+    /// How long [`flush`](Self::flush) and [`shutdown`](Self::shutdown) may take at most
+    /// (the export timeout; see [`TelemetryBuilder::default_export_timeout`]).
+    pub fn export_timeout(&self) -> Duration {
+        self.export_timeout
+    }
+
+    /// How many times `/metrics` was requested so far (0 without the Prometheus exporter): a
+    /// short-lived program can tell whether anyone scraped what it recorded.
+    pub fn prometheus_scrapes(&self) -> u64 {
+        self.scrapes.load(Ordering::Relaxed)
+    }
+
+    /// Pushes pending metrics and spans now (for short-lived programs). Gives up after the
+    /// [export timeout](Self::export_timeout).
+    pub fn flush(&self) -> Result<(), TelemetryError> {
+        let mp = self.meter_provider.clone();
+        let tp = self.tracer_provider.clone();
+        self.bounded(
+            "flush",
+            move || mp.force_flush(),
+            move || tp.map(|tp| tp.force_flush()),
+        )
+    }
+
+    /// Flushes and shuts down, returning the first error (dropping does the same and prints
+    /// it). Gives up after the [export timeout](Self::export_timeout): a collector that never
+    /// answers delays the caller by at most that much.
     pub fn shutdown(mut self) -> Result<(), TelemetryError> {
         self.shutdown_inner()
     }
 
     fn shutdown_inner(&mut self) -> Result<(), TelemetryError> {
-        // Lock counts are published by a flusher; push the last ones first.
-        crate::metrics::flush();
-        let t = match self.tracer_provider.take() {
-            Some(tp) => tp.shutdown(),
-            None => Ok(()),
-        };
-        let m = self.meter_provider.shutdown();
-        // Stop the server and the runtime only after the final export went out through it.
-        drop(self.runtime.take());
-        match (m, t) {
-            (Ok(()), Ok(())) => Ok(()),
-            // Already shut down (explicit `shutdown` then drop) is not an error.
-            (Err(opentelemetry_sdk::error::OTelSdkError::AlreadyShutdown), Ok(())) => Ok(()),
-            (Err(e), _) | (_, Err(e)) => Err(TelemetryError::Flush {
-                stage: "shutdown",
-                message: e.to_string(),
-            }),
+        if std::mem::replace(&mut self.shut_down, true) {
+            return Ok(());
         }
+        let mp = self.meter_provider.clone();
+        let tp = self.tracer_provider.take();
+        let timeout = self.export_timeout;
+        let r = self.bounded(
+            "shutdown",
+            move || mp.shutdown(),
+            move || tp.map(|tp| tp.shutdown_with_timeout(timeout)),
+        );
+        // Stop the server and the runtime only after the final export went out through it
+        // (or was given up on).
+        drop(self.runtime.take());
+        r
+    }
+
+    /// Runs the metrics and traces parts of a flush or shutdown side by side, waiting for
+    /// both at most the export timeout (plus a little for the exporters' own timeouts to
+    /// fire first). A part still running then is left behind: it cannot delay the caller.
+    fn bounded(
+        &self,
+        stage: &'static str,
+        metrics: impl FnOnce() -> opentelemetry_sdk::error::OTelSdkResult + Send + 'static,
+        traces: impl FnOnce() -> Option<opentelemetry_sdk::error::OTelSdkResult> + Send + 'static,
+    ) -> Result<(), TelemetryError> {
+        use opentelemetry_sdk::error::OTelSdkError;
+        let start = Instant::now();
+        let deadline = start + self.export_timeout + Duration::from_millis(200);
+        type Part = Box<dyn FnOnce() -> Option<opentelemetry_sdk::error::OTelSdkResult> + Send>;
+        let (tx, rx) = mpsc::channel();
+        let spawn = |what: &'static str, f: Part| {
+            let thread_tx = tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("lockmeter-{stage}"))
+                .spawn(move || {
+                    let _ = thread_tx.send((what, f()));
+                });
+            if let Err(e) = spawned {
+                let _ = tx.send((
+                    what,
+                    Some(Err(OTelSdkError::InternalFailure(e.to_string()))),
+                ));
+            }
+        };
+        spawn("metrics", Box::new(move || Some(metrics())));
+        spawn("traces", Box::new(traces));
+        drop(tx);
+        let mut pending = vec!["metrics", "traces"];
+        let mut failures = Vec::new();
+        while !pending.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((what, result)) => {
+                    pending.retain(|p| *p != what);
+                    match result {
+                        None | Some(Ok(())) | Some(Err(OTelSdkError::AlreadyShutdown)) => {}
+                        Some(Err(e)) => {
+                            // An exporter that gave up at its timeout does not always say so
+                            // ("network error"): the clock does.
+                            let slow = start.elapsed() >= self.export_timeout.mul_f32(0.9);
+                            failures.push((what, self.explain(what, &e, slow)));
+                        }
+                    }
+                }
+                Err(_) => {
+                    for what in pending.drain(..) {
+                        failures.push((
+                            what,
+                            format!(
+                                "no answer within {} (OTEL_EXPORTER_OTLP_TIMEOUT)",
+                                secs_text(self.export_timeout)
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let target = self.target_text(failures.iter().map(|(w, _)| *w));
+        let message = match failures.as_slice() {
+            [(_, m)] => m.clone(),
+            _ => failures
+                .iter()
+                .map(|(w, m)| format!("{w}: {m}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        };
+        Err(TelemetryError::Flush {
+            stage,
+            target,
+            message,
+        })
+    }
+
+    /// What went wrong, in words: the exporter's own error for a failed metrics export (the
+    /// SDK only says "Failed to shutdown"), and "no answer within …" for a timeout.
+    fn explain(
+        &self,
+        what: &str,
+        sdk: &opentelemetry_sdk::error::OTelSdkError,
+        slow: bool,
+    ) -> String {
+        let exporter = match what {
+            "metrics" => self.last_export_error.lock().ok().and_then(|e| e.clone()),
+            _ => None,
+        };
+        let text = exporter.unwrap_or_else(|| sdk.to_string());
+        let text = text.trim_start_matches("Operation failed: ").to_owned();
+        let timed_out = slow
+            || matches!(sdk, opentelemetry_sdk::error::OTelSdkError::Timeout(_))
+            || text.contains("Timeout")
+            || text.contains("timed out");
+        if !timed_out {
+            return text;
+        }
+        let within = format!("no answer within {}", secs_text(self.export_timeout));
+        // The SDK's own timeout text ("Shutdown errors: [Timeout(2s)]") adds nothing.
+        if text.contains("Timeout(") || text.starts_with("Operation timed out") {
+            within
+        } else {
+            format!("{within} ({text})")
+        }
+    }
+
+    /// `OTLP (grpc) at http://127.0.0.1:4317`, naming both endpoints when they differ.
+    fn target_text<'a>(&self, parts: impl Iterator<Item = &'a str>) -> String {
+        let protocol = self.protocol.map_or("?", OtlpProtocol::as_str);
+        let mut endpoints: Vec<&str> = Vec::new();
+        for what in parts {
+            let e = match what {
+                "metrics" => self.otlp_metrics.as_deref(),
+                _ => self.otlp_traces.as_deref(),
+            };
+            if let Some(e) = e {
+                if !endpoints.contains(&e) {
+                    endpoints.push(e);
+                }
+            }
+        }
+        if endpoints.is_empty() {
+            "the metrics pipeline".to_owned()
+        } else {
+            format!("OTLP ({protocol}) at {}", endpoints.join(" and "))
+        }
+    }
+}
+
+/// `2 s`, `1.5 s`, `250 ms`.
+fn secs_text(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
     }
 }
 
@@ -741,7 +770,83 @@ impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Err(e) = self.shutdown_inner() {
             // The subscriber may be gone at exit; make sure the message is seen.
-            eprintln!("lockmeter: telemetry shutdown: {e}");
+            eprintln!("lockmeter: warning: {e}");
         }
+    }
+}
+
+/// The OTLP metrics exporter, keeping its last error: the SDK reports a failed final export
+/// only as "Failed to shutdown".
+struct ReportingExporter<E> {
+    inner: E,
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl<E: opentelemetry_sdk::metrics::exporter::PushMetricExporter>
+    opentelemetry_sdk::metrics::exporter::PushMetricExporter for ReportingExporter<E>
+{
+    async fn export(
+        &self,
+        metrics: &opentelemetry_sdk::metrics::data::ResourceMetrics,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let r = self.inner.export(metrics).await;
+        if let Err(e) = &r {
+            if let Ok(mut last) = self.last_error.lock() {
+                *last = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> opentelemetry_sdk::metrics::Temporality {
+        self.inner.temporality()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_busy_port_reads_as_a_sentence_under_question_mark_in_main() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = Telemetry::builder()
+            .metrics_exporters(&[MetricsExporter::Prometheus])
+            .prometheus_addr(addr)
+            .traces(false)
+            .tracing_subscriber(false)
+            .set_global(false)
+            .init()
+            .unwrap_err();
+        // `fn main() -> Result<(), Box<dyn Error>>` prints the error with `{:?}`.
+        let shown = format!("{e:?}");
+        assert!(
+            shown.starts_with(&format!("cannot serve Prometheus metrics on {addr}: ")),
+            "{shown}"
+        );
+        assert!(shown.contains("os error 98"), "{shown}");
+        assert!(
+            !shown.contains("Bind {") && !shown.contains("Os {"),
+            "{shown}"
+        );
+        let boxed: Box<dyn std::error::Error> = Box::new(e);
+        assert_eq!(format!("{boxed:?}"), shown);
+    }
+
+    #[test]
+    fn durations_in_messages() {
+        assert_eq!(secs_text(Duration::from_secs(2)), "2 s");
+        assert_eq!(secs_text(Duration::from_millis(1500)), "1.5 s");
+        assert_eq!(secs_text(Duration::from_millis(250)), "250 ms");
     }
 }

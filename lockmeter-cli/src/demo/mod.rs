@@ -1,7 +1,6 @@
 //! `lockmeter demo`: real kernel contention on a few lock files, served on `/metrics`, with a
 //! live summary table read from the same registry Prometheus scrapes.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,6 +11,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use lockmeter::telemetry::Telemetry;
 use lockmeter::{FileLock, LockKind};
+
+mod summary;
+use summary::{print_table, Snapshot};
 
 /// Arguments of `lockmeter demo`.
 #[derive(Args, Debug)]
@@ -161,13 +163,18 @@ fn demo(args: DemoArgs) -> Result<(), String> {
     );
 
     let stop = Arc::new(AtomicBool::new(false));
+    let cache = Arc::new(lockmeter::sync::Mutex::named(
+        "demo-cache",
+        Vec::<u64>::new(),
+    ));
     let mut threads = Vec::new();
     for w in 0..args.workers {
         let stop = Arc::clone(&stop);
         let dir = dir.clone();
+        let cache = Arc::clone(&cache);
         let t = std::thread::Builder::new()
             .name(format!("demo-worker-{w}"))
-            .spawn(move || worker(w as u64, &dir, &stop))
+            .spawn(move || worker(w as u64, &dir, &cache, &stop))
             .map_err(|e| format!("cannot start worker: {e}"))?;
         threads.push(t);
     }
@@ -233,6 +240,14 @@ fn demo(args: DemoArgs) -> Result<(), String> {
         &total,
         started.elapsed().as_secs_f64(),
     );
+    println!();
+    println!(
+        "lock profile: which code waited, which code's holds made others wait, and timed holds"
+    );
+    println!("(also served as JSON at /debug/lockmeter/profile)");
+    for lock in lockmeter::profile::snapshot() {
+        print!("{lock}");
+    }
     drop(telemetry);
     Ok(())
 }
@@ -263,7 +278,25 @@ impl Drop for TempDir {
     }
 }
 
-fn worker(seed: u64, dir: &Path, stop: &AtomicBool) {
+/// A shared in-memory cache behind an instrumented mutex, used from two places: a reader that
+/// holds it briefly and a refresher that holds it for milliseconds. The lock profile tells
+/// them apart by call site.
+type Cache = lockmeter::sync::Mutex<Vec<u64>>;
+
+fn read_cache(cache: &Cache, key: u64) -> Option<u64> {
+    let entries = cache.lock().unwrap_or_else(|p| p.into_inner());
+    entries.iter().copied().find(|e| *e == key)
+}
+
+fn refresh_cache(cache: &Cache, rng: &mut fastrand::Rng) {
+    let mut entries = cache.lock().unwrap_or_else(|p| p.into_inner());
+    entries.clear();
+    entries.extend((0..64).map(|_| rng.u64(0..1_000)));
+    // Rebuilding while holding the lock: the mistake the profile points at.
+    std::thread::sleep(Duration::from_millis(rng.u64(2..=6)));
+}
+
+fn worker(seed: u64, dir: &Path, cache: &Cache, stop: &AtomicBool) {
     let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed);
     let locks: Vec<FileLock> = SCENARIOS
         .iter()
@@ -315,6 +348,11 @@ fn worker(seed: u64, dir: &Path, stop: &AtomicBool) {
             Ok(None) => {}
             Err(e) => eprintln!("lockmeter demo: {e}"),
         }
+        if rng.f64() < 0.02 {
+            refresh_cache(cache, &mut rng);
+        } else {
+            read_cache(cache, rng.u64(0..1_000));
+        }
         // Think time between operations.
         std::thread::sleep(Duration::from_micros(rng.u64(100..=1_500)));
     }
@@ -339,161 +377,5 @@ fn janitor(dir: &Path, stop: &AtomicBool) {
                 target.display()
             );
         }
-    }
-}
-
-/// Per-lock totals read from the Prometheus registry.
-#[derive(Clone, Default)]
-struct LockStats {
-    acquisitions: f64,
-    conflicts: f64,
-    migrations: f64,
-    /// Cumulative bucket counts by upper bound, summed over series.
-    wait: Vec<(f64, f64)>,
-    hold: Vec<(f64, f64)>,
-}
-
-#[derive(Default)]
-struct Snapshot(BTreeMap<String, LockStats>);
-
-impl Snapshot {
-    fn take(t: &Telemetry) -> Snapshot {
-        let mut s = Snapshot::default();
-        let Some(reg) = t.prometheus_registry() else {
-            return s;
-        };
-        for mf in reg.gather() {
-            let name = mf.name();
-            for m in mf.get_metric() {
-                let Some(lock) = m
-                    .get_label()
-                    .iter()
-                    .find(|l| l.name() == "lock_name")
-                    .map(|l| l.value().to_owned())
-                else {
-                    continue;
-                };
-                let e = s.0.entry(lock).or_default();
-                match name {
-                    "lock_acquisitions_total" => e.acquisitions += m.get_counter().get_value(),
-                    "lock_conflicts_total" => e.conflicts += m.get_counter().get_value(),
-                    "lock_inode_migrations_total" => e.migrations += m.get_counter().get_value(),
-                    "lock_wait_duration_seconds" => add_buckets(&mut e.wait, m),
-                    "lock_duration_seconds" => add_buckets(&mut e.hold, m),
-                    _ => {}
-                }
-            }
-        }
-        s
-    }
-
-    fn minus(&self, before: &Snapshot) -> Snapshot {
-        let mut out = Snapshot::default();
-        for (k, now) in &self.0 {
-            let b = before.0.get(k).cloned().unwrap_or_default();
-            let sub = |a: &[(f64, f64)], b: &[(f64, f64)]| -> Vec<(f64, f64)> {
-                a.iter()
-                    .map(|&(le, c)| {
-                        let prev = b.iter().find(|x| x.0 == le).map_or(0.0, |x| x.1);
-                        (le, c - prev)
-                    })
-                    .collect()
-            };
-            out.0.insert(
-                k.clone(),
-                LockStats {
-                    acquisitions: now.acquisitions - b.acquisitions,
-                    conflicts: now.conflicts - b.conflicts,
-                    migrations: now.migrations - b.migrations,
-                    wait: sub(&now.wait, &b.wait),
-                    hold: sub(&now.hold, &b.hold),
-                },
-            );
-        }
-        out
-    }
-}
-
-fn add_buckets(into: &mut Vec<(f64, f64)>, m: &prometheus::proto::Metric) {
-    let h = m.get_histogram();
-    // The +Inf bucket is implicit in the exposition model: it is the sample count.
-    let inf = (f64::INFINITY, h.get_sample_count());
-    let finite = h
-        .get_bucket()
-        .iter()
-        .map(|b| (b.upper_bound(), b.cumulative_count()));
-    for (le, c) in finite.chain(std::iter::once(inf)) {
-        let c = c as f64;
-        match into.iter_mut().find(|x| x.0 == le) {
-            Some(x) => x.1 += c,
-            None => into.push((le, c)),
-        }
-    }
-    into.sort_by(|a, b| a.0.total_cmp(&b.0));
-}
-
-/// `histogram_quantile` as Prometheus computes it: linear interpolation inside the bucket.
-fn quantile(q: f64, buckets: &[(f64, f64)], total: f64) -> Option<f64> {
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    let mut prev_le = 0.0;
-    let mut prev_c = 0.0;
-    for &(le, c) in buckets {
-        if c >= rank {
-            if le.is_infinite() {
-                // In the +Inf bucket: report the highest finite bound, as Prometheus does.
-                return Some(prev_le);
-            }
-            if c == prev_c {
-                return Some(le);
-            }
-            return Some(prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c));
-        }
-        prev_le = le;
-        prev_c = c;
-    }
-    Some(prev_le)
-}
-
-fn fmt_secs(s: Option<f64>) -> String {
-    match s {
-        None => "-".into(),
-        Some(s) if s < 1e-3 => format!("{:.0}µs", s * 1e6),
-        Some(s) if s < 1.0 => format!("{:.1}ms", s * 1e3),
-        Some(s) => format!("{s:.2}s"),
-    }
-}
-
-fn print_table(title: &str, snap: &Snapshot, secs: f64) {
-    let secs = secs.max(1e-9);
-    println!();
-    println!("── lockmeter demo: {title} ──");
-    println!(
-        "{:<10} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10}",
-        "lock",
-        "acq/s",
-        "conflicts/s",
-        "wait p50",
-        "wait p99",
-        "hold p50",
-        "hold p99",
-        "migrations"
-    );
-    for (name, s) in &snap.0 {
-        let wait_n = s.wait.last().map_or(0.0, |x| x.1);
-        let hold_n = s.hold.last().map_or(0.0, |x| x.1);
-        println!(
-            "{:<10} {:>9.1} {:>11.1} {:>9} {:>9} {:>9} {:>9} {:>10.0}",
-            name,
-            s.acquisitions / secs,
-            s.conflicts / secs,
-            fmt_secs(quantile(0.5, &s.wait, wait_n)),
-            fmt_secs(quantile(0.99, &s.wait, wait_n)),
-            fmt_secs(quantile(0.5, &s.hold, hold_n)),
-            fmt_secs(quantile(0.99, &s.hold, hold_n)),
-            s.migrations,
-        );
     }
 }

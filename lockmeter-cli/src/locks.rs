@@ -1,0 +1,281 @@
+//! The kernel's view of a lock file, for `who` and `probe`: `/proc/locks` entries on one
+//! inode, the processes behind them (command line, age), and OFD holders found through
+//! `/proc/PID/fdinfo`.
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::timefmt;
+
+/// One `/proc/locks` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// A waiter (`->` line) rather than a holder.
+    pub blocked: bool,
+    /// `FLOCK`, `POSIX`, `OFDLCK`, `LEASE`, `DELEG`.
+    pub kind: String,
+    /// `READ` or `WRITE`.
+    pub mode: String,
+    /// The process; -1 for OFD locks (see [`ofd_holders`]).
+    pub pid: i64,
+    /// `START-END` bytes.
+    pub range: String,
+}
+
+/// An inode as `/proc/locks` names it: major and minor device numbers and inode number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inode {
+    /// Device major, minor.
+    pub dev: (u32, u32),
+    /// Inode number.
+    pub ino: u64,
+}
+
+impl Inode {
+    /// The inode `path` names (not following a final symlink).
+    pub fn of(path: &Path) -> std::io::Result<Inode> {
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(Inode {
+            dev: (rustix::fs::major(meta.dev()), rustix::fs::minor(meta.dev())),
+            ino: meta.ino(),
+        })
+    }
+}
+
+impl std::fmt::Display for Inode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.dev.0, self.dev.1, self.ino)
+    }
+}
+
+/// Parses `/proc/locks` lines for one inode (`MAJ:MIN:INO`, hex major/minor).
+pub fn parse(text: &str, inode: Inode) -> Vec<Entry> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut f: Vec<&str> = line.split_whitespace().collect();
+        if f.is_empty() {
+            continue;
+        }
+        f.remove(0); // "N:"
+        let blocked = f.first() == Some(&"->");
+        if blocked {
+            f.remove(0);
+        }
+        // TYPE ADVISORY|MANDATORY MODE PID MAJ:MIN:INO START END
+        if f.len() < 7 {
+            continue;
+        }
+        let mut id = f[4].split(':');
+        let (Some(maj), Some(min), Some(i)) = (id.next(), id.next(), id.next()) else {
+            continue;
+        };
+        let same = u32::from_str_radix(maj, 16).ok() == Some(inode.dev.0)
+            && u32::from_str_radix(min, 16).ok() == Some(inode.dev.1)
+            && i.parse::<u64>().ok() == Some(inode.ino);
+        if same {
+            out.push(Entry {
+                blocked,
+                kind: f[0].to_owned(),
+                mode: f[2].to_owned(),
+                pid: f[3].parse().unwrap_or(-1),
+                range: format!("{}-{}", f[5], f[6]),
+            });
+        }
+    }
+    out
+}
+
+/// The `/proc/locks` entries on `inode` now.
+pub fn on(inode: Inode) -> std::io::Result<Vec<Entry>> {
+    Ok(parse(&std::fs::read_to_string("/proc/locks")?, inode))
+}
+
+/// Processes with an open descriptor whose fdinfo lists an OFD lock on the inode.
+pub fn ofd_holders(inode: Inode) -> Vec<i64> {
+    let needle = format!("{:02x}:{:02x}:{} ", inode.dev.0, inode.dev.1, inode.ino);
+    let mut pids = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i64>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
+        let hit = fds.flatten().any(|fd| {
+            std::fs::read_to_string(fd.path()).is_ok_and(|t| {
+                t.lines()
+                    .any(|l| l.starts_with("lock:") && l.contains("OFDLCK") && l.contains(&needle))
+            })
+        });
+        if hit {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// What `/proc` says about a process.
+#[derive(Debug, Clone)]
+pub struct Process {
+    /// Its pid.
+    pub pid: i64,
+    /// `comm`: the executable's name, 15 bytes at most (`?` if it is gone).
+    pub comm: String,
+    /// The command line, arguments separated by spaces (`None` if unreadable or a kernel
+    /// thread).
+    pub cmdline: Option<String>,
+    /// How long ago it started.
+    pub age: Option<Duration>,
+}
+
+impl Process {
+    /// Reads `/proc/PID/{comm,cmdline,stat}`.
+    pub fn read(pid: i64) -> Process {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "?".into());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .ok()
+            .filter(|b| !b.is_empty())
+            .map(|b| {
+                b.split(|&c| c == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| quote(&String::from_utf8_lossy(a)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            });
+        Process {
+            pid,
+            comm,
+            cmdline,
+            age: process_age(pid),
+        }
+    }
+
+    /// `pid 123 (flock)`.
+    pub fn short(&self) -> String {
+        format!("pid {} ({})", self.pid, self.comm)
+    }
+
+    /// Whether it takes its lock as it starts, so that its age is its wait or hold time to
+    /// within milliseconds: `flock(1)` and `lockmeter exec`.
+    pub fn locks_at_start(&self) -> bool {
+        self.comm == "flock" || self.comm == "lockmeter"
+    }
+}
+
+/// An argument as a shell would need it: bare when it is plain, else in single quotes.
+fn quote(a: &str) -> String {
+    let plain = a
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        a.to_owned()
+    } else {
+        format!("'{}'", a.replace('\'', r"'\''"))
+    }
+}
+
+/// Time since a process started: `/proc/PID/stat` field 22 (clock ticks after boot) against
+/// `/proc/uptime`.
+pub fn process_age(pid: i64) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: skip past the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let start_ticks: u64 = rest.split(' ').nth(19)?.parse().ok()?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0)?;
+    let started = Duration::from_secs(start_ticks / hz)
+        + Duration::from_nanos((start_ticks % hz) * 1_000_000_000 / hz);
+    Duration::try_from_secs_f64(uptime)
+        .ok()?
+        .checked_sub(started)
+}
+
+/// One line per kernel entry, for people: `FLOCK WRITE held by pid 123 (flock): flock …`.
+pub fn describe(entries: &[Entry], inode: Inode) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut ofd = None;
+    for e in entries {
+        let pids = if e.pid > 0 {
+            vec![e.pid]
+        } else {
+            ofd.get_or_insert_with(|| ofd_holders(inode)).clone()
+        };
+        let state = if e.blocked { "waiting" } else { "held" };
+        if pids.is_empty() {
+            out.push(format!(
+                "{} {} {state}, owner unknown (OFD lock)",
+                e.kind, e.mode
+            ));
+        }
+        for pid in pids {
+            let p = Process::read(pid);
+            let mut line = format!("{} {} {state} by {}", e.kind, e.mode, p.short());
+            if let Some(c) = &p.cmdline {
+                line.push_str(": ");
+                line.push_str(c);
+            }
+            out.push(line);
+        }
+    }
+    out
+}
+
+/// `waiting 12s` for a process that locks as it starts, else `running for 12s`.
+pub fn wait_text(p: &Process) -> Option<String> {
+    let age = timefmt::age(p.age?);
+    Some(if p.locks_at_start() {
+        format!("waiting {age}")
+    } else {
+        format!("running for {age}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_held_and_blocked_entries() {
+        let text = "1: FLOCK  ADVISORY  WRITE 8969 fe:00:10010789 0 EOF\n\
+                    1: -> FLOCK  ADVISORY  WRITE 9000 fe:00:10010789 0 EOF\n\
+                    2: OFDLCK ADVISORY  READ -1 fe:00:10010789 0 EOF\n\
+                    3: POSIX  ADVISORY  WRITE 77 08:01:5 0 EOF\n";
+        let e = parse(
+            text,
+            Inode {
+                dev: (0xfe, 0),
+                ino: 10010789,
+            },
+        );
+        assert_eq!(e.len(), 3);
+        assert!(!e[0].blocked && e[1].blocked);
+        assert_eq!(
+            (e[0].kind.as_str(), e[0].mode.as_str(), e[0].pid),
+            ("FLOCK", "WRITE", 8969)
+        );
+        assert_eq!((e[2].kind.as_str(), e[2].pid), ("OFDLCK", -1));
+    }
+
+    #[test]
+    fn this_process_has_an_age_and_a_command_line() {
+        let me = Process::read(i64::from(std::process::id()));
+        assert!(me.age.is_some_and(|a| a < Duration::from_secs(3600)));
+        assert!(me.cmdline.is_some_and(|c| !c.is_empty()));
+        assert_eq!(quote("a b"), "'a b'");
+        assert_eq!(quote("it's"), r"'it'\''s'");
+        assert_eq!(quote("/tmp/x.lock"), "/tmp/x.lock");
+    }
+}

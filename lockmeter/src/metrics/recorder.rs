@@ -1,0 +1,588 @@
+//! [`Recorder`]: everything one lock records, through one route.
+//!
+//! - **Counts** (acquisitions, releases, conflicts) go into the lock's per-thread shards
+//!   ([`super::shard`]) with a plain load and store; the SDK reads them when it collects
+//!   ([`super::series`]). Exact, and nothing on the lock path touches the SDK.
+//! - **Timing** (the two histograms) is sampled: 1 in `sample_mask + 1` acquisitions by number,
+//!   plus the first after each metrics collection (`sample` set to 0 by the collection, put
+//!   back by the timed acquisition), so a lock taken less often than metrics are collected is
+//!   timed every time. Neither rule looks at durations, so the recorded waits and holds are an
+//!   unbiased sample. Records go to histograms bound once per lock (and bound again if the
+//!   global provider changes).
+//! - **Rare events** (errors, migrations, violations, losses) are recorded as they happen, with
+//!   attributes built then.
+
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use opentelemetry::metrics::BoundHistogram;
+use opentelemetry::KeyValue;
+
+use super::schema::{keys, DetectedAt, LostReason, MigrationKind, Outcome};
+use super::series::{Series, Totals};
+use super::shard::{self, Shard};
+use super::sink::{global_instruments, Instruments, Sink};
+use crate::clock::{HoldStart, Ticks};
+use crate::kind::LockMode;
+use crate::profile::{self, EventAttrs, ProfileSlot, Site, Thresholds};
+
+/// A lock bound to the global provider re-checks which provider is installed every this many
+/// timed acquisitions (every one while the provider is the no-op one).
+const GLOBAL_CHECK_EVERY: u32 = 64;
+
+/// The recording state of one lock. See the [module docs](self).
+///
+/// Memory: ~1.3 KB per lock (one 128-byte counter shard per thread slot), allocated once.
+pub(crate) struct Recorder {
+    shards: [Shard; shard::SHARDS],
+    /// Time 1 in `sample_mask + 1` acquisitions (a power of two).
+    sample_mask: u64,
+    /// The mask in use: `sample_mask`, or 0 after a collection (time the next acquisition
+    /// whatever its number; the timed acquisition puts the mask back). One load decides.
+    sample: AtomicU64,
+    name: String,
+    /// `lock.name`, `lock.kind` and the extra attributes, for binding and rare events.
+    base: Vec<KeyValue>,
+    sink: Sink,
+    series: Arc<Series>,
+    bound: ArcSwap<Bound>,
+    /// Timed acquisitions until the next look at the global provider.
+    checks: AtomicU32,
+    /// `lock.kind`, and `fs.type` for file locks (slow-lock events).
+    kind: String,
+    fs_type: Option<&'static str>,
+    thresholds: Thresholds,
+    profile: ProfileSlot,
+    contention: Contention,
+}
+
+/// Who is waiting, and where the last holder that released while someone waited acquired
+/// the lock: waiters charge their wait to that call site (the contention it caused). On a line
+/// of its own: waiters write it, holders only read it while nobody waits.
+#[derive(Default)]
+#[repr(align(64))]
+struct Contention {
+    waiters: AtomicU32,
+    releaser: AtomicPtr<std::panic::Location<'static>>,
+}
+
+/// What a lock's [`Recorder`] is for.
+pub(crate) struct Spec<'a> {
+    pub(crate) sink: &'a Sink,
+    pub(crate) name: &'a str,
+    /// `lock.kind`.
+    pub(crate) kind: &'a str,
+    /// `fs.type` of a file lock (also an attribute of every series).
+    pub(crate) fs_type: Option<&'static str>,
+    /// Further attributes of every series.
+    pub(crate) extra: &'a [KeyValue],
+    /// Time 1 in this many acquisitions.
+    pub(crate) sample_every: u32,
+    pub(crate) slow_wait: Option<Duration>,
+    pub(crate) slow_hold: Option<Duration>,
+}
+
+impl<'a> Spec<'a> {
+    /// A lock `name` of kind `kind` recording into `sink`, with the defaults.
+    pub(crate) fn new(sink: &'a Sink, name: &'a str, kind: &'a str, sample_every: u32) -> Self {
+        Spec {
+            sink,
+            name,
+            kind,
+            fs_type: None,
+            extra: &[],
+            sample_every,
+            slow_wait: None,
+            slow_hold: None,
+        }
+    }
+}
+
+/// The start of a wait for a lock found taken.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WaitStart {
+    at: Ticks,
+    /// In the timing sample (its wait goes into `lock.wait.duration`).
+    timed: bool,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("name", &self.name)
+            .field("sample_every", &(self.sample_mask + 1))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Histograms bound to one lock's attribute sets on one provider's instruments, each bound the
+/// first time it is recorded (a lock never taken shared exports no shared series).
+struct Bound {
+    instruments: Arc<Instruments>,
+    /// `lock.duration` by [mode][contended].
+    duration: [[OnceLock<BoundHistogram<f64>>; 2]; 2],
+    /// `lock.wait.duration` by [mode][outcome].
+    wait: [[OnceLock<BoundHistogram<f64>>; 5]; 2],
+}
+
+impl Bound {
+    fn new(instruments: Arc<Instruments>) -> Bound {
+        Bound {
+            instruments,
+            duration: Default::default(),
+            wait: Default::default(),
+        }
+    }
+}
+
+impl Recorder {
+    /// A recorder for the lock `spec` describes.
+    pub(crate) fn new(spec: Spec<'_>) -> Arc<Recorder> {
+        let mut base = vec![
+            KeyValue::new(keys::LOCK_NAME, spec.name.to_owned()),
+            KeyValue::new(keys::LOCK_KIND, spec.kind.to_owned()),
+        ];
+        if let Some(fs) = spec.fs_type {
+            base.push(KeyValue::new(keys::FS_TYPE, fs));
+        }
+        base.extend_from_slice(spec.extra);
+        let sample_mask = u64::from(spec.sample_every.max(1).next_power_of_two()) - 1;
+        let series = spec.sink.registry().series(&base);
+        let r = Arc::new(Recorder {
+            shards: Default::default(),
+            sample_mask,
+            // The first acquisition is timed anyway (number 0).
+            sample: AtomicU64::new(sample_mask),
+            name: spec.name.to_owned(),
+            base,
+            bound: ArcSwap::from_pointee(Bound::new(spec.sink.instruments())),
+            sink: spec.sink.clone(),
+            series,
+            checks: AtomicU32::new(GLOBAL_CHECK_EVERY),
+            kind: spec.kind.to_owned(),
+            fs_type: spec.fs_type,
+            thresholds: Thresholds::new(spec.slow_wait, spec.slow_hold),
+            profile: ProfileSlot::default(),
+            contention: Contention::default(),
+        });
+        r.series.join(Arc::downgrade(&r));
+        r
+    }
+
+    /// The lock's `lock.name`.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    // ---- counts -------------------------------------------------------------------------
+
+    /// Adds one to counter `i` in this thread's shard; returns the shard's previous value.
+    #[inline(always)]
+    fn bump(&self, i: usize) -> u64 {
+        let slot = shard::slot();
+        shard::bump(&self.shards[slot], slot, i)
+    }
+
+    /// This thread's shard's value of counter `i`.
+    #[inline(always)]
+    fn peek(&self, i: usize) -> u64 {
+        self.shards[shard::slot()].0[i].load(Relaxed)
+    }
+
+    /// Counter `i` summed over all shards.
+    fn total(&self, i: usize) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.0[i].load(Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+
+    /// All counts of this lock now.
+    pub(crate) fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for m in 0..2 {
+            for c in 0..2 {
+                t.acquisitions[m][c] = self.total(shard::acquisitions(m, c));
+            }
+            t.releases[m] = self.total(shard::releases(m));
+            t.conflicts[m] = self.total(shard::conflicts(m));
+        }
+        t
+    }
+
+    /// A collection happened: time the next acquisition whatever its number.
+    pub(crate) fn tick(&self) {
+        if self.sample_mask != 0 {
+            self.sample.store(0, Relaxed);
+        }
+    }
+
+    /// An uncontended acquisition by the thread owning `slot` ([`shard::slot`]); returns the
+    /// start of the hold when this one is timed.
+    #[inline(always)]
+    pub(crate) fn acquired_uncontended_in(&self, slot: usize, mode: LockMode) -> Option<HoldStart> {
+        let n = shard::bump(&self.shards[slot], slot, shard::acquisitions(mode.idx(), 0));
+        if n & self.sample.load(Relaxed) == 0 {
+            self.sampled_start()
+        } else {
+            None
+        }
+    }
+
+    /// Counts a release, tells waiters where the hold was acquired, and records the hold if
+    /// the acquisition was timed.
+    #[cfg(feature = "tokio")]
+    #[inline(always)]
+    pub(crate) fn released(&self, mode: LockMode, since: Option<HoldStart>, site: Site) {
+        self.count_release(mode);
+        self.releasing(site);
+        if let Some(t) = since {
+            self.hold_done(mode, t, site);
+        }
+    }
+
+    /// Counts a release (the hold, if timed, is recorded separately by [`Self::hold_done`], so
+    /// a guard can do that after unlocking).
+    #[inline(always)]
+    pub(crate) fn count_release(&self, mode: LockMode) {
+        let slot = shard::current();
+        shard::bump(&self.shards[slot], slot, shard::releases(mode.idx()));
+    }
+
+    /// Counts a conflict.
+    #[inline]
+    pub(crate) fn conflict(&self, mode: LockMode) {
+        self.bump(shard::conflicts(mode.idx()));
+    }
+
+    /// Counts an acquisition; returns its number (in this thread's shard).
+    #[inline]
+    pub(crate) fn acquired(&self, mode: LockMode, contended: bool) -> u64 {
+        self.bump(shard::acquisitions(mode.idx(), usize::from(contended)))
+    }
+
+    /// Starts timing a sampled uncontended acquisition's hold. Its wait (0 s: one successful
+    /// try, inside the lowest bucket) is recorded with the hold, in [`Self::hold_done`], after
+    /// the lock is released: nothing but a clock read inside the critical section.
+    #[cold]
+    #[inline(never)]
+    fn sampled_start(&self) -> Option<HoldStart> {
+        self.restore_sample_mask();
+        Some(HoldStart::new(Ticks::now(), false))
+    }
+
+    /// Records a timed hold that ended now, acquired at `site`.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn hold_done(&self, mode: LockMode, since: HoldStart, site: Site) {
+        let held = since.at().elapsed_secs();
+        if !since.contended() {
+            // The wait of a timed uncontended acquisition, recorded here rather than inside
+            // the critical section.
+            self.record_wait(mode, Outcome::Acquired, 0.0);
+        }
+        self.record_hold(mode, since.contended(), held);
+        self.held(mode, site, held);
+    }
+
+    /// A try found the lock taken and the caller will wait: counts it as a waiter, reads the
+    /// clock, and decides whether this wait is timed (1 in N conflicts, the same rate as
+    /// uncontended acquisitions, so the histograms' mix stays unbiased). For exclusive locks
+    /// the conflict is counted later, when the lock is acquired ([`Self::contended_acquired`]);
+    /// a waiter that gives up counts it itself.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn contended_start(&self, mode: LockMode, exclusive: bool) -> WaitStart {
+        let c = shard::conflicts(mode.idx());
+        let n = if exclusive {
+            self.peek(c)
+        } else {
+            self.bump(c)
+        };
+        self.contention.waiters.fetch_add(1, Relaxed);
+        WaitStart {
+            timed: self.sampled(n),
+            at: Ticks::now(),
+        }
+    }
+
+    /// A waiter stops waiting ([`Self::contended_start`]) without the lock (cancelled):
+    /// returns its wait in seconds.
+    #[cold]
+    pub(crate) fn wait_abandoned(&self, w: WaitStart) -> f64 {
+        self.contention.waiters.fetch_sub(1, Relaxed);
+        w.at.elapsed_secs()
+    }
+
+    /// Whether the acquisition (or failed acquire) numbered `n` is timed: 1 in N by number, or
+    /// the first since the last collection.
+    #[inline(always)]
+    pub(crate) fn sampled(&self, n: u64) -> bool {
+        let timed = n & self.sample.load(Relaxed) == 0;
+        if timed {
+            self.restore_sample_mask();
+        }
+        timed
+    }
+
+    /// Puts the sampling mask back after a collection asked for the next acquisition to be
+    /// timed.
+    #[inline(always)]
+    fn restore_sample_mask(&self) {
+        // Only when changed: a store on every timed acquisition would pull this line (read by
+        // every acquisition on every thread) away from the other cores.
+        if self.sample_mask != 0 && self.sample.load(Relaxed) == 0 {
+            self.sample.store(self.sample_mask, Relaxed);
+        }
+    }
+
+    /// The contended acquire got the lock: count it (and, for exclusive locks, its conflict),
+    /// charge the wait to `site` and to the releasing holder's site, report it if slow, and if
+    /// it is timed record the wait and start timing the hold.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn contended_acquired(
+        &self,
+        mode: LockMode,
+        exclusive: bool,
+        w: WaitStart,
+        site: Site,
+    ) -> Option<HoldStart> {
+        let m = mode.idx();
+        if exclusive {
+            self.bump(shard::conflicts(m));
+        }
+        self.bump(shard::acquisitions(m, 1));
+        let now = Ticks::now();
+        let secs = w.at.secs_until(now);
+        let holder = self.wait_over();
+        self.waited(mode, site, holder, secs);
+        if !w.timed {
+            return None;
+        }
+        self.record_wait(mode, Outcome::Acquired, secs);
+        Some(HoldStart::new(now, true))
+    }
+
+    /// A waiter got the lock: no longer waiting; where the holder that released it acquired.
+    #[cold]
+    pub(crate) fn wait_over(&self) -> Option<Site> {
+        let p = self
+            .contention
+            .releaser
+            .load(std::sync::atomic::Ordering::Acquire);
+        self.contention.waiters.fetch_sub(1, Relaxed);
+        // SAFETY: only `&'static Location` pointers are ever stored (see `releasing`).
+        unsafe { p.cast_const().as_ref() }
+    }
+
+    /// A file lock's blocking acquire starts waiting (it counts its conflict itself).
+    #[cold]
+    pub(crate) fn wait_begins(&self) {
+        self.contention.waiters.fetch_add(1, Relaxed);
+    }
+
+    /// A holder that acquired at `site` releases: if anyone waits, tell them where (inline:
+    /// one load of a line nobody writes while nobody waits).
+    #[inline(always)]
+    pub(crate) fn releasing(&self, site: Site) {
+        if self.contention.waiters.load(Relaxed) != 0 {
+            self.publish_releaser(site);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn publish_releaser(&self, site: Site) {
+        let p: *const std::panic::Location<'static> = site;
+        self.contention
+            .releaser
+            .store(p.cast_mut(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// A wait of `secs` at `site`, ended by a holder that acquired at `holder`: into the
+    /// profile, and a `lock.slow_wait` event if it was slow.
+    #[cold]
+    pub(crate) fn waited(&self, mode: LockMode, site: Site, holder: Option<Site>, secs: f64) {
+        if let Some(t) = self.profile.get(&self.name, &self.kind) {
+            t.add(site, profile::Event::Waited(secs));
+            if let Some(h) = holder {
+                t.add(h, profile::Event::Caused(secs));
+            }
+        }
+        if secs >= self.thresholds.wait {
+            profile::slow_wait(&self.event_attrs_for(mode), site, holder, secs);
+        }
+    }
+
+    /// A timed hold of `secs` acquired at `site`: into the profile, and a `lock.slow_hold`
+    /// event if it was slow.
+    #[cold]
+    pub(crate) fn held(&self, mode: LockMode, site: Site, secs: f64) {
+        if let Some(t) = self.profile.get(&self.name, &self.kind) {
+            t.add(site, profile::Event::Held(secs));
+        }
+        if secs >= self.thresholds.hold {
+            profile::slow_hold(&self.event_attrs_for(mode), site, secs);
+        }
+    }
+
+    /// Whether a wait of `secs` is slow for this lock.
+    pub(crate) fn is_slow_wait(&self, secs: f64) -> bool {
+        secs >= self.thresholds.wait
+    }
+
+    fn event_attrs_for(&self, mode: LockMode) -> EventAttrs<'_> {
+        EventAttrs {
+            name: &self.name,
+            kind: &self.kind,
+            mode,
+            fs_type: self.fs_type,
+        }
+    }
+
+    /// Whether this thread's next file lock acquire is timed: decided before the lock call, by
+    /// the number of this thread's acquire attempts (or the first after a collection), so no
+    /// clock is read for the others (a clock read is a few per cent of an uncontended
+    /// `flock` + unlock on a VM).
+    #[inline(always)]
+    pub(crate) fn file_attempt_timed(&self) -> bool {
+        let n = self.bump(shard::ATTEMPTS);
+        n & self.sample.load(Relaxed) == 0
+    }
+
+    /// Starts timing an acquire the sample picked ([`Self::file_attempt_timed`]).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn timed_start(&self) -> Ticks {
+        self.restore_sample_mask();
+        Ticks::now()
+    }
+
+    // ---- timing -------------------------------------------------------------------------
+
+    /// The bound histograms, bound again first if the global provider changed.
+    #[inline]
+    fn bound(&self) -> arc_swap::Guard<Arc<Bound>> {
+        let b = self.bound.load();
+        if self.sink.is_global() && (b.instruments.noop || self.check_due()) {
+            return self.rebind(b);
+        }
+        b
+    }
+
+    /// Counts down to the next look at the global provider (a racy countdown is fine: it
+    /// only spaces the looks out).
+    #[inline]
+    fn check_due(&self) -> bool {
+        let n = self.checks.load(Relaxed);
+        if n <= 1 {
+            self.checks.store(GLOBAL_CHECK_EVERY, Relaxed);
+            true
+        } else {
+            self.checks.store(n - 1, Relaxed);
+            false
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn rebind(&self, b: arc_swap::Guard<Arc<Bound>>) -> arc_swap::Guard<Arc<Bound>> {
+        let now = global_instruments();
+        if Arc::ptr_eq(&now, &b.instruments) {
+            return b;
+        }
+        self.bound.store(Arc::new(Bound::new(now)));
+        self.bound.load()
+    }
+
+    /// The lock's attributes plus `lock.mode` and `more`.
+    #[cold]
+    fn attrs(&self, mode: LockMode, more: KeyValue) -> Vec<KeyValue> {
+        let mut v = Vec::with_capacity(self.base.len() + 2);
+        v.extend_from_slice(&self.base);
+        v.push(KeyValue::new(keys::LOCK_MODE, mode.as_str()));
+        v.push(more);
+        v
+    }
+
+    /// Records a hold time.
+    #[inline]
+    pub(crate) fn record_hold(&self, mode: LockMode, contended: bool, secs: f64) {
+        let b = self.bound();
+        b.duration[mode.idx()][usize::from(contended)]
+            .get_or_init(|| {
+                b.instruments
+                    .duration
+                    .bind(&self.attrs(mode, KeyValue::new(keys::LOCK_CONTENDED, contended)))
+            })
+            .record(secs);
+    }
+
+    /// Records the wait of an acquire call with its outcome.
+    #[inline]
+    pub(crate) fn record_wait(&self, mode: LockMode, outcome: Outcome, secs: f64) {
+        let b = self.bound();
+        b.wait[mode.idx()][outcome as usize]
+            .get_or_init(|| {
+                b.instruments
+                    .wait
+                    .bind(&self.attrs(mode, KeyValue::new(keys::LOCK_OUTCOME, outcome.as_str())))
+            })
+            .record(secs);
+    }
+
+    // ---- rare events ----------------------------------------------------------------------
+
+    #[cold]
+    fn event_attrs(&self, more: &[KeyValue]) -> Vec<KeyValue> {
+        let mut v = Vec::with_capacity(self.base.len() + more.len());
+        v.extend_from_slice(&self.base);
+        v.extend_from_slice(more);
+        v
+    }
+
+    /// Counts an error (`lock.errors`) with its operation and error type (an errno name, or a
+    /// client's error kind).
+    #[cold]
+    pub(crate) fn error(&self, operation: &str, error_type: &str) {
+        let attrs = self.event_attrs(&[
+            KeyValue::new(keys::LOCK_OPERATION, operation.to_owned()),
+            KeyValue::new(keys::ERROR_TYPE, error_type.to_owned()),
+        ]);
+        self.sink.instruments().errors.add(1, &attrs);
+    }
+
+    /// Counts an inode migration.
+    #[cold]
+    pub(crate) fn migration(&self, kind: MigrationKind, at: DetectedAt) {
+        let attrs = self.event_attrs(&[
+            KeyValue::new(keys::MIGRATION_KIND, kind.as_str()),
+            KeyValue::new(keys::MIGRATION_DETECTED_AT, at.as_str()),
+        ]);
+        self.sink.instruments().migrations.add(1, &attrs);
+    }
+
+    /// Counts an exclusion violation.
+    #[cold]
+    pub(crate) fn violation(&self) {
+        self.sink.instruments().violations.add(1, &self.base);
+    }
+
+    /// Counts a hold lost without a release.
+    #[cold]
+    pub(crate) fn lost(&self, reason: LostReason) {
+        let attrs = self.event_attrs(&[KeyValue::new(keys::LOCK_LOST_REASON, reason.as_str())]);
+        self.sink.instruments().lost.add(1, &attrs);
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // The lock goes away; its counts stay in its series.
+        let totals = self.totals();
+        self.series.retire(self, &totals);
+    }
+}

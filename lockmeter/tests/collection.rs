@@ -1,0 +1,142 @@
+//! Counts are read when the SDK collects: whatever reads them (a force_flush, a shutdown, a
+//! periodic export) right after an acquisition sees it, dropped locks keep their counts, and
+//! series stay bounded.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use lockmeter::metrics::{Sink, SERIES_LIMIT};
+use lockmeter::sync::Mutex;
+use lockmeter::FileLock;
+use lockmeter_testkit::Recorder;
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+
+#[test]
+fn force_flush_right_after_one_acquisition_sees_every_count() {
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let dir = tempfile::tempdir().unwrap();
+    let lock = FileLock::builder(dir.path().join("once.lock"))
+        .name("once")
+        .sink(sink.clone())
+        .open()
+        .unwrap();
+    let guard = lock.lock().unwrap();
+    // While held: one acquisition, held 1.
+    let s = rec.snapshot();
+    assert_eq!(s.counter("lock.acquisitions", &[("lock.name", "once")]), 1);
+    assert_eq!(s.updown("lock.held", &[("lock.name", "once")]), 1);
+    drop(guard);
+    let s = rec.snapshot();
+    assert_eq!(s.updown("lock.held", &[("lock.name", "once")]), 0);
+    assert_eq!(s.hist_count("lock.duration", &[("lock.name", "once")]), 1);
+
+    let m = Mutex::builder("once-mutex").sink(sink).build(0u8);
+    *m.lock().unwrap() += 1;
+    let s = rec.snapshot();
+    assert_eq!(
+        s.counter("lock.acquisitions", &[("lock.name", "once-mutex")]),
+        1
+    );
+    assert_eq!(s.updown("lock.held", &[("lock.name", "once-mutex")]), 0);
+}
+
+#[test]
+fn shutdown_right_after_an_acquisition_exports_it() {
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_reader(
+            PeriodicReader::builder(exporter.clone())
+                .with_interval(Duration::from_secs(3600))
+                .build(),
+        )
+        .build();
+    let sink = Sink::new(provider.meter("lockmeter"));
+    let m = Mutex::builder("at-exit").sink(sink).build(());
+    for _ in 0..3 {
+        drop(m.lock().unwrap());
+    }
+    provider.shutdown().unwrap();
+    let exported = exporter.get_finished_metrics().unwrap();
+    let last = exported.last().expect("shutdown exported");
+    let acquisitions: u64 = last
+        .scope_metrics()
+        .flat_map(|s| s.metrics())
+        .filter(|m| m.name() == "lock.acquisitions")
+        .map(|m| match m.data() {
+            AggregatedMetrics::U64(MetricData::Sum(s)) => {
+                s.data_points().map(|d| d.value()).sum::<u64>()
+            }
+            _ => panic!("lock.acquisitions is not a u64 sum"),
+        })
+        .sum();
+    assert_eq!(acquisitions, 3);
+}
+
+#[test]
+fn counts_of_dropped_locks_stay_and_never_go_backwards() {
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("short-lived.lock");
+    for round in 1..=3u64 {
+        let lock = FileLock::builder(&path)
+            .name("short-lived")
+            .sink(sink.clone())
+            .open()
+            .unwrap();
+        drop(lock.lock().unwrap());
+        drop(lock.try_lock().unwrap());
+        drop(lock);
+        let s = rec.snapshot();
+        assert_eq!(
+            s.counter("lock.acquisitions", &[("lock.name", "short-lived")]),
+            2 * round
+        );
+        assert_eq!(s.updown("lock.held", &[("lock.name", "short-lived")]), 0);
+    }
+    // Two live locks with one name are one series: summed, not overwritten.
+    let a = Mutex::builder("twins").sink(sink.clone()).build(());
+    let b = Mutex::builder("twins").sink(sink.clone()).build(());
+    drop(a.lock().unwrap());
+    drop(b.lock().unwrap());
+    drop(b.lock().unwrap());
+    let s = rec.snapshot();
+    assert_eq!(s.counter("lock.acquisitions", &[("lock.name", "twins")]), 3);
+}
+
+#[test]
+fn series_past_the_limit_fold_into_the_overflow_series() {
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let extra = 7;
+    let locks: Vec<_> = (0..SERIES_LIMIT + extra)
+        .map(|i| {
+            Mutex::builder(format!("job-{i}"))
+                .sink(sink.clone())
+                .build(())
+        })
+        .collect();
+    for l in &locks {
+        drop(l.lock().unwrap());
+    }
+    drop(locks);
+    let s = rec.snapshot();
+    assert_eq!(
+        s.counter("lock.acquisitions", &[]),
+        (SERIES_LIMIT + extra) as u64,
+        "every acquisition counted"
+    );
+    assert_eq!(
+        s.counter("lock.acquisitions", &[("otel.metric.overflow", "true")]),
+        extra as u64,
+        "the locks past the limit share the overflow series"
+    );
+    assert_eq!(
+        s.attribute_sets("lock.acquisitions").len(),
+        SERIES_LIMIT + 1,
+        "bounded: one series per name up to the limit, then one overflow series"
+    );
+}
