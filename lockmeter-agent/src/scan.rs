@@ -353,10 +353,14 @@ impl Scanner {
         }
         if !self.mounts.contains_key(&ns) {
             let text = std::fs::read_to_string(pdir.join("mountinfo")).ok()?;
+            let table = parse_mountinfo(&text);
+            if table.is_empty() {
+                return None; // an exiting process: no mounts to see; do not cache that
+            }
             if self.mounts.len() > 64 {
                 self.mounts.clear();
             }
-            self.mounts.insert(ns.clone(), parse_mountinfo(&text));
+            self.mounts.insert(ns.clone(), table);
         }
         let mounts = self.mounts.get(&ns)?;
         let view = Arc::new(

@@ -321,7 +321,15 @@ impl TraceModel {
         }
         let mut path = match self.host_path(n.tgid, n.dev, &rel) {
             Some(p) => p,
-            None => rel,
+            None => {
+                tracing::debug!(
+                    dev = %n.dev,
+                    path = %rel.display(),
+                    pid = n.tgid,
+                    "no mount of this device found; naming the lock by its path inside the file system"
+                );
+                rel
+            }
         };
         if n.truncated {
             path = Path::new("/…").join(path.strip_prefix("/").unwrap_or(&path));
@@ -338,18 +346,25 @@ impl TraceModel {
         use std::os::unix::ffi::OsStrExt as _;
         for p in [pid, 1] {
             let dir = self.proc_root.join(p.to_string());
-            let Ok(ns) = std::fs::read_link(dir.join("ns/mnt")) else {
-                continue;
+            // The namespace names the cache entry. Pid 1's may be unreadable even to root (a
+            // sandbox's init): its mount table is then cached under its pid.
+            let ns = match std::fs::read_link(dir.join("ns/mnt")) {
+                Ok(ns) => ns.as_os_str().as_bytes().to_vec(),
+                Err(_) if p == 1 => b"pid 1".to_vec(),
+                Err(_) => continue,
             };
-            let ns = ns.as_os_str().as_bytes().to_vec();
             if !self.mounts.contains_key(&ns) {
-                let Ok(text) = std::fs::read_to_string(dir.join("mountinfo")) else {
+                // An exiting process still has a namespace but shows no mounts: try the next.
+                let table = std::fs::read_to_string(dir.join("mountinfo"))
+                    .map(|t| parse_mountinfo(&t))
+                    .unwrap_or_default();
+                if table.is_empty() {
                     continue;
-                };
+                }
                 if self.mounts.len() > 64 {
                     self.mounts.clear();
                 }
-                self.mounts.insert(ns.clone(), parse_mountinfo(&text));
+                self.mounts.insert(ns.clone(), table);
             }
             let t = self.mounts.get(&ns)?;
             return Some((ns, t));

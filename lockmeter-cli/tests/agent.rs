@@ -689,6 +689,14 @@ mod tracepoints {
             4.0,
         );
         assert_eq!(agent.value("lock_conflicts_total", &with(&kf, &[])), 0.0);
+        // The file system is found (through the mount table) for tracepoint series too.
+        assert_eq!(
+            agent.value(
+                "lock_acquisitions_total",
+                &with(&kf, &[("fs_type", "unknown")])
+            ),
+            0.0
+        );
         agent.stop();
     }
 
