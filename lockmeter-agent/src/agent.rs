@@ -138,6 +138,12 @@ pub fn run(
     while let Err(mpsc::RecvTimeoutError::Timeout) =
         stop.recv_timeout(next.saturating_duration_since(Instant::now()))
     {
+        #[cfg(feature = "ebpf")]
+        if tracepoints.as_ref().is_some_and(|t| !t.is_running()) {
+            return Err(AgentError::Tracepoints(
+                "the reader thread stopped unexpectedly (see the panic above)".to_owned(),
+            ));
+        }
         next += config.interval;
         if next < Instant::now() {
             next = Instant::now() + config.interval; // fell behind: do not burst

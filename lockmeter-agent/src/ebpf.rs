@@ -108,6 +108,11 @@ impl TracepointSource {
         })
     }
 
+    /// Whether the reader is still running (it stops only when told to, or if it panicked).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// What the model has seen so far (updated at each drain).
     pub fn stats(&self) -> TraceStats {
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner)

@@ -182,7 +182,26 @@ impl Scanner {
         let mut out: Vec<HostLock> = Vec::new();
         let mut orphan_waiters = 0;
         let mut live_keys: Vec<LineKey> = Vec::new();
+        // /proc/locks is read a page per read(), and each read() finds its place again by
+        // counting entries: a lock taken or released between two reads shifts the list and
+        // the same entry can be printed twice. A second identical pid-bearing line is taken
+        // as such a repeat and dropped with its waiters (a process holding the same shared
+        // flock through two descriptions is then counted once).
+        let mut seen_lines: rustc_hash::FxHashSet<(LineKey, u32)> = Default::default();
+        let mut skip_ordinal: Option<u32> = None;
         for raw in table.locks {
+            if raw.blocked && skip_ordinal == Some(raw.ordinal) {
+                continue;
+            }
+            if !raw.blocked {
+                skip_ordinal = None;
+                if let (Some(pid), false) = (raw.pid, raw.kind == Kind::Ofd) {
+                    if !seen_lines.insert((LineKey::of(&raw), pid)) {
+                        skip_ordinal = Some(raw.ordinal);
+                        continue;
+                    }
+                }
+            }
             if raw.blocked {
                 let blocker = out
                     .last_mut()

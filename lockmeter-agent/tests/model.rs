@@ -252,3 +252,34 @@ fn malformed_ring_buffer_records_are_ignored() {
     b[45] = 1;
     assert!(matches!(parse_event(&b), Some(Event::Call(_))));
 }
+
+/// A `/proc/locks` read that printed an entry twice (the list shifted between two reads),
+/// through a made-up proc root: the repeat and its waiters are dropped; OFD lines (no pid)
+/// that look alike are distinct locks and kept.
+#[test]
+fn scan_drops_a_repeated_entry_and_survives_a_bare_proc() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(
+        root.path().join("locks"),
+        "1: FLOCK  ADVISORY  WRITE 77 fe:00:5 0 EOF\n\
+         1: -> FLOCK  ADVISORY  WRITE 78 fe:00:5 0 EOF\n\
+         2: FLOCK  ADVISORY  WRITE 77 fe:00:5 0 EOF\n\
+         2: -> FLOCK  ADVISORY  WRITE 78 fe:00:5 0 EOF\n\
+         3: OFDLCK ADVISORY  READ  -1 fe:00:6 0 EOF\n\
+         4: OFDLCK ADVISORY  READ  -1 fe:00:6 0 EOF\n\
+         5: POSIX  ADVISORY  WRITE 79 fe:00:7 0 EOF\n\
+         not a lock line\n",
+    )
+    .unwrap();
+    let mut s = lockmeter_agent::scan::Scanner::new(root.path());
+    let snap = s.scan().unwrap();
+    assert_eq!(snap.skipped_lines, 1);
+    let inodes: Vec<u64> = snap.locks.iter().map(|l| l.raw.ino).collect();
+    assert_eq!(inodes, [5, 6, 6, 7]);
+    assert_eq!(snap.locks[0].waiters.len(), 1);
+    // Processes that do not exist leave holders, paths and file systems unknown.
+    assert!(snap.locks[0].holders.is_empty() && snap.locks[0].path.is_none());
+    let missing = lockmeter_agent::scan::Scanner::new(root.path().join("nope")).scan();
+    let err = missing.unwrap_err().to_string();
+    assert!(err.contains("nope/locks"), "{err}");
+}

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use lockmeter_testkit::{eventually, free_port, read_line_starting, require_tool};
@@ -28,6 +28,9 @@ fn p(path: &Path) -> &str {
 struct Agent {
     child: Child,
     url: String,
+    /// The agent's stderr goes to a file, readable while it runs.
+    stderr: PathBuf,
+    _stderr_dir: tempfile::TempDir,
 }
 
 impl Agent {
@@ -37,6 +40,8 @@ impl Agent {
 
     fn start_with(mut cmd: Command, dir: &Path, extra: &[&str]) -> Agent {
         let port = free_port();
+        let stderr_dir = tempfile::tempdir().unwrap();
+        let stderr = stderr_dir.path().join("agent.stderr");
         let mut child = cmd
             .args(["agent", "--interval", "0.1", "--listen"])
             .arg(format!("127.0.0.1:{port}"))
@@ -44,7 +49,7 @@ impl Agent {
             .arg(format!("{}/**", dir.display()))
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .unwrap();
         let ready = read_line_starting(&mut child, "lockmeter agent: ready");
@@ -52,6 +57,8 @@ impl Agent {
         Agent {
             child,
             url: format!("http://127.0.0.1:{port}/metrics"),
+            stderr,
+            _stderr_dir: stderr_dir,
         }
     }
 
@@ -70,14 +77,14 @@ impl Agent {
         let mut body = String::new();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         loop {
-            body = if std::time::Instant::now() < deadline {
-                self.metrics()
-            } else {
+            if std::time::Instant::now() >= deadline {
                 panic!(
-                    "timed out waiting for {metric}{want:?} == {v} (last {last}); /metrics:\n{}",
-                    lock_lines(&body)
-                )
-            };
+                    "timed out waiting for {metric}{want:?} == {v} (last {last}); /metrics:\n{}\nagent stderr:\n{}",
+                    lock_lines(&body),
+                    self.stderr_now()
+                );
+            }
+            body = self.metrics();
             last = value(&body, metric, want);
             if last == v {
                 return;
@@ -86,17 +93,21 @@ impl Agent {
         }
     }
 
+    /// What the agent wrote to stderr so far.
+    fn stderr_now(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
     fn stop(mut self) -> String {
         rustix::process::kill_process(
             rustix::process::Pid::from_child(&self.child),
             rustix::process::Signal::TERM,
         )
         .unwrap();
-        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .unwrap();
-        assert!(out.status.success(), "agent exited with {}", out.status);
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let st = self.child.wait().unwrap();
+        let log = self.stderr_now();
+        assert!(st.success(), "agent exited with {st}: {log}");
+        log
     }
 }
 
