@@ -53,10 +53,10 @@ pub struct CallEvent {
     pub dev: Dev,
     /// Inode.
     pub ino: u64,
+    /// The inode's generation: with `dev` and `ino`, one file (inode numbers are reused).
+    pub gen: u32,
     /// Lock owner (kernel pointer, only compared).
     pub owner: u64,
-    /// Calling process.
-    pub tgid: u32,
     /// Result: 0 or a negative errno.
     pub ret: i32,
     /// Kind.
@@ -76,6 +76,8 @@ pub struct NameEvent {
     pub dev: Dev,
     /// Inode.
     pub ino: u64,
+    /// The inode's generation.
+    pub gen: u32,
     /// Components, leaf first.
     pub components: Vec<String>,
     /// The walk stopped before the file system's root (deeper than 16 levels).
@@ -128,7 +130,8 @@ pub fn parse_event(b: &[u8]) -> Option<Event> {
             ino,
             components,
             truncated: b[46] != 0,
-            tgid: u32_at(b, 36)?,
+            gen: u32_at(b, 36)?,
+            tgid: u32_at(b, 40)?,
         }));
     }
     let kind = match b[45] {
@@ -144,8 +147,8 @@ pub fn parse_event(b: &[u8]) -> Option<Event> {
         ts_end: u64_at(b, 8)?,
         dev,
         ino,
+        gen: u32_at(b, 36)?,
         owner: u64_at(b, 24)?,
-        tgid: u32_at(b, 36)?,
         ret: i32::from_ne_bytes(b.get(40..44)?.try_into().ok()?),
         kind,
         lock_type: b[46],
@@ -236,8 +239,8 @@ pub struct TraceModel {
     metrics: Arc<AgentMetrics>,
     rules: LabelRules,
     bound: NameBound,
-    paths: HashMap<(Dev, u64), PathBuf>,
-    infos: FxHashMap<(Dev, u64), Info>,
+    paths: HashMap<(Dev, u64, u32), PathBuf>,
+    infos: FxHashMap<(Dev, u64, u32), Info>,
     mounts: HashMap<Vec<u8>, Vec<MountInfo>>,
     fs_types: HashMap<Dev, Arc<str>>,
     proc_root: PathBuf,
@@ -337,8 +340,8 @@ impl TraceModel {
         if self.paths.len() > MAX_HOLDS {
             self.paths.clear();
         }
-        self.paths.insert((n.dev, n.ino), path);
-        self.infos.remove(&(n.dev, n.ino));
+        self.paths.insert((n.dev, n.ino, n.gen), path);
+        self.infos.remove(&(n.dev, n.ino, n.gen));
     }
 
     /// The mount table of `pid`'s mount namespace (pid 1's when `pid` is gone).
@@ -397,11 +400,11 @@ impl TraceModel {
         Some(m.mount_point.join(inner))
     }
 
-    fn info(&mut self, dev: Dev, ino: u64) -> Info {
-        if let Some(i) = self.infos.get(&(dev, ino)) {
+    fn info(&mut self, dev: Dev, ino: u64, gen: u32) -> Info {
+        if let Some(i) = self.infos.get(&(dev, ino, gen)) {
             return *i;
         }
-        let path = self.paths.get(&(dev, ino)).cloned();
+        let path = self.paths.get(&(dev, ino, gen)).cloned();
         if path.is_none() {
             self.stats.unnamed += 1;
         }
@@ -432,7 +435,7 @@ impl TraceModel {
         if self.infos.len() > MAX_HOLDS {
             self.infos.clear();
         }
-        self.infos.insert((dev, ino), info);
+        self.infos.insert((dev, ino, gen), info);
         info
     }
 
@@ -485,7 +488,7 @@ impl TraceModel {
 
     fn on_call(&mut self, c: &CallEvent) {
         self.stats.calls += 1;
-        let Some(label) = self.info(c.dev, c.ino).label else {
+        let Some(label) = self.info(c.dev, c.ino, c.gen).label else {
             return;
         };
         let exe = self.exe(&c.comm);

@@ -159,7 +159,7 @@ fn call(kind: Kind, ty: u8, owner: u64, start: u64, end: u64, ret: i32, flags: u
         dev: DEV,
         ino: 7,
         owner,
-        tgid: 1,
+        gen: 0,
         ret,
         kind,
         lock_type: ty,
@@ -185,6 +185,7 @@ fn tracepoint_events_become_exact_waits_holds_and_conflicts() {
         ino: 7,
         components: vec!["x.lock".into(), "tmp".into()],
         truncated: false,
+        gen: 0,
         tgid: u32::MAX,
     }));
     let ms = 1_000_000;
@@ -282,4 +283,45 @@ fn scan_drops_a_repeated_entry_and_survives_a_bare_proc() {
     let missing = lockmeter_agent::scan::Scanner::new(root.path().join("nope")).scan();
     let err = missing.unwrap_err().to_string();
     assert!(err.contains("nope/locks"), "{err}");
+}
+
+/// An inode number reused by a new file (the old one deleted) is a new lock file: the
+/// generation tells them apart, so the new file gets its own name and rules.
+#[test]
+fn reused_inode_numbers_are_new_files() {
+    let rec = Recorder::new();
+    let metrics = Arc::new(AgentMetrics::new(&rec.meter()));
+    let rules = LabelRules::new(&[], &["/keep/**".into()], &[]).unwrap();
+    let mut m = TraceModel::new(metrics, rules, 100, "/nonexistent-proc");
+    let name = |gen, dir: &str| {
+        Event::Name(NameEvent {
+            dev: DEV,
+            ino: 7,
+            gen,
+            components: vec!["x.lock".into(), dir.into()],
+            truncated: false,
+            tgid: 1,
+        })
+    };
+    let with_gen = |e: Event, gen| match e {
+        Event::Call(mut c) => {
+            c.gen = gen;
+            Event::Call(c)
+        }
+        e => e,
+    };
+    m.apply(&name(1, "drop"));
+    m.apply(&with_gen(call(Kind::Flock, 1, 0xA, 0, 10, 0, 0), 1));
+    m.apply(&name(2, "keep"));
+    m.apply(&with_gen(call(Kind::Flock, 1, 0xB, 0, 10, 0, 0), 2));
+    let s = rec.snapshot();
+    assert_eq!(
+        s.counter("lock.acquisitions", &[("lock.name", "/keep/x.lock")]),
+        1
+    );
+    assert_eq!(
+        s.counter("lock.acquisitions", &[]),
+        1,
+        "the excluded file's lock is not exported"
+    );
 }
