@@ -225,9 +225,10 @@ for _ in range(n):
     assert!(st.success());
 }
 
-fn tools() {
-    require_tool("flock");
-    require_tool("python3");
+/// The tools every test here runs; false (a skip, recorded) only when missing tools are
+/// explicitly allowed (`LOCKMETER_TEST_ALLOW_MISSING=1`), otherwise a missing one fails.
+fn tools() -> bool {
+    require_tool("flock") && require_tool("python3")
 }
 
 fn key(path: &Path) -> (&'static str, String) {
@@ -245,7 +246,9 @@ fn with<'a>(
 
 #[test]
 fn sampling_flock_holder_and_waiters() {
-    tools();
+    if !tools() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let lock = dir.path().join("cron.lock");
     let agent = Agent::start(dir.path(), &["--source", "sampling"]);
@@ -342,7 +345,9 @@ fn sampling_flock_holder_and_waiters() {
 
 #[test]
 fn sampling_python_posix_and_ofd_holders() {
-    tools();
+    if !tools() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(dir.path(), &["--source", "sampling"]);
     let posix = dir.path().join("posix.lock");
@@ -397,7 +402,9 @@ fn sampling_python_posix_and_ofd_holders() {
 
 #[test]
 fn killed_holder_releases_and_the_hold_is_recorded() {
-    tools();
+    if !tools() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let lock = dir.path().join("killed.lock");
     let k = key(&lock);
@@ -426,7 +433,9 @@ fn killed_holder_releases_and_the_hold_is_recorded() {
 
 #[test]
 fn migration_seen_from_outside() {
-    tools();
+    if !tools() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let lock = dir.path().join("moved.lock");
     let gone = dir.path().join("gone.lock");
@@ -481,7 +490,9 @@ fn migration_seen_from_outside() {
 
 #[test]
 fn name_map_folds_and_top_bounds_series() {
-    tools();
+    if !tools() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let map = format!("{}/job-*.lock=jobs", dir.path().display());
     let agent = Agent::start(
@@ -509,9 +520,12 @@ fn name_map_folds_and_top_bounds_series() {
 
 #[test]
 fn untrusted_file_system_is_flagged_once() {
-    tools();
+    if !tools() {
+        return;
+    }
+    // None only when missing tools are explicitly allowed (the skip is recorded).
     let Some(fuse) = lockmeter_testkit::Bindfs::new(&[]) else {
-        panic!("bindfs is required");
+        return;
     };
     let lock = fuse.a().join("fuse.lock");
     let agent = Agent::start(fuse.dir.path(), &["--source", "sampling"]);
@@ -541,7 +555,9 @@ fn untrusted_file_system_is_flagged_once() {
 
 #[test]
 fn locks_one_shot_and_bad_usage() {
-    tools();
+    if !tools() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let lock = dir.path().join("t.lock");
     let h = flock_holder(&lock, true);
@@ -579,8 +595,12 @@ fn locks_one_shot_and_bad_usage() {
 /// Without the privileges to load BPF programs, `--source auto` falls back with one log line.
 #[test]
 fn falls_back_to_sampling_without_privileges() {
-    tools();
-    require_tool("setpriv");
+    if !tools() {
+        return;
+    }
+    if !require_tool("setpriv") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(
         dir.path(),
@@ -636,7 +656,9 @@ mod tracepoints {
 
     #[test]
     fn counts_equal_operations_for_flock_posix_and_ofd() {
-        tools();
+        if !tools() {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::start(dir.path(), &["--source", "tracepoints"]);
         let f = dir.path().join("flock.lock");
@@ -713,7 +735,9 @@ mod tracepoints {
 
     #[test]
     fn contention_would_block_and_killed_holder() {
-        tools();
+        if !tools() {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::start(dir.path(), &["--source", "tracepoints"]);
         let f = dir.path().join("busy.lock");
@@ -796,7 +820,9 @@ mod tracepoints {
 /// Every query of the host-locks dashboard is valid PromQL (promtool parses it as a rule).
 #[test]
 fn host_locks_dashboard_queries_are_valid_promql() {
-    require_tool("promtool");
+    if !require_tool("promtool") {
+        return;
+    }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let text = std::fs::read_to_string(repo.join("grafana/dashboards/host-locks.json")).unwrap();
     let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
