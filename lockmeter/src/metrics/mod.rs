@@ -18,9 +18,9 @@ mod series;
 pub(crate) mod shard;
 mod sink;
 
-pub(crate) use recorder::{Recorder, Spec};
 #[cfg(feature = "tokio")]
 pub(crate) use recorder::WaitStart;
+pub(crate) use recorder::{Recorder, Spec};
 pub use schema::{
     keys, names, DetectedAt, LostReason, MigrationKind, Outcome, DEFAULT_BOUNDARIES, SCOPE,
 };
