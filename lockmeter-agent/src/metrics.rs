@@ -17,7 +17,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use lockmeter::metrics::{keys, names, DetectedAt, DEFAULT_BOUNDARIES};
+use lockmeter::metrics::{instruments, keys, names, DetectedAt, DEFAULT_BOUNDARIES};
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 use opentelemetry::KeyValue;
 
@@ -83,8 +83,8 @@ impl AgentMetrics {
         let g = gauges.clone();
         let held = meter
             .i64_observable_up_down_counter(names::HELD)
-            .with_unit("{lock}")
-            .with_description("Locks held now (host agent: from /proc/locks).")
+            .with_unit(instruments::HELD.unit)
+            .with_description(instruments::HELD.description)
             .with_callback(move |o| {
                 read(&g, &mut |s| {
                     for (a, v) in &s.held {
@@ -96,8 +96,8 @@ impl AgentMetrics {
         let g = gauges.clone();
         let waiters = meter
             .i64_observable_gauge(names::WAITERS)
-            .with_unit("{waiter}")
-            .with_description("Processes blocked waiting for a lock now (from /proc/locks).")
+            .with_unit(instruments::WAITERS.unit)
+            .with_description(instruments::WAITERS.description)
             .with_callback(move |o| {
                 read(&g, &mut |s| {
                     for (a, v) in &s.waiters {
@@ -139,37 +139,35 @@ impl AgentMetrics {
         AgentMetrics {
             duration: meter
                 .f64_histogram(names::DURATION)
-                .with_unit("s")
-                .with_description("Time a lock was held, from acquired to released.")
+                .with_unit(instruments::DURATION.unit)
+                .with_description(instruments::DURATION.description)
                 .with_boundaries(DEFAULT_BOUNDARIES.to_vec())
                 .build(),
             wait: meter
                 .f64_histogram(names::WAIT_DURATION)
-                .with_unit("s")
-                .with_description("Time spent in an acquire call, whatever its outcome.")
+                .with_unit(instruments::WAIT_DURATION.unit)
+                .with_description(instruments::WAIT_DURATION.description)
                 .with_boundaries(DEFAULT_BOUNDARIES.to_vec())
                 .build(),
             acquisitions: meter
                 .u64_counter(names::ACQUISITIONS)
-                .with_unit("{acquisition}")
-                .with_description("Locks acquired.")
+                .with_unit(instruments::ACQUISITIONS.unit)
+                .with_description(instruments::ACQUISITIONS.description)
                 .build(),
             conflicts: meter
                 .u64_counter(names::CONFLICTS)
-                .with_unit("{conflict}")
-                .with_description("Acquires that found the lock taken and had to wait or give up.")
+                .with_unit(instruments::CONFLICTS.unit)
+                .with_description(instruments::CONFLICTS.description)
                 .build(),
             errors: meter
                 .u64_counter(names::ERRORS)
-                .with_unit("{error}")
-                .with_description("Failed lock operations, by operation and errno.")
+                .with_unit(instruments::ERRORS.unit)
+                .with_description(instruments::ERRORS.description)
                 .build(),
             migrations: meter
                 .u64_counter(names::INODE_MIGRATIONS)
-                .with_unit("{migration}")
-                .with_description(
-                    "Lock files replaced, unlinked or moved while being locked or held: the lock guarded an orphaned inode.",
-                )
+                .with_unit(instruments::INODE_MIGRATIONS.unit)
+                .with_description(instruments::INODE_MIGRATIONS.description)
                 .build(),
             gauges,
             _observables: vec![
