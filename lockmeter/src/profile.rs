@@ -28,8 +28,13 @@
 //! this process is reported anyway, by the waiter, as a slow wait naming the holder's site.
 //! For file locks held by another process the holder's site is unknown here.
 //!
-//! The profile is not exported as metrics: call sites as attributes multiply series by the
-//! number of call sites, and line numbers change with every release.
+//! The profile is not exported as metrics unless asked for ([`register_metrics`], or the
+//! `telemetry` builder's `profile_metrics`): call sites as attributes multiply every lock's
+//! series by its number of call sites (up to 17), and line numbers change with every release,
+//! so dashboards and alerts keyed on them break on each deploy. When asked for, three
+//! counters carry the totals per site: `lock.site.waited`, `lock.site.caused`,
+//! `lock.site.held` (seconds, with `lock.name`, `lock.kind`, `code.file.path`,
+//! `code.line.number`), bounded by the profile's own limits.
 //!
 //! ```
 //! let m = lockmeter::sync::Mutex::named("profiled", 0u32);
@@ -357,6 +362,58 @@ pub fn snapshot() -> Vec<LockProfile> {
     let weight = |p: &LockProfile| p.sites.iter().map(SiteProfile::weight).sum::<f64>();
     out.sort_by(|a, b| weight(b).total_cmp(&weight(a)));
     out
+}
+
+/// Exports the profile's totals as three observable counters on `meter`, read whenever the
+/// SDK collects: `lock.site.waited`, `lock.site.caused` and `lock.site.held` (seconds), with
+/// `lock.name`, `lock.kind`, `code.file.path` and `code.line.number` (the folded row has no
+/// code attributes). Call it once per meter provider. Off by default: see the module docs.
+pub fn register_metrics(meter: &opentelemetry::metrics::Meter) {
+    use opentelemetry::KeyValue;
+    type Pick = fn(&SiteProfile) -> f64;
+    let counters: [(&'static str, &'static str, Pick); 3] = [
+        (
+            "lock.site.waited",
+            "Time spent waiting for a lock, by the call site that waited.",
+            |s| s.waited.total_seconds,
+        ),
+        (
+            "lock.site.caused",
+            "Time others waited for a lock, by the call site that acquired the hold they waited for.",
+            |s| s.caused.total_seconds,
+        ),
+        (
+            "lock.site.held",
+            "Time a lock was held (timed holds), by the call site that acquired it.",
+            |s| s.held.total_seconds,
+        ),
+    ];
+    for (name, description, pick) in counters {
+        meter
+            .f64_observable_counter(name)
+            .with_unit("s")
+            .with_description(description)
+            .with_callback(move |obs| {
+                for lock in snapshot() {
+                    for site in &lock.sites {
+                        let v = pick(site);
+                        if v <= 0.0 {
+                            continue;
+                        }
+                        let mut attrs = vec![
+                            KeyValue::new(crate::metrics::keys::LOCK_NAME, lock.name.clone()),
+                            KeyValue::new(crate::metrics::keys::LOCK_KIND, lock.kind.clone()),
+                        ];
+                        if let Some(file) = site.file {
+                            attrs.push(KeyValue::new("code.file.path", file));
+                            attrs.push(KeyValue::new("code.line.number", i64::from(site.line)));
+                        }
+                        obs.observe(v, &attrs);
+                    }
+                }
+            })
+            .build();
+    }
 }
 
 /// A lock's profile table, found on first use (off the fast path).

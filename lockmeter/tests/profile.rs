@@ -214,3 +214,28 @@ fn lock_meter_names_its_call_sites_too() {
     let p = profile_of("profiled-meter");
     assert_eq!(row(&p, line).held.count, 1, "{p}");
 }
+
+#[test]
+fn the_profile_is_exported_as_metrics_only_when_asked() {
+    let rec = lockmeter_testkit::Recorder::new();
+    let m = lockmeter::sync::Mutex::builder("profiled-metrics")
+        .sample_every(1)
+        .build(());
+    let line = line!() + 1;
+    drop(m.lock().unwrap());
+    assert_eq!(
+        rec.snapshot().counter("lock.site.held", &[]),
+        0,
+        "nothing registered yet"
+    );
+    profile::register_metrics(&rec.meter());
+    let s = rec.snapshot();
+    let sets = s.attribute_sets("lock.site.held");
+    assert!(
+        sets.iter()
+            .any(|a| a.contains(&"lock.name=profiled-metrics".to_owned())
+                && a.contains(&format!("code.line.number={line}"))
+                && a.contains(&format!("code.file.path={}", file!()))),
+        "{sets:?}"
+    );
+}

@@ -176,6 +176,9 @@ impl Snapshot {
             Some(AggregatedMetrics::I64(MetricData::Sum(s))) => {
                 sets(s.data_points().map(|d| d.attributes()))
             }
+            Some(AggregatedMetrics::F64(MetricData::Sum(s))) => {
+                sets(s.data_points().map(|d| d.attributes()))
+            }
             Some(AggregatedMetrics::F64(MetricData::Histogram(h))) => {
                 sets(h.data_points().map(|d| d.attributes()))
             }
