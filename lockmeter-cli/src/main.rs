@@ -1,5 +1,6 @@
 //! `lockmeter`: an instrumented `flock(1)`, a demo, and lock diagnostics.
 
+mod agent;
 mod delivery;
 mod demo;
 mod exec;
@@ -40,6 +41,10 @@ enum Command {
     Probe(probe::ProbeArgs),
     /// Show who holds PATH: its owner record and the kernel's locks on it.
     Who(who::WhoArgs),
+    /// Export every file lock on this host (/proc/locks, kernel tracepoints) as metrics.
+    Agent(agent::AgentArgs),
+    /// List every file lock on this host: holders, waiters, hold age, kind, fs trust.
+    Locks(agent::LocksArgs),
     /// Internal: try a lock from a second process for `probe`.
     #[command(hide = true)]
     ProbeHelper(probe::HelperArgs),
@@ -109,6 +114,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Probe(args) => probe::run(args),
         Command::Who(args) => who::run(args),
+        Command::Agent(args) => agent::run_agent(args),
+        Command::Locks(args) => agent::run_locks(args),
         Command::ProbeHelper(args) => probe::helper(args),
     }
 }

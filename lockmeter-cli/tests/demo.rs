@@ -42,10 +42,47 @@ fn demo_serves_metrics_that_promtool_accepts_and_stops_on_ctrl_c() {
 
     promtool_check_metrics(&body).unwrap_or_else(|report| panic!("promtool: {report}"));
 
+    // The lock profile beside /metrics: the cache mutex's two call sites told apart.
+    let profile_url = url.replace("/metrics", "/debug/lockmeter/profile");
+    let mut profile = serde_json::Value::Null;
+    eventually(
+        "the profile to show the cache's reader and refresher",
+        || {
+            profile = serde_json::from_str(&http_get(&profile_url)).unwrap();
+            let cache = profile
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["name"] == "demo-cache");
+            cache.is_some_and(|c| {
+                let sites = c["sites"].as_array().unwrap();
+                sites.len() >= 2
+                    && sites.iter().all(|s| {
+                        s["file"]
+                            .as_str()
+                            .is_none_or(|f| f.ends_with("demo/mod.rs"))
+                    })
+            })
+        },
+    );
+    let flock = profile
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "orders")
+        .unwrap_or_else(|| panic!("orders missing from the profile: {profile}"));
+    assert_eq!(flock["kind"], "flock");
+    assert!(
+        flock["sites"][0]["waited"]["count"].as_u64().unwrap() > 0
+            || flock["sites"][0]["held"]["count"].as_u64().unwrap() > 0
+    );
+
     // Ctrl-C stops it cleanly with a final table.
     let (status, rest) = demo.interrupt();
     assert!(status.success(), "{status}: {rest}");
     assert!(rest.contains("whole run"), "{rest}");
+    assert!(rest.contains("lock profile"), "{rest}");
+    assert!(rest.contains("demo-cache (mutex)"), "{rest}");
     for lock in ["orders", "inventory", "reports", "rotating"] {
         assert!(
             rest.contains(lock),

@@ -115,6 +115,7 @@ fn prometheus_scrapes_the_demo_and_every_dashboard_and_rule_query_works() {
         "Acquisitions/s by lock (contended or not)",
         "Locks held",
         "Migrations and violations by lock (selected range)",
+        "Share of waits over 10 ms, by lock",
     ];
     let mut with_data = BTreeSet::new();
     for (title, expr) in &exprs {

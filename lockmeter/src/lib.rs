@@ -128,6 +128,7 @@ pub mod lease;
 mod meter;
 pub mod metrics;
 pub mod owner;
+pub mod profile;
 pub mod sync;
 mod sys;
 #[cfg(feature = "telemetry")]

@@ -24,12 +24,15 @@
 //! }
 //! ```
 
+use std::future::Future;
 use std::ops::{Deref, DerefMut};
+use std::panic::Location;
 use std::sync::Arc;
 
 use crate::clock::Ticks;
 use crate::kind::LockMode;
-use crate::metrics::{LostReason, Outcome, Recorder, Sink};
+use crate::metrics::{LostReason, Outcome, Recorder, Sink, Spec};
+use crate::profile::Site;
 
 /// Records the schema for one lock whose acquire and release calls are not lockmeter's.
 #[derive(Debug, Clone)]
@@ -59,19 +62,25 @@ impl LockMeter {
         attributes: &[opentelemetry::KeyValue],
     ) -> LockMeter {
         LockMeter {
-            recorder: Recorder::new(sink, name, kind, attributes, 1),
+            recorder: Recorder::new(Spec {
+                extra: attributes,
+                ..Spec::new(sink, name, kind, 1)
+            }),
         }
     }
 
     /// Starts measuring an acquire call: the wait runs from now until the attempt is resolved
     /// with [`Attempt::acquired`], [`Attempt::would_block`], [`Attempt::timed_out`] or
     /// [`Attempt::failed`]. An attempt dropped unresolved (an async acquire cancelled) records
-    /// `lock.outcome = cancelled`.
+    /// `lock.outcome = cancelled`. The caller's location is the attempt's call site (see
+    /// [`crate::profile`]).
+    #[track_caller]
     pub fn start(&self, mode: LockMode) -> Attempt<'_> {
         Attempt {
             recorder: &self.recorder,
             mode,
             start: Ticks::now(),
+            site: Location::caller(),
             resolved: false,
             conflicted: std::cell::Cell::new(false),
         }
@@ -80,6 +89,7 @@ impl LockMeter {
     /// Measures a lock with a non-blocking and a blocking acquire (most lock APIs): tries
     /// first; if that fails, counts a conflict and blocks. Returns the lock's guard wrapped so
     /// that dropping it records the hold.
+    #[track_caller]
     pub fn lock<G>(
         &self,
         mode: LockMode,
@@ -104,18 +114,26 @@ impl LockMeter {
     }
 
     /// Measures an async acquire (any future yielding the lock). Cancelled futures record
-    /// `cancelled`. `contended` is unknown for an opaque future: pass what you know.
-    pub async fn lock_async<G>(
-        &self,
+    /// `cancelled`. `contended` is unknown for an opaque future: pass what you know. A plain
+    /// function returning the future, so that it can capture its caller's location.
+    #[track_caller]
+    pub fn lock_async<'a, G, F>(
+        &'a self,
         mode: LockMode,
         contended: bool,
-        acquire: impl std::future::Future<Output = G>,
-    ) -> Metered<'_, G> {
+        acquire: F,
+    ) -> impl Future<Output = Metered<'a, G>> + 'a
+    where
+        F: Future<Output = G> + 'a,
+        G: 'a,
+    {
         let attempt = self.start(mode);
-        let g = acquire.await;
-        Metered {
-            guard: Some(g),
-            hold: attempt.acquired(contended),
+        async move {
+            let g = acquire.await;
+            Metered {
+                guard: Some(g),
+                hold: attempt.acquired(contended),
+            }
         }
     }
 }
@@ -127,6 +145,7 @@ pub struct Attempt<'a> {
     recorder: &'a Recorder,
     mode: LockMode,
     start: Ticks,
+    site: Site,
     resolved: bool,
     /// A conflict is counted at most once per attempt.
     conflicted: std::cell::Cell<bool>,
@@ -139,6 +158,7 @@ impl<'a> Attempt<'a> {
     pub fn conflict(&self) {
         if !self.conflicted.replace(true) {
             self.recorder.conflict(self.mode);
+            self.recorder.wait_begins();
         }
     }
 
@@ -146,15 +166,30 @@ impl<'a> Attempt<'a> {
     pub fn acquired(mut self, contended: bool) -> Hold<'a> {
         self.resolved = true;
         let now = Ticks::now();
+        let secs = self.start.secs_until(now);
         self.recorder
-            .record_wait(self.mode, Outcome::Acquired, self.start.secs_until(now));
+            .record_wait(self.mode, Outcome::Acquired, secs);
         self.recorder.acquired(self.mode, contended);
+        let holder = self.stop_waiting();
+        if contended || self.recorder.is_slow_wait(secs) {
+            self.recorder.waited(self.mode, self.site, holder, secs);
+        }
         Hold {
             recorder: self.recorder,
             mode: self.mode,
             contended,
             since: now,
+            site: self.site,
             released: false,
+        }
+    }
+
+    /// No longer a waiter (if [`Self::conflict`] made it one): the releasing holder's site.
+    fn stop_waiting(&self) -> Option<Site> {
+        if self.conflicted.get() {
+            self.recorder.wait_over()
+        } else {
+            None
         }
     }
 
@@ -179,6 +214,7 @@ impl<'a> Attempt<'a> {
 
     fn end(mut self, outcome: Outcome) {
         self.resolved = true;
+        self.stop_waiting();
         self.recorder
             .record_wait(self.mode, outcome, self.start.elapsed_secs());
     }
@@ -187,6 +223,7 @@ impl<'a> Attempt<'a> {
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         if !self.resolved {
+            self.stop_waiting();
             self.recorder
                 .record_wait(self.mode, Outcome::Cancelled, self.start.elapsed_secs());
         }
@@ -201,6 +238,7 @@ pub struct Hold<'a> {
     mode: LockMode,
     contended: bool,
     since: Ticks,
+    site: Site,
     released: bool,
 }
 
@@ -240,8 +278,10 @@ impl Hold<'_> {
         if !self.released {
             self.released = true;
             self.recorder.count_release(self.mode);
-            self.recorder
-                .record_hold(self.mode, self.contended, self.since.elapsed_secs());
+            self.recorder.releasing(self.site);
+            let secs = self.since.elapsed_secs();
+            self.recorder.record_hold(self.mode, self.contended, secs);
+            self.recorder.held(self.mode, self.site, secs);
         }
     }
 }

@@ -46,12 +46,15 @@
 use std::fmt;
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::panic::Location;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::Relaxed};
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
+use std::time::Duration;
 
 use crate::clock::HoldStart;
 use crate::kind::LockMode;
-use crate::metrics::{shard, Outcome, Recorder, Sink};
+use crate::metrics::{shard, Outcome, Recorder, Sink, Spec};
+use crate::profile::Site;
 
 /// Default timing sample of the in-process wrappers (`sync`, `tokio`): 1 in this many
 /// acquisitions, plus the first after each metrics collection, records wait and hold times;
@@ -66,6 +69,8 @@ pub(crate) struct Options {
     pub(crate) name: String,
     pub(crate) sink: Sink,
     pub(crate) sample_every: u32,
+    pub(crate) slow_wait: Option<Duration>,
+    pub(crate) slow_hold: Option<Duration>,
 }
 
 impl Options {
@@ -74,12 +79,18 @@ impl Options {
             name,
             sink: Sink::global(),
             sample_every: DEFAULT_SAMPLE_EVERY,
+            slow_wait: None,
+            slow_hold: None,
         }
     }
 
     /// The lock's recorder, with `lock.kind` = `kind`.
     pub(crate) fn recorder(self, kind: &str) -> Arc<Recorder> {
-        Recorder::new(&self.sink, &self.name, kind, &[], self.sample_every)
+        Recorder::new(Spec {
+            slow_wait: self.slow_wait,
+            slow_hold: self.slow_hold,
+            ..Spec::new(&self.sink, &self.name, kind, self.sample_every)
+        })
     }
 }
 
@@ -107,6 +118,22 @@ macro_rules! builder {
                 self
             }
 
+            /// Report acquires that waited at least `d` as `lock.slow_wait` events (default
+            /// [`profile::default_slow_wait`](crate::profile::default_slow_wait): 10 ms or
+            /// `LOCKMETER_SLOW_WAIT_MS`). See [`crate::profile`].
+            pub fn slow_wait(mut self, d: std::time::Duration) -> Self {
+                self.0.slow_wait = Some(d);
+                self
+            }
+
+            /// Report timed holds of at least `d` as `lock.slow_hold` events (default
+            /// [`profile::default_slow_hold`](crate::profile::default_slow_hold): 100 ms or
+            /// `LOCKMETER_SLOW_HOLD_MS`). See [`crate::profile`].
+            pub fn slow_hold(mut self, d: std::time::Duration) -> Self {
+                self.0.slow_hold = Some(d);
+                self
+            }
+
             #[doc = concat!("Builds the [`", stringify!($lock), "`] holding `value`.")]
             pub fn build<T>(self, value: T) -> $lock<T> {
                 let new: fn(crate::sync::Options, T) -> $lock<T> = $new;
@@ -115,6 +142,7 @@ macro_rules! builder {
         }
     };
 }
+#[cfg(feature = "tokio")]
 pub(crate) use builder;
 
 /// What a guard needs to record its release.
@@ -124,6 +152,8 @@ pub(crate) struct Hold<'a> {
     pub(crate) mode: LockMode,
     /// Set when this acquisition is timed.
     pub(crate) since: Option<HoldStart>,
+    /// Where it was acquired.
+    pub(crate) site: Site,
 }
 
 #[cfg(feature = "tokio")]
@@ -131,7 +161,7 @@ impl Hold<'_> {
     /// Counts the release and records the hold if this acquisition is timed.
     #[inline]
     pub(crate) fn release(&self) {
-        self.recorder.released(self.mode, self.since);
+        self.recorder.released(self.mode, self.since, self.site);
     }
 }
 
@@ -139,12 +169,13 @@ impl Hold<'_> {
 /// successful try, a few nanoseconds, inside the lowest bucket, is recorded with the hold).
 #[cfg(feature = "tokio")]
 #[inline]
-pub(crate) fn uncontended(recorder: &Recorder, mode: LockMode) -> Hold<'_> {
+pub(crate) fn uncontended(recorder: &Recorder, mode: LockMode, site: Site) -> Hold<'_> {
     let since = recorder.acquired_uncontended_in(shard::slot(), mode);
     Hold {
         recorder,
         mode,
         since,
+        site,
     }
 }
 
@@ -158,35 +189,78 @@ fn poison<G>(g: G, poisoned: bool) -> LockResult<G> {
     }
 }
 
-/// std's poison flag (std's own is private): set when a `Mutex` guard or an `RwLock` write
-/// guard is dropped by a thread that started panicking while holding it.
+/// What sits beside the lock word: std's poison flag (std's own is private), set when a
+/// `Mutex` guard or an `RwLock` write guard is dropped by a thread that started panicking while
+/// holding it, and the call site of the latest acquisition, which a releasing holder hands to
+/// waiters (the lock profile's "caused" column). Written by the holder, on the line it owns.
 #[derive(Debug, Default)]
-struct Poison(AtomicBool);
+#[repr(align(8))]
+struct State {
+    poisoned: AtomicBool,
+    site: AtomicPtr<Location<'static>>,
+}
 
-impl Poison {
+impl State {
     #[inline(always)]
-    fn get(&self) -> bool {
-        self.0.load(Relaxed)
+    fn poisoned(&self) -> bool {
+        self.poisoned.load(Relaxed)
     }
 
-    /// The flag a writing guard sets if its thread panics before releasing; `None` when the
-    /// thread is already panicking (as std: a guard taken during unwinding does not poison).
+    /// Records where the lock was just acquired.
     #[inline(always)]
-    fn guard(&self) -> Option<&Poison> {
-        if std::thread::panicking() {
-            None
-        } else {
-            Some(self)
+    fn acquired_at(&self, site: Site) {
+        let p: *const Location<'static> = site;
+        self.site.store(p.cast_mut(), Relaxed);
+    }
+
+    /// Where the lock was last acquired (by the caller, while it holds the lock exclusively;
+    /// by the latest reader for shared holds).
+    #[inline]
+    fn site(&self) -> Option<Site> {
+        // SAFETY: only `&'static Location` pointers are stored (`acquired_at`).
+        unsafe { self.site.load(Relaxed).cast_const().as_ref() }
+    }
+}
+
+/// A guard's reference to its lock's [`State`], with whether the guard poisons the lock if its
+/// thread panics in the low bit (exclusive guards taken while not panicking, as std). One word:
+/// the guard stays four words, small enough for its drop to be inlined.
+#[derive(Clone, Copy)]
+struct StateRef<'a> {
+    tagged: std::ptr::NonNull<State>,
+    _lock: std::marker::PhantomData<&'a State>,
+}
+
+// SAFETY: a `StateRef` is a `&State` plus a bit; `State` is all atomics.
+unsafe impl Send for StateRef<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for StateRef<'_> {}
+
+impl<'a> StateRef<'a> {
+    #[inline(always)]
+    fn new(state: &'a State, poisons: bool) -> StateRef<'a> {
+        let p = std::ptr::NonNull::from(state);
+        StateRef {
+            // `State` is 8-aligned: bit 0 of its address is free.
+            tagged: p.map_addr(|a| a | usize::from(poisons)),
+            _lock: std::marker::PhantomData,
         }
     }
 
     #[inline(always)]
-    fn done(flag: Option<&Poison>) {
-        if let Some(flag) = flag {
-            if std::thread::panicking() {
-                flag.0.store(true, Relaxed);
-            }
+    fn get(self) -> &'a State {
+        // SAFETY: built from a `&'a State` in `new`; clearing the tag bit restores its address.
+        unsafe {
+            self.tagged
+                .map_addr(|a| std::num::NonZeroUsize::new(a.get() & !1).unwrap_or(a))
+                .as_ref()
         }
+    }
+
+    /// Whether dropping the guard while panicking poisons the lock.
+    #[inline(always)]
+    fn poisons(self) -> bool {
+        self.tagged.addr().get() & 1 != 0
     }
 }
 
@@ -205,20 +279,48 @@ macro_rules! guard {
             recorder: &'a Recorder,
             /// Set when this acquisition is timed.
             since: Option<HoldStart>,
-            /// Set for guards that poison (exclusive ones) taken while not panicking.
-            poison: Option<&'a Poison>,
+            /// The lock's poison flag and holder's site; whether this guard poisons.
+            state: StateRef<'a>,
             inner: ManuallyDrop<parking_lot::$inner<'a, T>>,
         }
 
         impl<T: ?Sized> Drop for $guard<'_, T> {
             #[inline(always)]
             fn drop(&mut self) {
+                // One branch for the rare cases, released out of line: a timed hold, someone
+                // waiting. What stays inline is small enough to be inlined wherever a guard
+                // is dropped.
+                if self.since.is_some() | self.recorder.has_waiters() {
+                    self.release_rare();
+                    return;
+                }
                 self.recorder.count_release($mode);
-                Poison::done(self.poison);
+                if self.state.poisons() && std::thread::panicking() {
+                    self.state.get().poisoned.store(true, Relaxed);
+                }
                 // SAFETY: `inner` is dropped here, once, and never used again.
                 unsafe { ManuallyDrop::drop(&mut self.inner) };
+            }
+        }
+
+        impl<T: ?Sized> $guard<'_, T> {
+            /// The release of a timed hold, or one someone waits for: counts it, tells waiters
+            /// where the hold was acquired (read while still held: the next holder overwrites
+            /// it), poisons as std, unlocks, then records the hold outside the critical section.
+            #[cold]
+            #[inline(never)]
+            fn release_rare(&mut self) {
+                let state = self.state.get();
+                let site = state.site();
+                self.recorder.count_release($mode);
+                self.recorder.releasing_from(|| site);
+                if self.state.poisons() && std::thread::panicking() {
+                    state.poisoned.store(true, Relaxed);
+                }
+                // SAFETY: called once, from `drop`; `inner` is never used again.
+                unsafe { ManuallyDrop::drop(&mut self.inner) };
                 if let Some(since) = self.since {
-                    self.recorder.hold_done($mode, since);
+                    self.recorder.hold_done($mode, since, site);
                 }
             }
         }
@@ -243,14 +345,18 @@ macro_rules! guard {
                 &'a self,
                 inner: parking_lot::$inner<'a, T>,
                 since: Option<HoldStart>,
+                site: Site,
             ) -> LockResult<$guard<'a, T>> {
+                self.state.acquired_at(site);
+                // As std: a guard taken while the thread is already panicking does not poison.
+                let poisons = $poisons && !std::thread::panicking();
                 let guard = $guard {
                     recorder: &self.recorder,
                     since,
-                    poison: if $poisons { self.poison.guard() } else { None },
+                    state: StateRef::new(&self.state, poisons),
                     inner: ManuallyDrop::new(inner),
                 };
-                poison(guard, self.poison.get())
+                poison(guard, self.state.poisoned())
             }
         }
     };
@@ -265,32 +371,36 @@ macro_rules! acquire {
      try $try:ident, block $block:ident, $mode:expr, exclusive $exclusive:expr) => {
         $(#[$doc])*
         #[inline(always)]
+        #[track_caller]
         pub fn $name(&self) -> LockResult<$guard<'_, T>> {
+            let site = Location::caller();
             match self.inner.$try() {
                 Some(g) => {
                     let since = self.recorder.acquired_uncontended_in(shard::slot(), $mode);
-                    self.wrap(g, since)
+                    self.wrap(g, since, site)
                 }
-                None => self.$slow(),
+                None => self.$slow(site),
             }
         }
 
         #[cold]
         #[inline(never)]
-        fn $slow(&self) -> LockResult<$guard<'_, T>> {
-            let t0 = self.recorder.contended_start($mode, $exclusive);
+        fn $slow(&self, site: Site) -> LockResult<$guard<'_, T>> {
+            let w = self.recorder.contended_start($mode, $exclusive);
             let g = self.inner.$block();
-            let since = self.recorder.contended_acquired($mode, $exclusive, t0);
-            self.wrap(g, since)
+            let since = self.recorder.contended_acquired($mode, $exclusive, w, site);
+            self.wrap(g, since, site)
         }
 
         $(#[$tdoc])*
         #[inline]
+        #[track_caller]
         pub fn $try_name(&self) -> TryLockResult<$guard<'_, T>> {
+            let site = Location::caller();
             match self.inner.$try() {
                 Some(g) => {
                     let since = self.recorder.acquired_uncontended_in(shard::slot(), $mode);
-                    Ok(self.wrap(g, since)?)
+                    Ok(self.wrap(g, since, site)?)
                 }
                 None => Err(self.would_block($mode)),
             }
@@ -312,17 +422,17 @@ macro_rules! common {
 
             /// Whether the lock is poisoned (a holder panicked), as std's.
             pub fn is_poisoned(&self) -> bool {
-                self.poison.get()
+                self.state.poisoned()
             }
 
             /// Clears the poisoned state, as std's.
             pub fn clear_poison(&self) {
-                self.poison.0.store(false, Relaxed);
+                self.state.poisoned.store(false, Relaxed);
             }
 
             /// Mutable access without locking (an error if poisoned, as std).
             pub fn get_mut(&mut self) -> LockResult<&mut T> {
-                let poisoned = self.poison.get();
+                let poisoned = self.state.poisoned();
                 poison(self.inner.get_mut(), poisoned)
             }
         }
@@ -330,7 +440,7 @@ macro_rules! common {
         impl<T> $lock<T> {
             /// Consumes the lock, returning the value (an error if poisoned, as std).
             pub fn into_inner(self) -> LockResult<T> {
-                let poisoned = self.poison.get();
+                let poisoned = self.state.poisoned();
                 poison(self.inner.into_inner(), poisoned)
             }
         }
@@ -340,7 +450,7 @@ macro_rules! common {
                 f.debug_struct(stringify!($lock))
                     .field("name", &self.recorder.name())
                     .field("inner", &&self.inner)
-                    .field("poisoned", &self.poison.get())
+                    .field("poisoned", &self.state.poisoned())
                     .finish()
             }
         }
@@ -351,7 +461,7 @@ macro_rules! common {
 /// type (generated by `guard!`), all called `wrap` by the `acquire!` expansions.
 trait Wrap<'a, G> {
     type Out;
-    fn wrap(&'a self, inner: G, since: Option<HoldStart>) -> LockResult<Self::Out>;
+    fn wrap(&'a self, inner: G, since: Option<HoldStart>, site: Site) -> LockResult<Self::Out>;
 }
 
 // ---- Mutex --------------------------------------------------------------------------------
@@ -360,7 +470,7 @@ trait Wrap<'a, G> {
 /// see the [module docs](self)). `Send`/`Sync` exactly when std's is.
 pub struct Mutex<T: ?Sized> {
     recorder: Arc<Recorder>,
-    poison: Poison,
+    state: State,
     inner: parking_lot::Mutex<T>,
 }
 
@@ -368,7 +478,7 @@ builder! {
     /// Builder for a [`Mutex`]; see [`Mutex::builder`].
     MutexBuilder => Mutex, |o, value| Mutex {
         recorder: o.recorder("mutex"),
-        poison: Poison::default(),
+        state: State::default(),
         inner: parking_lot::Mutex::new(value),
     }
 }
@@ -418,7 +528,7 @@ impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
 /// exclusive.
 pub struct RwLock<T: ?Sized> {
     recorder: Arc<Recorder>,
-    poison: Poison,
+    state: State,
     inner: parking_lot::RwLock<T>,
 }
 
@@ -426,7 +536,7 @@ builder! {
     /// Builder for an [`RwLock`]; see [`RwLock::builder`].
     RwLockBuilder => RwLock, |o, value| RwLock {
         recorder: o.recorder("rwlock"),
-        poison: Poison::default(),
+        state: State::default(),
         inner: parking_lot::RwLock::new(value),
     }
 }

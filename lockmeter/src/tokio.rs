@@ -13,27 +13,31 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
 use std::ops::{Deref, DerefMut};
+use std::panic::Location;
 use std::sync::Arc;
 
 use crate::clock::Ticks;
 use crate::kind::LockMode;
-use crate::metrics::{Outcome, Recorder};
+use crate::metrics::{Outcome, Recorder, WaitStart};
+use crate::profile::Site;
 use crate::sync::{builder, Hold, Options};
 
 /// Records `cancelled` if an acquire future is dropped while waiting.
 struct Waiting<'a> {
     recorder: &'a Recorder,
     mode: LockMode,
-    since: Ticks,
+    start: WaitStart,
     done: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if !self.done {
+            let secs = self.recorder.wait_abandoned(self.start);
             self.recorder
-                .record_wait(self.mode, Outcome::Cancelled, self.since.elapsed_secs());
+                .record_wait(self.mode, Outcome::Cancelled, secs);
         }
     }
 }
@@ -44,30 +48,32 @@ async fn acquire<'s, G, F>(
     mode: LockMode,
     tried: Option<G>,
     wait: F,
+    site: Site,
 ) -> (G, Hold<'s>)
 where
-    F: std::future::Future<Output = G>,
+    F: Future<Output = G>,
 {
     if let Some(g) = tried {
-        return (g, crate::sync::uncontended(recorder, mode));
+        return (g, crate::sync::uncontended(recorder, mode, site));
     }
     // Tokio locks are held across await points: count with atomics, not under-lock stores.
-    let t0 = recorder.contended_start(mode, false);
+    let start = recorder.contended_start(mode, false);
     let mut waiting = Waiting {
         recorder,
         mode,
-        since: t0.unwrap_or_else(Ticks::now),
+        start,
         done: false,
     };
     let g = wait.await;
     waiting.done = true;
-    let since = recorder.contended_acquired(mode, false, t0);
+    let since = recorder.contended_acquired(mode, false, start, site);
     (
         g,
         Hold {
             recorder,
             mode,
             since,
+            site,
         },
     )
 }
@@ -107,25 +113,36 @@ builder! {
 
 impl<T: ?Sized> Mutex<T> {
     /// Locks, waiting asynchronously. Cancel-safe like tokio's: dropping the future while it
-    /// waits gives up the place in the queue (recorded as `cancelled`).
-    pub async fn lock(&self) -> MutexGuard<'_, T> {
-        let tried = self.inner.try_lock().ok();
-        let (inner, hold) = acquire(
-            &self.recorder,
-            LockMode::Exclusive,
-            tried,
-            self.inner.lock(),
-        )
-        .await;
-        MutexGuard { hold, inner }
+    /// waits gives up the place in the queue (recorded as `cancelled`). A plain function
+    /// returning the future, so that it can capture its caller's location.
+    #[track_caller]
+    pub fn lock(&self) -> impl Future<Output = MutexGuard<'_, T>> + '_ {
+        let site = Location::caller();
+        async move {
+            let tried = self.inner.try_lock().ok();
+            let (inner, hold) = acquire(
+                &self.recorder,
+                LockMode::Exclusive,
+                tried,
+                self.inner.lock(),
+                site,
+            )
+            .await;
+            MutexGuard { hold, inner }
+        }
     }
 
     /// Tries to lock without waiting; a failure is counted as a conflict.
+    #[track_caller]
     pub fn try_lock(&self) -> Result<MutexGuard<'_, T>, ::tokio::sync::TryLockError> {
         let t0 = Ticks::now();
         match self.inner.try_lock() {
             Ok(inner) => Ok(MutexGuard {
-                hold: crate::sync::uncontended(&self.recorder, LockMode::Exclusive),
+                hold: crate::sync::uncontended(
+                    &self.recorder,
+                    LockMode::Exclusive,
+                    Location::caller(),
+                ),
                 inner,
             }),
             Err(e) => {
@@ -221,25 +238,41 @@ builder! {
 }
 
 impl<T: ?Sized> RwLock<T> {
-    /// Shared access, waiting asynchronously.
-    pub async fn read(&self) -> RwLockReadGuard<'_, T> {
-        let tried = self.inner.try_read().ok();
-        let (inner, hold) =
-            acquire(&self.recorder, LockMode::Shared, tried, self.inner.read()).await;
-        RwLockReadGuard { hold, inner }
+    /// Shared access, waiting asynchronously (a plain function returning the future, so that
+    /// it can capture its caller's location).
+    #[track_caller]
+    pub fn read(&self) -> impl Future<Output = RwLockReadGuard<'_, T>> + '_ {
+        let site = Location::caller();
+        async move {
+            let tried = self.inner.try_read().ok();
+            let (inner, hold) = acquire(
+                &self.recorder,
+                LockMode::Shared,
+                tried,
+                self.inner.read(),
+                site,
+            )
+            .await;
+            RwLockReadGuard { hold, inner }
+        }
     }
 
-    /// Exclusive access, waiting asynchronously.
-    pub async fn write(&self) -> RwLockWriteGuard<'_, T> {
-        let tried = self.inner.try_write().ok();
-        let (inner, hold) = acquire(
-            &self.recorder,
-            LockMode::Exclusive,
-            tried,
-            self.inner.write(),
-        )
-        .await;
-        RwLockWriteGuard { hold, inner }
+    /// Exclusive access, waiting asynchronously (a plain function returning the future).
+    #[track_caller]
+    pub fn write(&self) -> impl Future<Output = RwLockWriteGuard<'_, T>> + '_ {
+        let site = Location::caller();
+        async move {
+            let tried = self.inner.try_write().ok();
+            let (inner, hold) = acquire(
+                &self.recorder,
+                LockMode::Exclusive,
+                tried,
+                self.inner.write(),
+                site,
+            )
+            .await;
+            RwLockWriteGuard { hold, inner }
+        }
     }
 }
 

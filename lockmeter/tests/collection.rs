@@ -3,15 +3,10 @@
 //! series stay bounded.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
 use lockmeter::metrics::{Sink, SERIES_LIMIT};
 use lockmeter::sync::Mutex;
 use lockmeter::FileLock;
 use lockmeter_testkit::Recorder;
-use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
-use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
 
 #[test]
 fn force_flush_right_after_one_acquisition_sees_every_count() {
@@ -45,34 +40,19 @@ fn force_flush_right_after_one_acquisition_sees_every_count() {
 
 #[test]
 fn shutdown_right_after_an_acquisition_exports_it() {
-    let exporter = InMemoryMetricExporter::default();
-    let provider = SdkMeterProvider::builder()
-        .with_reader(
-            PeriodicReader::builder(exporter.clone())
-                .with_interval(Duration::from_secs(3600))
-                .build(),
-        )
-        .build();
-    let sink = Sink::new(provider.meter("lockmeter"));
-    let m = Mutex::builder("at-exit").sink(sink).build(());
+    let rec = Recorder::new();
+    let m = Mutex::builder("at-exit")
+        .sink(Sink::new(rec.meter()))
+        .build(());
     for _ in 0..3 {
         drop(m.lock().unwrap());
     }
-    provider.shutdown().unwrap();
-    let exported = exporter.get_finished_metrics().unwrap();
-    let last = exported.last().expect("shutdown exported");
-    let acquisitions: u64 = last
-        .scope_metrics()
-        .flat_map(|s| s.metrics())
-        .filter(|m| m.name() == "lock.acquisitions")
-        .map(|m| match m.data() {
-            AggregatedMetrics::U64(MetricData::Sum(s)) => {
-                s.data_points().map(|d| d.value()).sum::<u64>()
-            }
-            _ => panic!("lock.acquisitions is not a u64 sum"),
-        })
-        .sum();
-    assert_eq!(acquisitions, 3);
+    let s = rec.shutdown_snapshot();
+    assert_eq!(
+        s.counter("lock.acquisitions", &[("lock.name", "at-exit")]),
+        3
+    );
+    assert_eq!(s.updown("lock.held", &[("lock.name", "at-exit")]), 0);
 }
 
 #[test]

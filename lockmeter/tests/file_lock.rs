@@ -611,7 +611,12 @@ fn dropping_lock_async_never_leaves_the_lock_held() {
     let sink = Sink::new(rec.meter());
     let dir = tmp();
     let path = dir.path().join("async.lock");
-    let lock = FileLock::builder(&path).sink(sink.clone()).open().unwrap();
+    // Every acquisition timed: the test counts the waits of both acquires.
+    let lock = FileLock::builder(&path)
+        .sink(sink.clone())
+        .sample_every(1)
+        .open()
+        .unwrap();
     let holder = FileLock::open(&path).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -3,67 +3,19 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
 
 use lockmeter::sync::{Mutex, DEFAULT_SAMPLE_EVERY};
 use lockmeter::FileLock;
-use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
-use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+use lockmeter_testkit::Recorder;
 
-fn provider() -> (SdkMeterProvider, InMemoryMetricExporter) {
-    let exporter = InMemoryMetricExporter::default();
-    let provider = SdkMeterProvider::builder()
-        .with_reader(
-            PeriodicReader::builder(exporter.clone())
-                .with_interval(Duration::from_secs(3600))
-                .build(),
-        )
-        .build();
-    (provider, exporter)
+fn acquisitions(rec: &Recorder, name: &str) -> u64 {
+    rec.snapshot()
+        .counter("lock.acquisitions", &[("lock.name", name)])
 }
 
-fn latest(p: &SdkMeterProvider, e: &InMemoryMetricExporter) -> Option<ResourceMetrics> {
-    e.reset();
-    p.force_flush().unwrap();
-    e.get_finished_metrics().unwrap().pop()
-}
-
-fn acquisitions(rm: &Option<ResourceMetrics>, name: &str) -> u64 {
-    let Some(rm) = rm else { return 0 };
-    rm.scope_metrics()
-        .flat_map(|s| s.metrics())
-        .filter(|m| m.name() == "lock.acquisitions")
-        .map(|m| match m.data() {
-            AggregatedMetrics::U64(MetricData::Sum(s)) => s
-                .data_points()
-                .filter(|d| {
-                    d.attributes()
-                        .any(|kv| kv.key.as_str() == "lock.name" && kv.value.as_str() == name)
-                })
-                .map(|d| d.value())
-                .sum::<u64>(),
-            _ => panic!("not a u64 sum"),
-        })
-        .sum()
-}
-
-fn hold_count(rm: &Option<ResourceMetrics>, name: &str) -> u64 {
-    let Some(rm) = rm else { return 0 };
-    rm.scope_metrics()
-        .flat_map(|s| s.metrics())
-        .filter(|m| m.name() == "lock.duration")
-        .map(|m| match m.data() {
-            AggregatedMetrics::F64(MetricData::Histogram(h)) => h
-                .data_points()
-                .filter(|d| {
-                    d.attributes()
-                        .any(|kv| kv.key.as_str() == "lock.name" && kv.value.as_str() == name)
-                })
-                .map(|d| d.count())
-                .sum::<u64>(),
-            _ => panic!("not a histogram"),
-        })
-        .sum()
+fn holds(rec: &Recorder, name: &str) -> u64 {
+    rec.snapshot()
+        .hist_count("lock.duration", &[("lock.name", name)])
 }
 
 /// Captures WARN events (the one-time notice).
@@ -107,8 +59,8 @@ fn locks_created_before_the_provider_record_into_it() {
     }
 
     // The application installs its own provider, without telling lockmeter.
-    let (p1, e1) = provider();
-    opentelemetry::global::set_meter_provider(p1.clone());
+    let r1 = Recorder::new();
+    opentelemetry::global::set_meter_provider(r1.provider().clone());
 
     // Each lock notices at its next timed acquisition: at most `sample_every` acquisitions.
     for _ in 0..DEFAULT_SAMPLE_EVERY {
@@ -117,24 +69,23 @@ fn locks_created_before_the_provider_record_into_it() {
     for _ in 0..lockmeter::metrics::DEFAULT_SAMPLE_EVERY {
         drop(file.lock().unwrap());
     }
-    let rm = latest(&p1, &e1);
     assert_eq!(
-        acquisitions(&rm, "early"),
+        acquisitions(&r1, "early"),
         100 + u64::from(DEFAULT_SAMPLE_EVERY),
         "counts are complete from the lock's creation"
     );
     assert_eq!(
-        acquisitions(&rm, "early-file"),
+        acquisitions(&r1, "early-file"),
         10 + u64::from(lockmeter::metrics::DEFAULT_SAMPLE_EVERY)
     );
     // From then on hold times go to the new provider too.
-    let holds = hold_count(&rm, "early-file");
+    let before = holds(&r1, "early-file");
     for _ in 0..3 {
-        let _g = file.lock().unwrap();
-        // Each snapshot is a collection: the next acquisition is timed.
-        latest(&p1, &e1);
+        // Each snapshot (in `holds`) is a collection: the next acquisition is timed.
+        drop(file.lock().unwrap());
+        holds(&r1, "early-file");
     }
-    assert_eq!(hold_count(&latest(&p1, &e1), "early-file"), holds + 3);
+    assert_eq!(holds(&r1, "early-file"), before + 3);
     let said: Vec<String> = warnings.0.lock().unwrap().clone();
     assert_eq!(
         said.iter()
@@ -149,18 +100,17 @@ fn locks_created_before_the_provider_record_into_it() {
 
     // A second provider installed and announced with refresh(): every count visible at once,
     // before any further acquisition.
-    let (p2, e2) = provider();
-    opentelemetry::global::set_meter_provider(p2.clone());
+    let r2 = Recorder::new();
+    opentelemetry::global::set_meter_provider(r2.provider().clone());
     lockmeter::metrics::refresh();
-    let rm = latest(&p2, &e2);
     assert_eq!(
-        acquisitions(&rm, "early"),
+        acquisitions(&r2, "early"),
         100 + u64::from(DEFAULT_SAMPLE_EVERY)
     );
 
     // A lock created after the provider records into it from its first acquisition.
     let late = Mutex::named("late", ());
     drop(late.lock().unwrap());
-    assert_eq!(acquisitions(&latest(&p2, &e2), "late"), 1);
-    assert_eq!(hold_count(&latest(&p2, &e2), "late"), 1);
+    assert_eq!(acquisitions(&r2, "late"), 1);
+    assert_eq!(holds(&r2, "late"), 1);
 }

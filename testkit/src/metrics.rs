@@ -40,6 +40,19 @@ impl Recorder {
         self.provider.meter("lockmeter")
     }
 
+    /// The SDK provider (to install it globally, or shut it down).
+    pub fn provider(&self) -> &SdkMeterProvider {
+        &self.provider
+    }
+
+    /// Shuts the provider down and returns what its final export carried.
+    pub fn shutdown_snapshot(&self) -> Snapshot {
+        self.exporter.reset();
+        self.provider.shutdown().unwrap();
+        let mut all = self.exporter.get_finished_metrics().unwrap();
+        Snapshot(all.pop())
+    }
+
     /// Collects (lockmeter's counts are read now) and returns the newest cumulative export.
     pub fn snapshot(&self) -> Snapshot {
         self.exporter.reset();
@@ -161,6 +174,9 @@ impl Snapshot {
                 sets(s.data_points().map(|d| d.attributes()))
             }
             Some(AggregatedMetrics::I64(MetricData::Sum(s))) => {
+                sets(s.data_points().map(|d| d.attributes()))
+            }
+            Some(AggregatedMetrics::F64(MetricData::Sum(s))) => {
                 sets(s.data_points().map(|d| d.attributes()))
             }
             Some(AggregatedMetrics::F64(MetricData::Histogram(h))) => {

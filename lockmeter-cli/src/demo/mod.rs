@@ -163,13 +163,18 @@ fn demo(args: DemoArgs) -> Result<(), String> {
     );
 
     let stop = Arc::new(AtomicBool::new(false));
+    let cache = Arc::new(lockmeter::sync::Mutex::named(
+        "demo-cache",
+        Vec::<u64>::new(),
+    ));
     let mut threads = Vec::new();
     for w in 0..args.workers {
         let stop = Arc::clone(&stop);
         let dir = dir.clone();
+        let cache = Arc::clone(&cache);
         let t = std::thread::Builder::new()
             .name(format!("demo-worker-{w}"))
-            .spawn(move || worker(w as u64, &dir, &stop))
+            .spawn(move || worker(w as u64, &dir, &cache, &stop))
             .map_err(|e| format!("cannot start worker: {e}"))?;
         threads.push(t);
     }
@@ -235,6 +240,14 @@ fn demo(args: DemoArgs) -> Result<(), String> {
         &total,
         started.elapsed().as_secs_f64(),
     );
+    println!();
+    println!(
+        "lock profile: which code waited, which code's holds made others wait, and timed holds"
+    );
+    println!("(also served as JSON at /debug/lockmeter/profile)");
+    for lock in lockmeter::profile::snapshot() {
+        print!("{lock}");
+    }
     drop(telemetry);
     Ok(())
 }
@@ -265,7 +278,25 @@ impl Drop for TempDir {
     }
 }
 
-fn worker(seed: u64, dir: &Path, stop: &AtomicBool) {
+/// A shared in-memory cache behind an instrumented mutex, used from two places: a reader that
+/// holds it briefly and a refresher that holds it for milliseconds. The lock profile tells
+/// them apart by call site.
+type Cache = lockmeter::sync::Mutex<Vec<u64>>;
+
+fn read_cache(cache: &Cache, key: u64) -> Option<u64> {
+    let entries = cache.lock().unwrap_or_else(|p| p.into_inner());
+    entries.iter().copied().find(|e| *e == key)
+}
+
+fn refresh_cache(cache: &Cache, rng: &mut fastrand::Rng) {
+    let mut entries = cache.lock().unwrap_or_else(|p| p.into_inner());
+    entries.clear();
+    entries.extend((0..64).map(|_| rng.u64(0..1_000)));
+    // Rebuilding while holding the lock: the mistake the profile points at.
+    std::thread::sleep(Duration::from_millis(rng.u64(2..=6)));
+}
+
+fn worker(seed: u64, dir: &Path, cache: &Cache, stop: &AtomicBool) {
     let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5eed);
     let locks: Vec<FileLock> = SCENARIOS
         .iter()
@@ -316,6 +347,11 @@ fn worker(seed: u64, dir: &Path, stop: &AtomicBool) {
             }
             Ok(None) => {}
             Err(e) => eprintln!("lockmeter demo: {e}"),
+        }
+        if rng.f64() < 0.02 {
+            refresh_cache(cache, &mut rng);
+        } else {
+            read_cache(cache, rng.u64(0..1_000));
         }
         // Think time between operations.
         std::thread::sleep(Duration::from_micros(rng.u64(100..=1_500)));

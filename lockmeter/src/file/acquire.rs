@@ -1,7 +1,10 @@
 //! Every way to take a [`FileLock`]: the inlined fast path, then blocking, try, timeout and
 //! async acquires through one [`FileLock::attempt`].
 
+#[cfg(feature = "tokio")]
+use std::future::Future;
 use std::os::fd::{AsFd as _, BorrowedFd};
+use std::panic::Location;
 use std::time::{Duration, Instant};
 
 use lock_api::RawRwLock as _;
@@ -16,20 +19,36 @@ use crate::clock::Ticks;
 use crate::error::{Error, Operation, Result};
 use crate::kind::LockMode;
 use crate::metrics::Outcome;
+use crate::profile::Site;
 use crate::sys;
 
 /// Polling back-off for timed and async acquires (the kernel has no timed `flock`).
 const POLL_MIN: Duration = Duration::from_micros(100);
 const POLL_MAX: Duration = Duration::from_millis(10);
 
-/// What the fast path's one non-blocking attempt did.
-enum FastTry {
-    Locked(Box<LockFd>),
-    /// The lock is held elsewhere (conflict counted).
-    Busy,
-    /// The fast path does not apply; take the full path.
-    Slow,
-    Failed(Errno),
+/// A fast-path acquire in progress: the descriptor it locks through, and its start time when
+/// it is in the timing sample.
+pub(super) struct Begun {
+    fd: Box<LockFd>,
+    start: Option<Ticks>,
+}
+
+/// What the fast path's system calls said.
+struct Said {
+    /// The non-blocking lock call.
+    locked: std::result::Result<bool, Errno>,
+    /// `lstat(path)`, when the lock was taken and verification is on.
+    now_names: Option<std::result::Result<crate::sys::FileId, Errno>>,
+}
+
+/// What the fast path found.
+enum FastOutcome {
+    Locked(Box<LockFd>, Option<Ticks>),
+    /// Held elsewhere (conflict counted).
+    Busy(Option<Ticks>),
+    /// Take the full path (it re-locks, re-verifies and counts what happened).
+    Again(Option<Ticks>),
+    Failed(Option<Ticks>, Errno),
 }
 
 /// How an acquire waits once it has found the lock taken.
@@ -41,6 +60,42 @@ pub(super) enum Wait {
     Block,
 }
 
+/// When an acquire on a full path started, and whether it is in the timing sample.
+#[derive(Clone, Copy)]
+pub(super) struct Started {
+    pub(super) at: Ticks,
+    pub(super) timed: bool,
+}
+
+impl Started {
+    /// `start` from the fast path (set when timed), or now.
+    fn new(start: Option<Ticks>) -> Started {
+        Started {
+            at: start.unwrap_or_else(Ticks::now),
+            timed: start.is_some(),
+        }
+    }
+}
+
+/// An acquire that may wait: counted as a waiter until [`Waiting::over`] or until dropped
+/// (gave up, failed, or the future was cancelled).
+struct Waiting<'a>(&'a crate::metrics::Recorder);
+
+impl Waiting<'_> {
+    /// Got the lock: where the holder that released it acquired, if it was in this process.
+    fn over(self) -> Option<Site> {
+        let holder = self.0.wait_over();
+        std::mem::forget(self);
+        holder
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.wait_over();
+    }
+}
+
 /// A successful acquire: the lock and, with owner records, this holder's record state.
 pub(super) struct Acquired {
     pub(super) held: Held,
@@ -50,39 +105,45 @@ pub(super) struct Acquired {
 impl FileLock {
     /// Takes the lock exclusively, waiting as long as it takes.
     #[inline(always)]
+    #[track_caller]
     pub fn lock(&self) -> Result<FileLockGuard<'_>> {
-        self.lock_mode(LockMode::Exclusive)
+        self.lock_mode(LockMode::Exclusive, Location::caller())
     }
 
     /// Takes the lock shared, waiting as long as it takes.
     #[inline(always)]
+    #[track_caller]
     pub fn lock_shared(&self) -> Result<FileLockGuard<'_>> {
-        self.lock_mode(LockMode::Shared)
+        self.lock_mode(LockMode::Shared, Location::caller())
     }
 
     /// Tries to take the lock exclusively; `Ok(None)` when it is held elsewhere.
     #[inline(always)]
+    #[track_caller]
     pub fn try_lock(&self) -> Result<Option<FileLockGuard<'_>>> {
-        self.try_lock_mode(LockMode::Exclusive)
+        self.try_lock_mode(LockMode::Exclusive, Location::caller())
     }
 
     /// Tries to take the lock shared; `Ok(None)` when it is held exclusively elsewhere.
     #[inline(always)]
+    #[track_caller]
     pub fn try_lock_shared(&self) -> Result<Option<FileLockGuard<'_>>> {
-        self.try_lock_mode(LockMode::Shared)
+        self.try_lock_mode(LockMode::Shared, Location::caller())
     }
 
     /// Takes the lock exclusively, giving up after `timeout` with `Ok(None)`.
     ///
     /// The kernel has no timed `flock`, so after a first non-blocking attempt this polls with
     /// exponential back-off (100 µs up to 10 ms): a release is noticed within 10 ms.
+    #[track_caller]
     pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<FileLockGuard<'_>>> {
-        self.acquire_timeout(LockMode::Exclusive, timeout)
+        self.acquire_timeout(LockMode::Exclusive, timeout, Location::caller())
     }
 
     /// Takes the lock shared, giving up after `timeout` with `Ok(None)`.
+    #[track_caller]
     pub fn lock_shared_timeout(&self, timeout: Duration) -> Result<Option<FileLockGuard<'_>>> {
-        self.acquire_timeout(LockMode::Shared, timeout)
+        self.acquire_timeout(LockMode::Shared, timeout, Location::caller())
     }
 
     /// Takes the lock exclusively without blocking a runtime thread.
@@ -90,72 +151,71 @@ impl FileLock {
     /// Cancellation-safe: the future only ever holds the lock at the instant it resolves, so
     /// dropping it before then never leaves the lock held, not even later. Waits by polling
     /// with back-off (100 µs up to 10 ms) on the tokio timer.
+    ///
+    /// A plain function returning the future (so that it can capture its caller's location).
     #[cfg(feature = "tokio")]
-    pub async fn lock_async(&self) -> Result<FileLockGuard<'_>> {
-        self.acquire_async(LockMode::Exclusive).await
+    #[track_caller]
+    pub fn lock_async(&self) -> impl Future<Output = Result<FileLockGuard<'_>>> + '_ {
+        self.acquire_async(LockMode::Exclusive, Location::caller())
     }
 
     /// Takes the lock shared without blocking a runtime thread; see [`FileLock::lock_async`].
     #[cfg(feature = "tokio")]
-    pub async fn lock_shared_async(&self) -> Result<FileLockGuard<'_>> {
-        self.acquire_async(LockMode::Shared).await
+    #[track_caller]
+    pub fn lock_shared_async(&self) -> impl Future<Output = Result<FileLockGuard<'_>>> + '_ {
+        self.acquire_async(LockMode::Shared, Location::caller())
     }
 
     // ---- the fast path --------------------------------------------------------------------
+    //
+    // On hosts with return-stack mitigations, the first `ret` after a system call into a frame
+    // entered before that call costs as much as ~100 ns (AMD's SRSO "Safe RET"; Intel with
+    // eIBRS here), a sixth of a whole `flock` + unlock. So the inlined part of an acquire is
+    // the system calls and nothing else: everything before them (`fast_begin`) and after them
+    // (`fast_end`) is an ordinary out-of-line call, whose return is predicted because it was
+    // entered after the last system call or returns before the next. The inlined body stays
+    // small enough that no caller shape (a closure, a generic function, `?`) makes the
+    // compiler outline it.
 
     #[inline(always)]
-    fn lock_mode(&self, mode: LockMode) -> Result<FileLockGuard<'_>> {
-        let start = Ticks::now();
-        match self.fast(mode) {
-            FastTry::Locked(fd) => Ok(self.fast_guard(fd, mode, start)),
-            FastTry::Busy => self.acquire_blocking(mode, start, true),
-            FastTry::Slow => self.acquire_blocking(mode, start, false),
-            FastTry::Failed(errno) => Err(self.fast_failed(mode, start, errno)),
-        }
+    fn lock_mode(&self, mode: LockMode, site: Site) -> Result<FileLockGuard<'_>> {
+        let Some(begun) = self.fast_begin() else {
+            return self.lock_full(mode, site);
+        };
+        let said = self.fast_calls(&begun, mode);
+        self.fast_end_lock(begun, mode, said, site)
     }
 
     #[inline(always)]
-    fn try_lock_mode(&self, mode: LockMode) -> Result<Option<FileLockGuard<'_>>> {
-        let start = Ticks::now();
-        match self.fast(mode) {
-            FastTry::Locked(fd) => Ok(Some(self.fast_guard(fd, mode, start))),
-            FastTry::Busy => {
-                self.not_acquired(mode, Outcome::WouldBlock, start, &tracing::Span::none());
-                Ok(None)
-            }
-            FastTry::Slow => self.acquire_try(mode, start),
-            FastTry::Failed(errno) => Err(self.fast_failed(mode, start, errno)),
-        }
+    fn try_lock_mode(&self, mode: LockMode, site: Site) -> Result<Option<FileLockGuard<'_>>> {
+        let Some(begun) = self.fast_begin() else {
+            return self.try_lock_full(mode, site);
+        };
+        let said = self.fast_calls(&begun, mode);
+        self.fast_end_try(begun, mode, said, site)
     }
 
-    /// The common case: no owner records, no watching, no per-acquisition spans; one
-    /// descriptor from the pool, one non-blocking lock call, one `stat` to verify. Anything
-    /// else (an empty pool, a migration, POSIX locks) says `Slow`; a conflict is counted and
-    /// says `Busy`. Everything but the lock call itself stays out of line, so the instructions
-    /// and memory touched between the system calls stay few.
+    /// The fast path's system calls, inline: the non-blocking lock, then `lstat` to verify.
     #[inline(always)]
-    fn fast(&self, mode: LockMode) -> FastTry {
-        let Some(pool) = self.fast_pool() else {
-            return FastTry::Slow;
-        };
-        let Some(fd) = pool.take() else {
-            return FastTry::Slow;
-        };
-        match sys::lock(fd.fd.as_fd(), self.kind, mode, false) {
-            Ok(true) if !self.verify || self.verified(&fd) => FastTry::Locked(fd),
-            Ok(true) => {
-                self.unlock_migrated(pool, fd);
-                FastTry::Slow
-            }
-            Ok(false) => {
-                pool.put(fd);
-                self.recorder.conflict(mode);
-                FastTry::Busy
-            }
-            // The descriptor is closed here; the error is counted and returned (a retry that
-            // happened to succeed must not hide it).
-            Err(errno) => FastTry::Failed(errno),
-        }
+    fn fast_calls(&self, begun: &Begun, mode: LockMode) -> Said {
+        let locked = sys::lock(begun.fd.fd.as_fd(), self.kind, mode, false);
+        let now_names = (self.verify && matches!(locked, Ok(true)))
+            .then(|| sys::path_id(self.c_path.as_c_str()));
+        Said { locked, now_names }
+    }
+
+    /// Before the fast path's system calls: whether it applies (flock/OFD without owner
+    /// records, watching or per-acquisition spans, a descriptor idle in the pool), and whether
+    /// this acquire is timed (decided by number, so no clock is read for the others).
+    #[inline(never)]
+    fn fast_begin(&self) -> Option<Begun> {
+        let pool = self.fast_pool()?;
+        let fd = pool.take()?;
+        let start = self
+            .recorder
+            .file_attempt_timed()
+            .then(|| self.recorder.timed_start());
+        Some(Begun { fd, start })
     }
 
     /// The descriptor pool when the fast path applies. Per-acquisition spans (asked for, or
@@ -170,6 +230,100 @@ impl FileLock {
         }
     }
 
+    /// After a blocking acquire's fast system calls: the guard, or the full path.
+    #[inline(never)]
+    fn fast_end_lock(
+        &self,
+        begun: Begun,
+        mode: LockMode,
+        said: Said,
+        site: Site,
+    ) -> Result<FileLockGuard<'_>> {
+        match self.fast_outcome(begun, mode, said) {
+            FastOutcome::Locked(fd, start) => Ok(self.fast_guard(fd, mode, start, site)),
+            FastOutcome::Busy(start) => self.acquire_blocking(mode, start, true, site),
+            FastOutcome::Again(start) => self.acquire_blocking(mode, start, false, site),
+            FastOutcome::Failed(start, errno) => Err(self.fast_failed(mode, start, errno)),
+        }
+    }
+
+    /// After a try's fast system calls: the guard, `None`, or the full path.
+    #[inline(never)]
+    fn fast_end_try(
+        &self,
+        begun: Begun,
+        mode: LockMode,
+        said: Said,
+        site: Site,
+    ) -> Result<Option<FileLockGuard<'_>>> {
+        match self.fast_outcome(begun, mode, said) {
+            FastOutcome::Locked(fd, start) => Ok(Some(self.fast_guard(fd, mode, start, site))),
+            FastOutcome::Busy(start) => Ok(self.fast_busy(mode, start)),
+            FastOutcome::Again(start) => self.acquire_try(mode, start, site),
+            FastOutcome::Failed(start, errno) => Err(self.fast_failed(mode, start, errno)),
+        }
+    }
+
+    /// What the fast path's system calls mean; the descriptor goes back to the pool unless
+    /// the lock was taken (or the lock call failed: it is closed, holding nothing).
+    #[inline(always)]
+    fn fast_outcome(&self, begun: Begun, mode: LockMode, said: Said) -> FastOutcome {
+        let Begun { fd, start } = begun;
+        let Backend::Fds(pool) = &self.backend else {
+            // Unreachable: `fast_begin` took the descriptor from this pool.
+            return FastOutcome::Again(start);
+        };
+        match (said.locked, said.now_names) {
+            (Ok(true), None) => FastOutcome::Locked(fd, start),
+            (Ok(true), Some(Ok(id))) if id == fd.id => FastOutcome::Locked(fd, start),
+            // A migration (or a failing stat): let go; the full path counts it.
+            (Ok(true), Some(_)) => {
+                self.unlock_migrated(pool, fd);
+                FastOutcome::Again(start)
+            }
+            (Ok(false), _) => {
+                pool.put(fd);
+                self.recorder.conflict(mode);
+                FastOutcome::Busy(start)
+            }
+            // The descriptor is closed here; the error is counted and returned (a retry that
+            // happened to succeed must not hide it).
+            (Err(errno), _) => FastOutcome::Failed(start, errno),
+        }
+    }
+
+    /// The full blocking path from the start (the fast path does not apply).
+    #[cold]
+    #[inline(never)]
+    fn lock_full(&self, mode: LockMode, site: Site) -> Result<FileLockGuard<'_>> {
+        let start = self.start_if_timed();
+        self.acquire_blocking(mode, start, false, site)
+    }
+
+    /// The full try path from the start.
+    #[cold]
+    #[inline(never)]
+    fn try_lock_full(&self, mode: LockMode, site: Site) -> Result<Option<FileLockGuard<'_>>> {
+        let start = self.start_if_timed();
+        self.acquire_try(mode, start, site)
+    }
+
+    /// Whether this acquire is timed; if so, its start.
+    fn start_if_timed(&self) -> Option<Ticks> {
+        self.recorder
+            .file_attempt_timed()
+            .then(|| self.recorder.timed_start())
+    }
+
+    /// A try found the lock taken on the fast path (the conflict is counted).
+    #[cold]
+    #[inline(never)]
+    fn fast_busy(&self, mode: LockMode, start: Option<Ticks>) -> Option<FileLockGuard<'_>> {
+        let start = start.unwrap_or_else(Ticks::now);
+        self.not_acquired(mode, Outcome::WouldBlock, start, &tracing::Span::none());
+        None
+    }
+
     /// A migration (or a failing stat) on the fast path: let go; the full path counts it.
     #[cold]
     #[inline(never)]
@@ -181,7 +335,8 @@ impl FileLock {
 
     #[cold]
     #[inline(never)]
-    fn fast_failed(&self, mode: LockMode, start: Ticks, errno: Errno) -> Error {
+    fn fast_failed(&self, mode: LockMode, start: Option<Ticks>, errno: Errno) -> Error {
+        let start = start.unwrap_or_else(Ticks::now);
         let e = self.err(Operation::Lock, errno);
         self.fail_wait(mode, start, &tracing::Span::none(), e)
     }
@@ -192,36 +347,51 @@ impl FileLock {
     fn acquire_blocking(
         &self,
         mode: LockMode,
-        start: Ticks,
+        start: Option<Ticks>,
         contended: bool,
+        site: Site,
     ) -> Result<FileLockGuard<'_>> {
+        let start = Started::new(start);
         let span = trace::acquire(self.span_attrs(), mode, self.spans);
         let _entered = span.enter();
         let mut contended = contended;
-        match self.attempt(mode, Wait::Block, &mut contended) {
-            Ok(Some(acquired)) => Ok(self.guard(acquired, mode, contended, start, &span)),
+        self.recorder.wait_begins();
+        let attempt = self.attempt(mode, Wait::Block, &mut contended);
+        let holder = self.recorder.wait_over();
+        match attempt {
+            Ok(Some(acquired)) => {
+                Ok(self.guard(acquired, mode, contended, start, holder, site, &span))
+            }
             // A blocking attempt only returns None if the kernel said "would block" to a
             // blocking call, which it does not; treat it as an error rather than loop.
             Ok(None) => {
                 let e = self.err(Operation::Lock, Errno::AGAIN);
-                Err(self.fail_wait(mode, start, &span, e))
+                Err(self.fail_wait(mode, start.at, &span, e))
             }
-            Err(e) => Err(self.fail_wait(mode, start, &span, e)),
+            Err(e) => Err(self.fail_wait(mode, start.at, &span, e)),
         }
     }
 
     #[cold]
-    fn acquire_try(&self, mode: LockMode, start: Ticks) -> Result<Option<FileLockGuard<'_>>> {
+    fn acquire_try(
+        &self,
+        mode: LockMode,
+        start: Option<Ticks>,
+        site: Site,
+    ) -> Result<Option<FileLockGuard<'_>>> {
+        let start = Started::new(start);
         let span = trace::acquire(self.span_attrs(), mode, self.spans);
         let _entered = span.enter();
         let mut contended = false;
         match self.attempt(mode, Wait::No, &mut contended) {
-            Ok(Some(acquired)) => Ok(Some(self.guard(acquired, mode, contended, start, &span))),
+            Ok(Some(acquired)) => Ok(Some(
+                self.guard(acquired, mode, contended, start, None, site, &span),
+            )),
             Ok(None) => {
-                self.not_acquired(mode, Outcome::WouldBlock, start, &span);
+                self.not_acquired(mode, Outcome::WouldBlock, start.at, &span);
                 Ok(None)
             }
-            Err(e) => Err(self.fail_wait(mode, start, &span, e)),
+            Err(e) => Err(self.fail_wait(mode, start.at, &span, e)),
         }
     }
 
@@ -229,24 +399,30 @@ impl FileLock {
         &self,
         mode: LockMode,
         timeout: Duration,
+        site: Site,
     ) -> Result<Option<FileLockGuard<'_>>> {
         let span = trace::acquire(self.span_attrs(), mode, self.spans);
         let _entered = span.enter();
-        let start = Ticks::now();
+        let start = Started::new(self.start_if_timed());
         let deadline = Instant::now() + timeout;
         let mut contended = false;
         let mut backoff = POLL_MIN;
+        self.recorder.wait_begins();
+        let waiting = Waiting(&self.recorder);
         loop {
             match self.attempt(mode, Wait::No, &mut contended) {
                 Ok(Some(acquired)) => {
-                    return Ok(Some(self.guard(acquired, mode, contended, start, &span)))
+                    let holder = waiting.over();
+                    return Ok(Some(
+                        self.guard(acquired, mode, contended, start, holder, site, &span),
+                    ));
                 }
                 Ok(None) => {}
-                Err(e) => return Err(self.fail_wait(mode, start, &span, e)),
+                Err(e) => return Err(self.fail_wait(mode, start.at, &span, e)),
             }
             let now = Instant::now();
             if now >= deadline {
-                self.not_acquired(mode, Outcome::Timeout, start, &span);
+                self.not_acquired(mode, Outcome::Timeout, start.at, &span);
                 return Ok(None);
             }
             std::thread::sleep(backoff.min(deadline - now));
@@ -255,7 +431,7 @@ impl FileLock {
     }
 
     #[cfg(feature = "tokio")]
-    async fn acquire_async(&self, mode: LockMode) -> Result<FileLockGuard<'_>> {
+    async fn acquire_async(&self, mode: LockMode, site: Site) -> Result<FileLockGuard<'_>> {
         /// Records `cancelled` if the future is dropped before it resolves.
         struct Pending<'a> {
             lock: &'a FileLock,
@@ -272,16 +448,18 @@ impl FileLock {
                 }
             }
         }
-        let start = Ticks::now();
+        let start = Started::new(self.start_if_timed());
         let mut pending = Pending {
             lock: self,
             mode,
-            start,
+            start: start.at,
             span: trace::acquire(self.span_attrs(), mode, self.spans),
             done: false,
         };
         let mut contended = false;
         let mut backoff = POLL_MIN;
+        self.recorder.wait_begins();
+        let waiting = Waiting(&self.recorder);
         loop {
             // A non-blocking attempt holds nothing when it returns None, and returns the guard
             // in the same poll when it succeeds: there is no await point while the lock is held.
@@ -291,12 +469,21 @@ impl FileLock {
             match attempt {
                 Ok(Some(acquired)) => {
                     pending.done = true;
-                    return Ok(self.guard(acquired, mode, contended, start, &pending.span));
+                    let holder = waiting.over();
+                    return Ok(self.guard(
+                        acquired,
+                        mode,
+                        contended,
+                        start,
+                        holder,
+                        site,
+                        &pending.span,
+                    ));
                 }
                 Ok(None) => {}
                 Err(e) => {
                     pending.done = true;
-                    return Err(self.fail_wait(mode, start, &pending.span, e));
+                    return Err(self.fail_wait(mode, start.at, &pending.span, e));
                 }
             }
             tokio::time::sleep(backoff).await;

@@ -5,14 +5,13 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use opentelemetry::KeyValue;
 use parking_lot::Mutex;
 use rustix::io::Errno;
 
 use super::{count_error, Backend, FdPool, FileLock, LockFd, PosixHandle};
 use crate::error::{Error, Operation, Result};
 use crate::kind::LockKind;
-use crate::metrics::{keys, Recorder, Sink, DEFAULT_SAMPLE_EVERY};
+use crate::metrics::{Recorder, Sink, Spec, DEFAULT_SAMPLE_EVERY};
 use crate::sys::{self, FileId};
 
 /// What to do when the lock file's file system cannot be trusted to make the lock exclude
@@ -46,6 +45,8 @@ pub struct FileLockBuilder {
     spans: bool,
     sample_every: u32,
     allow_directory: bool,
+    slow_wait: Option<Duration>,
+    slow_hold: Option<Duration>,
 }
 
 impl FileLockBuilder {
@@ -64,6 +65,8 @@ impl FileLockBuilder {
             spans: false,
             sample_every: DEFAULT_SAMPLE_EVERY,
             allow_directory: false,
+            slow_wait: None,
+            slow_hold: None,
         }
     }
 
@@ -171,9 +174,25 @@ impl FileLockBuilder {
     /// Create a `tracing` span per acquire (`lock.acquire`) and per hold (`lock.hold`) at
     /// `INFO` (default `false`: they are `TRACE` spans, created only when `TRACE` is enabled for
     /// target `lockmeter`). A span costs more than an uncontended lock cycle once a subscriber
-    /// listens; slow acquisitions and holds are reported without them (see the crate docs).
+    /// listens; slow acquisitions and holds are reported without them ([`crate::profile`]).
     pub fn spans(mut self, on: bool) -> Self {
         self.spans = on;
+        self
+    }
+
+    /// Report acquires that waited at least `d` as `lock.slow_wait` events (default
+    /// [`profile::default_slow_wait`](crate::profile::default_slow_wait): 10 ms or
+    /// `LOCKMETER_SLOW_WAIT_MS`). See [`crate::profile`].
+    pub fn slow_wait(mut self, d: Duration) -> Self {
+        self.slow_wait = Some(d);
+        self
+    }
+
+    /// Report timed holds of at least `d` as `lock.slow_hold` events (default
+    /// [`profile::default_slow_hold`](crate::profile::default_slow_hold): 100 ms or
+    /// `LOCKMETER_SLOW_HOLD_MS`). See [`crate::profile`].
+    pub fn slow_hold(mut self, d: Duration) -> Self {
+        self.slow_hold = Some(d);
         self
     }
 
@@ -212,13 +231,12 @@ impl FileLockBuilder {
             },
         };
         let fs_type: &'static str = intern(fs_info.metric_fs_type());
-        let recorder = Recorder::new(
-            &self.sink,
-            &name,
-            self.kind.as_str(),
-            &[KeyValue::new(keys::FS_TYPE, fs_type)],
-            self.sample_every,
-        );
+        let recorder = Recorder::new(Spec {
+            fs_type: Some(fs_type),
+            slow_wait: self.slow_wait,
+            slow_hold: self.slow_hold,
+            ..Spec::new(&self.sink, &name, self.kind.as_str(), self.sample_every)
+        });
         let fd = match opened {
             Ok(fd) => fd,
             Err(e) => return Err(count_error(&recorder, e)),

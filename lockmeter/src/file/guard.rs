@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rustix::io::Errno;
 
-use super::acquire::Acquired;
+use super::acquire::{Acquired, Started};
 use super::verify::OwnerState;
 use super::watch::WatchHandle;
 use super::{trace, Backend, FileLock, Held, LockFd, PosixHandle};
@@ -19,6 +19,7 @@ use crate::error::{Operation, Result};
 use crate::kind::{LockKind, LockMode};
 use crate::metrics::Outcome;
 use crate::owner;
+use crate::profile::Site;
 use crate::sys;
 
 /// A held file lock. Dropping it releases the lock with an explicit unlock (`LOCK_UN` /
@@ -32,11 +33,13 @@ pub struct FileLockGuard<'a> {
     held: ManuallyDrop<Option<Held>>,
     /// Watch, owner record and span; `None` in the common case (a small guard is cheap to move).
     extra: ManuallyDrop<Option<Box<GuardExtra>>>,
-    acquired_at: Ticks,
+    /// When the lock was acquired, for an acquisition in the timing sample (its hold is
+    /// recorded at release); `None` for the others, which read no clock.
+    since: Option<Ticks>,
+    /// Where the lock was acquired.
+    site: Site,
     mode: LockMode,
     contended: bool,
-    /// Whether this acquisition is in the timing sample (its hold is recorded at release).
-    timed: bool,
 }
 
 /// The parts of a guard only some locks have.
@@ -64,38 +67,53 @@ impl FileLock {
         &self,
         fd: Box<LockFd>,
         mode: LockMode,
-        start: Ticks,
+        start: Option<Ticks>,
+        site: Site,
     ) -> FileLockGuard<'_> {
-        let acquired_at = Ticks::now();
-        let timed = self.recorder.file_acquired(mode, false);
-        if timed {
-            self.record_wait(mode, start, acquired_at);
-        }
+        self.recorder.acquired(mode, false);
+        let since = start.map(|start| self.timed_acquired(mode, start));
         FileLockGuard {
             lock: self,
             held: ManuallyDrop::new(Some(Held::Fd(fd))),
             extra: ManuallyDrop::new(None),
-            acquired_at,
+            since,
+            site,
             mode,
             contended: false,
-            timed,
         }
     }
 
+    /// A timed fast-path acquisition: records its wait, returns when the hold started.
+    #[cold]
+    #[inline(never)]
+    fn timed_acquired(&self, mode: LockMode, start: Ticks) -> Ticks {
+        let now = Ticks::now();
+        self.recorder
+            .record_wait(mode, Outcome::Acquired, start.secs_until(now));
+        now
+    }
+
     /// The guard of a full-path acquisition: watch, owner record and span as configured.
-    #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn guard(
         &self,
         acquired: Acquired,
         mode: LockMode,
         contended: bool,
-        start: Ticks,
+        start: Started,
+        holder: Option<Site>,
+        site: Site,
         acquire_span: &tracing::Span,
     ) -> FileLockGuard<'_> {
-        let acquired_at = Ticks::now();
-        let timed = self.recorder.file_acquired(mode, contended);
-        if timed {
-            self.record_wait(mode, start, acquired_at);
+        let now = Ticks::now();
+        self.recorder.acquired(mode, contended);
+        let wait = start.at.secs_until(now);
+        if start.timed {
+            self.recorder.record_wait(mode, Outcome::Acquired, wait);
+        }
+        if contended {
+            // Every wait for a lock found taken: the profile and slow-wait events.
+            self.recorder.waited(mode, site, holder, wait);
         }
         trace::acquire_done(acquire_span, Outcome::Acquired, contended);
         let watch = self
@@ -113,27 +131,20 @@ impl FileLock {
             lock: self,
             held: ManuallyDrop::new(Some(acquired.held)),
             extra: ManuallyDrop::new(extra),
-            acquired_at,
+            since: start.timed.then_some(now),
+            site,
             mode,
             contended,
-            timed,
         }
     }
 
-    /// Records the wait of a timed (sampled) acquisition.
+    /// Records the hold of a timed (sampled) acquisition made at `site`, ending now.
     #[cold]
     #[inline(never)]
-    fn record_wait(&self, mode: LockMode, start: Ticks, acquired_at: Ticks) {
-        self.recorder
-            .record_wait(mode, Outcome::Acquired, start.secs_until(acquired_at));
-    }
-
-    /// Records the hold of a timed (sampled) acquisition, ending now.
-    #[cold]
-    #[inline(never)]
-    fn record_hold(&self, mode: LockMode, contended: bool, acquired_at: Ticks) {
-        self.recorder
-            .record_hold(mode, contended, acquired_at.elapsed_secs());
+    fn record_hold(&self, mode: LockMode, contended: bool, since: Ticks, site: Site) {
+        let secs = since.elapsed_secs();
+        self.recorder.record_hold(mode, contended, secs);
+        self.recorder.held(mode, site, secs);
     }
 
     // ---- release: one path per kind -----------------------------------------------------
@@ -215,11 +226,6 @@ impl FileLockGuard<'_> {
     /// Whether the acquire found the lock taken and had to wait.
     pub fn was_contended(&self) -> bool {
         self.contended
-    }
-
-    /// How long the lock has been held so far.
-    pub fn held_for(&self) -> Duration {
-        Duration::from_secs_f64(self.acquired_at.elapsed_secs())
     }
 
     /// The fencing number of this acquisition (with owner records, exclusive mode): one more
@@ -315,14 +321,24 @@ impl FileLockGuard<'_> {
         self.lock.unlock(held, self.mode)
     }
 
-    /// Counts the release and records the hold if this acquisition is timed.
+    /// Counts the release; records the hold if this acquisition is timed and tells in-process
+    /// waiters where it was acquired if any wait (one branch inline, the rest out of line).
     #[inline(always)]
     fn count_release(&self) {
-        if self.timed {
-            self.lock
-                .record_hold(self.mode, self.contended, self.acquired_at);
+        if self.since.is_some() | self.lock.recorder.has_waiters() {
+            self.release_extras();
         }
         self.lock.recorder.count_release(self.mode);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn release_extras(&self) {
+        if let Some(since) = self.since {
+            self.lock
+                .record_hold(self.mode, self.contended, since, self.site);
+        }
+        self.lock.recorder.releasing(self.site);
     }
 
     #[cold]
@@ -362,21 +378,47 @@ impl Drop for FileLockGuard<'_> {
     /// frame entered before it costs ~130 ns, a fifth of the whole `flock` + unlock. Keeping
     /// the system calls in the caller's frame avoids that ret.
     ///
-    /// So the common case, a `flock` guard without extras, is released right here in as few
-    /// instructions as possible; everything else goes out of line.
+    ///
+    /// So only the unlock system call of the common case (a `flock` guard without extras) is
+    /// inlined; what comes before it and after it are ordinary out-of-line calls (see the fast
+    /// path in `acquire.rs`), and everything else goes out of line.
     #[inline(always)]
     fn drop(&mut self) {
-        let lock = self.lock;
-        if let (LockKind::Flock, Some(Held::Fd(_)), None) = (lock.kind, &*self.held, &*self.extra) {
+        if let Some(fd) = self.flock_release_begin() {
+            let r = rustix::fs::flock(fd.fd.as_fd(), rustix::fs::FlockOperation::Unlock);
+            self.lock.flock_release_end(fd, r);
+        }
+    }
+}
+
+impl FileLockGuard<'_> {
+    /// Before the unlock call: for a `flock` guard without extras, counts the release and
+    /// returns the descriptor to unlock; anything else it releases itself (returns `None`).
+    #[inline(never)]
+    fn flock_release_begin(&mut self) -> Option<Box<LockFd>> {
+        if let (LockKind::Flock, Some(Held::Fd(_)), None) =
+            (self.lock.kind, &*self.held, &*self.extra)
+        {
             let Some(Held::Fd(fd)) = self.held.take() else {
-                return;
+                return None;
             };
             self.count_release();
-            if let Err(errno) = lock.unlock_flock(fd) {
-                release_failed(lock, errno);
-            }
+            Some(fd)
         } else {
             self.drop_slow();
+            None
+        }
+    }
+}
+
+impl FileLock {
+    /// After a guard's `flock` unlock: the descriptor back to the pool, or closed and the
+    /// failure reported.
+    #[inline(never)]
+    fn flock_release_end(&self, fd: Box<LockFd>, r: std::result::Result<(), Errno>) {
+        self.return_fd(fd, r);
+        if let Err(errno) = r {
+            release_failed(self, errno);
         }
     }
 }

@@ -10,7 +10,7 @@ use rustix::io::Errno;
 
 use super::acquire::{Acquired, Wait};
 use super::watch::{self, WatchHandle, WatchSpec};
-use super::{count_error, Backend, FileLock, Held, LockFd, PosixHandle};
+use super::{count_error, Backend, FileLock, Held, PosixHandle};
 use crate::error::{Error, Operation, Result};
 use crate::kind::LockMode;
 use crate::metrics::{DetectedAt, MigrationKind};
@@ -30,12 +30,6 @@ pub(super) struct OwnerState {
 }
 
 impl FileLock {
-    /// Whether the path still names the locked inode.
-    #[inline(always)]
-    pub(super) fn verified(&self, fd: &LockFd) -> bool {
-        matches!(sys::path_id(self.c_path.as_c_str()), Ok(id) if id == fd.id)
-    }
-
     /// Takes the lock, then (unless verification is off) checks that the path still names the
     /// locked inode; on a migration counts it, lets go of the orphaned inode and locks what the
     /// path names now, up to [`MAX_MIGRATIONS`] times.

@@ -18,9 +18,12 @@ mod series;
 pub(crate) mod shard;
 mod sink;
 
-pub(crate) use recorder::Recorder;
+#[cfg(feature = "tokio")]
+pub(crate) use recorder::WaitStart;
+pub(crate) use recorder::{Recorder, Spec};
 pub use schema::{
-    keys, names, DetectedAt, LostReason, MigrationKind, Outcome, DEFAULT_BOUNDARIES, SCOPE,
+    instruments, keys, names, DetectedAt, InstrumentSpec, LostReason, MigrationKind, Outcome,
+    DEFAULT_BOUNDARIES, SCOPE,
 };
 pub use series::SERIES_LIMIT;
 pub use sink::Sink;

@@ -12,8 +12,9 @@
 //! - **Rare events** (errors, migrations, violations, losses) are recorded as they happen, with
 //!   attributes built then.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use opentelemetry::metrics::BoundHistogram;
@@ -25,6 +26,7 @@ use super::shard::{self, Shard};
 use super::sink::{global_instruments, Instruments, Sink};
 use crate::clock::{HoldStart, Ticks};
 use crate::kind::LockMode;
+use crate::profile::{self, EventAttrs, ProfileSlot, Site, Thresholds};
 
 /// A lock bound to the global provider re-checks which provider is installed every this many
 /// timed acquisitions (every one while the provider is the no-op one).
@@ -48,6 +50,62 @@ pub(crate) struct Recorder {
     bound: ArcSwap<Bound>,
     /// Timed acquisitions until the next look at the global provider.
     checks: AtomicU32,
+    /// `lock.kind`, and `fs.type` for file locks (slow-lock events).
+    kind: String,
+    fs_type: Option<&'static str>,
+    thresholds: Thresholds,
+    profile: ProfileSlot,
+    contention: Contention,
+}
+
+/// Who is waiting, and where the last holder that released while someone waited acquired
+/// the lock: waiters charge their wait to that call site (the contention it caused). On a line
+/// of its own: waiters write it, holders only read it while nobody waits.
+#[derive(Default)]
+#[repr(align(64))]
+struct Contention {
+    waiters: AtomicU32,
+    releaser: AtomicPtr<std::panic::Location<'static>>,
+}
+
+/// What a lock's [`Recorder`] is for.
+pub(crate) struct Spec<'a> {
+    pub(crate) sink: &'a Sink,
+    pub(crate) name: &'a str,
+    /// `lock.kind`.
+    pub(crate) kind: &'a str,
+    /// `fs.type` of a file lock (also an attribute of every series).
+    pub(crate) fs_type: Option<&'static str>,
+    /// Further attributes of every series.
+    pub(crate) extra: &'a [KeyValue],
+    /// Time 1 in this many acquisitions.
+    pub(crate) sample_every: u32,
+    pub(crate) slow_wait: Option<Duration>,
+    pub(crate) slow_hold: Option<Duration>,
+}
+
+impl<'a> Spec<'a> {
+    /// A lock `name` of kind `kind` recording into `sink`, with the defaults.
+    pub(crate) fn new(sink: &'a Sink, name: &'a str, kind: &'a str, sample_every: u32) -> Self {
+        Spec {
+            sink,
+            name,
+            kind,
+            fs_type: None,
+            extra: &[],
+            sample_every,
+            slow_wait: None,
+            slow_hold: None,
+        }
+    }
+}
+
+/// The start of a wait for a lock found taken.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WaitStart {
+    at: Ticks,
+    /// In the timing sample (its wait goes into `lock.wait.duration`).
+    timed: bool,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -80,33 +138,34 @@ impl Bound {
 }
 
 impl Recorder {
-    /// A recorder for the lock `name` of kind `kind` (`lock.kind`) with `extra` attributes on
-    /// every series, timing 1 in `sample_every` acquisitions.
-    pub(crate) fn new(
-        sink: &Sink,
-        name: &str,
-        kind: &str,
-        extra: &[KeyValue],
-        sample_every: u32,
-    ) -> Arc<Recorder> {
+    /// A recorder for the lock `spec` describes.
+    pub(crate) fn new(spec: Spec<'_>) -> Arc<Recorder> {
         let mut base = vec![
-            KeyValue::new(keys::LOCK_NAME, name.to_owned()),
-            KeyValue::new(keys::LOCK_KIND, kind.to_owned()),
+            KeyValue::new(keys::LOCK_NAME, spec.name.to_owned()),
+            KeyValue::new(keys::LOCK_KIND, spec.kind.to_owned()),
         ];
-        base.extend_from_slice(extra);
-        let sample_mask = u64::from(sample_every.max(1).next_power_of_two()) - 1;
-        let series = sink.registry().series(&base);
+        if let Some(fs) = spec.fs_type {
+            base.push(KeyValue::new(keys::FS_TYPE, fs));
+        }
+        base.extend_from_slice(spec.extra);
+        let sample_mask = u64::from(spec.sample_every.max(1).next_power_of_two()) - 1;
+        let series = spec.sink.registry().series(&base);
         let r = Arc::new(Recorder {
             shards: Default::default(),
             sample_mask,
             // The first acquisition is timed anyway (number 0).
             sample: AtomicU64::new(sample_mask),
-            name: name.to_owned(),
+            name: spec.name.to_owned(),
             base,
-            bound: ArcSwap::from_pointee(Bound::new(sink.instruments())),
-            sink: sink.clone(),
+            bound: ArcSwap::from_pointee(Bound::new(spec.sink.instruments())),
+            sink: spec.sink.clone(),
             series,
             checks: AtomicU32::new(GLOBAL_CHECK_EVERY),
+            kind: spec.kind.to_owned(),
+            fs_type: spec.fs_type,
+            thresholds: Thresholds::new(spec.slow_wait, spec.slow_hold),
+            profile: ProfileSlot::default(),
+            contention: Contention::default(),
         });
         r.series.join(Arc::downgrade(&r));
         r
@@ -172,13 +231,15 @@ impl Recorder {
         }
     }
 
-    /// Counts a release and records the hold if the acquisition was timed.
+    /// Counts a release, tells waiters where the hold was acquired, and records the hold if
+    /// the acquisition was timed.
     #[cfg(feature = "tokio")]
     #[inline(always)]
-    pub(crate) fn released(&self, mode: LockMode, since: Option<HoldStart>) {
+    pub(crate) fn released(&self, mode: LockMode, since: Option<HoldStart>, site: Site) {
         self.count_release(mode);
+        self.releasing(site);
         if let Some(t) = since {
-            self.hold_done(mode, t);
+            self.hold_done(mode, t, Some(site));
         }
     }
 
@@ -212,10 +273,10 @@ impl Recorder {
         Some(HoldStart::new(Ticks::now(), false))
     }
 
-    /// Records a timed hold that ended now.
+    /// Records a timed hold that ended now, acquired at `site`.
     #[cold]
     #[inline(never)]
-    pub(crate) fn hold_done(&self, mode: LockMode, since: HoldStart) {
+    pub(crate) fn hold_done(&self, mode: LockMode, since: HoldStart, site: Option<Site>) {
         let held = since.at().elapsed_secs();
         if !since.contended() {
             // The wait of a timed uncontended acquisition, recorded here rather than inside
@@ -223,22 +284,39 @@ impl Recorder {
             self.record_wait(mode, Outcome::Acquired, 0.0);
         }
         self.record_hold(mode, since.contended(), held);
+        if let Some(site) = site {
+            self.held(mode, site, held);
+        }
     }
 
-    /// A try found the lock taken: decide whether to time this wait (1 in N conflicts, the
-    /// same rate as uncontended acquisitions, so the histograms' mix stays unbiased). For
-    /// exclusive locks the conflict is counted later, when the lock is acquired
-    /// ([`Self::contended_acquired`]); a waiter that gives up counts it itself.
+    /// A try found the lock taken and the caller will wait: counts it as a waiter, reads the
+    /// clock, and decides whether this wait is timed (1 in N conflicts, the same rate as
+    /// uncontended acquisitions, so the histograms' mix stays unbiased). For exclusive locks
+    /// the conflict is counted later, when the lock is acquired ([`Self::contended_acquired`]);
+    /// a waiter that gives up counts it itself.
     #[cold]
     #[inline(never)]
-    pub(crate) fn contended_start(&self, mode: LockMode, exclusive: bool) -> Option<Ticks> {
+    pub(crate) fn contended_start(&self, mode: LockMode, exclusive: bool) -> WaitStart {
         let c = shard::conflicts(mode.idx());
         let n = if exclusive {
             self.peek(c)
         } else {
             self.bump(c)
         };
-        self.sampled(n).then(Ticks::now)
+        self.contention.waiters.fetch_add(1, Relaxed);
+        WaitStart {
+            timed: self.sampled(n),
+            at: Ticks::now(),
+        }
+    }
+
+    /// A waiter stops waiting ([`Self::contended_start`]) without the lock (cancelled):
+    /// returns its wait in seconds.
+    #[cfg(feature = "tokio")]
+    #[cold]
+    pub(crate) fn wait_abandoned(&self, w: WaitStart) -> f64 {
+        self.contention.waiters.fetch_sub(1, Relaxed);
+        w.at.elapsed_secs()
     }
 
     /// Whether the acquisition (or failed acquire) numbered `n` is timed: 1 in N by number, or
@@ -263,34 +341,144 @@ impl Recorder {
         }
     }
 
-    /// A file lock acquisition (holders may run concurrently, even "exclusive" ones on a file
-    /// system that does not exclude: shard counts, never a shared line). Returns whether to
-    /// time it.
-    #[inline(always)]
-    pub(crate) fn file_acquired(&self, mode: LockMode, contended: bool) -> bool {
-        let n = self.acquired(mode, contended);
-        self.sampled(n)
-    }
-
-    /// The contended acquire got the lock: count it (and, for exclusive locks, its conflict);
-    /// if timed, record the wait and start timing the hold.
+    /// The contended acquire got the lock: count it (and, for exclusive locks, its conflict),
+    /// charge the wait to `site` and to the releasing holder's site, report it if slow, and if
+    /// it is timed record the wait and start timing the hold.
     #[cold]
     #[inline(never)]
     pub(crate) fn contended_acquired(
         &self,
         mode: LockMode,
         exclusive: bool,
-        t0: Option<Ticks>,
+        w: WaitStart,
+        site: Site,
     ) -> Option<HoldStart> {
         let m = mode.idx();
         if exclusive {
             self.bump(shard::conflicts(m));
         }
         self.bump(shard::acquisitions(m, 1));
-        let t0 = t0?;
         let now = Ticks::now();
-        self.record_wait(mode, Outcome::Acquired, t0.secs_until(now));
+        let secs = w.at.secs_until(now);
+        let holder = self.wait_over();
+        self.waited(mode, site, holder, secs);
+        if !w.timed {
+            return None;
+        }
+        self.record_wait(mode, Outcome::Acquired, secs);
         Some(HoldStart::new(now, true))
+    }
+
+    /// A waiter got the lock: no longer waiting; where the holder that released it acquired.
+    #[cold]
+    pub(crate) fn wait_over(&self) -> Option<Site> {
+        let p = self
+            .contention
+            .releaser
+            .load(std::sync::atomic::Ordering::Acquire);
+        self.contention.waiters.fetch_sub(1, Relaxed);
+        // SAFETY: only `&'static Location` pointers are ever stored (see `releasing`).
+        unsafe { p.cast_const().as_ref() }
+    }
+
+    /// A file lock's blocking acquire starts waiting (it counts its conflict itself).
+    #[cold]
+    pub(crate) fn wait_begins(&self) {
+        self.contention.waiters.fetch_add(1, Relaxed);
+    }
+
+    /// A holder that acquired at `site` releases: if anyone waits, tell them where (inline:
+    /// one load of a line nobody writes while nobody waits).
+    #[inline(always)]
+    pub(crate) fn releasing(&self, site: Site) {
+        if self.contention.waiters.load(Relaxed) != 0 {
+            self.publish_releaser(site);
+        }
+    }
+
+    /// Whether anyone waits for this lock in this process.
+    #[inline(always)]
+    pub(crate) fn has_waiters(&self) -> bool {
+        self.contention.waiters.load(Relaxed) != 0
+    }
+
+    /// [`Self::releasing`] for a lock that keeps its holder's site itself: `site` is only
+    /// asked for when someone waits.
+    #[inline(always)]
+    pub(crate) fn releasing_from(&self, site: impl FnOnce() -> Option<Site>) {
+        if self.contention.waiters.load(Relaxed) != 0 {
+            if let Some(site) = site() {
+                self.publish_releaser(site);
+            }
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn publish_releaser(&self, site: Site) {
+        let p: *const std::panic::Location<'static> = site;
+        self.contention
+            .releaser
+            .store(p.cast_mut(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// A wait of `secs` at `site`, ended by a holder that acquired at `holder`: into the
+    /// profile, and a `lock.slow_wait` event if it was slow.
+    #[cold]
+    pub(crate) fn waited(&self, mode: LockMode, site: Site, holder: Option<Site>, secs: f64) {
+        if let Some(t) = self.profile.get(&self.name, &self.kind) {
+            t.add(site, profile::Event::Waited(secs));
+            if let Some(h) = holder {
+                t.add(h, profile::Event::Caused(secs));
+            }
+        }
+        if secs >= self.thresholds.wait {
+            profile::slow_wait(&self.event_attrs_for(mode), site, holder, secs);
+        }
+    }
+
+    /// A timed hold of `secs` acquired at `site`: into the profile, and a `lock.slow_hold`
+    /// event if it was slow.
+    #[cold]
+    pub(crate) fn held(&self, mode: LockMode, site: Site, secs: f64) {
+        if let Some(t) = self.profile.get(&self.name, &self.kind) {
+            t.add(site, profile::Event::Held(secs));
+        }
+        if secs >= self.thresholds.hold {
+            profile::slow_hold(&self.event_attrs_for(mode), site, secs);
+        }
+    }
+
+    /// Whether a wait of `secs` is slow for this lock.
+    pub(crate) fn is_slow_wait(&self, secs: f64) -> bool {
+        secs >= self.thresholds.wait
+    }
+
+    fn event_attrs_for(&self, mode: LockMode) -> EventAttrs<'_> {
+        EventAttrs {
+            name: &self.name,
+            kind: &self.kind,
+            mode,
+            fs_type: self.fs_type,
+        }
+    }
+
+    /// Whether this thread's next file lock acquire is timed: decided before the lock call, by
+    /// the number of this thread's acquire attempts (or the first after a collection), so no
+    /// clock is read for the others (a clock read is a few per cent of an uncontended
+    /// `flock` + unlock on a VM).
+    #[inline(always)]
+    pub(crate) fn file_attempt_timed(&self) -> bool {
+        let n = self.bump(shard::ATTEMPTS);
+        n & self.sample.load(Relaxed) == 0
+    }
+
+    /// Starts timing an acquire the sample picked ([`Self::file_attempt_timed`]).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn timed_start(&self) -> Ticks {
+        self.restore_sample_mask();
+        Ticks::now()
     }
 
     // ---- timing -------------------------------------------------------------------------

@@ -30,6 +30,84 @@ pub mod names {
     pub const WAITERS: &str = "lock.waiters";
 }
 
+/// One instrument of the schema as every producer creates it (the library, the host agent):
+/// name, unit and description, so that all of them export identical metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstrumentSpec {
+    /// The OTel instrument name ([`names`]).
+    pub name: &'static str,
+    /// Its UCUM unit.
+    pub unit: &'static str,
+    /// Its description (Prometheus `# HELP`).
+    pub description: &'static str,
+}
+
+/// Name, unit and description of each instrument of the schema.
+pub mod instruments {
+    use super::{names, InstrumentSpec};
+
+    /// `lock.duration`.
+    pub const DURATION: InstrumentSpec = InstrumentSpec {
+        name: names::DURATION,
+        unit: "s",
+        description: "Time a lock was held, from acquired to released.",
+    };
+    /// `lock.wait.duration`.
+    pub const WAIT_DURATION: InstrumentSpec = InstrumentSpec {
+        name: names::WAIT_DURATION,
+        unit: "s",
+        description: "Time spent in a lock acquire call, whatever its outcome.",
+    };
+    /// `lock.acquisitions`.
+    pub const ACQUISITIONS: InstrumentSpec = InstrumentSpec {
+        name: names::ACQUISITIONS,
+        unit: "{acquisition}",
+        description: "Successful lock acquisitions.",
+    };
+    /// `lock.conflicts`.
+    pub const CONFLICTS: InstrumentSpec = InstrumentSpec {
+        name: names::CONFLICTS,
+        unit: "{conflict}",
+        description: "Lock acquires that found the lock taken.",
+    };
+    /// `lock.errors`.
+    pub const ERRORS: InstrumentSpec = InstrumentSpec {
+        name: names::ERRORS,
+        unit: "{error}",
+        description: "Failed lock operations.",
+    };
+    /// `lock.inode.migrations`.
+    pub const INODE_MIGRATIONS: InstrumentSpec = InstrumentSpec {
+        name: names::INODE_MIGRATIONS,
+        unit: "{migration}",
+        description: "Lock files found replaced, unlinked or on another device.",
+    };
+    /// `lock.violations`.
+    pub const VIOLATIONS: InstrumentSpec = InstrumentSpec {
+        name: names::VIOLATIONS,
+        unit: "{violation}",
+        description: "Exclusion violations: another holder acquired a lock we held.",
+    };
+    /// `lock.held`.
+    pub const HELD: InstrumentSpec = InstrumentSpec {
+        name: names::HELD,
+        unit: "{lock}",
+        description: "Locks held now.",
+    };
+    /// `lock.lost`.
+    pub const LOST: InstrumentSpec = InstrumentSpec {
+        name: names::LOST,
+        unit: "{loss}",
+        description: "Holds that ended without the holder releasing the lock.",
+    };
+    /// `lock.waiters`.
+    pub const WAITERS: InstrumentSpec = InstrumentSpec {
+        name: names::WAITERS,
+        unit: "{waiter}",
+        description: "Processes or threads waiting for a lock now.",
+    };
+}
+
 /// Attribute keys.
 pub mod keys {
     /// Stable lock name (defaults to the path as given).

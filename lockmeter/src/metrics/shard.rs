@@ -26,7 +26,7 @@ const UNCLAIMED: u8 = u8::MAX;
 /// One thread's counters of one lock, on a cache line of its own.
 #[derive(Debug, Default)]
 #[repr(align(128))] // two lines: adjacent-line prefetch pairs 64-byte lines on x86
-pub(crate) struct Shard(pub(crate) [AtomicU64; 8]);
+pub(crate) struct Shard(pub(crate) [AtomicU64; 16]);
 
 /// Index of the acquisitions counter of `mode` (0 exclusive, 1 shared), `contended` (0 or 1).
 #[inline(always)]
@@ -45,6 +45,9 @@ pub(crate) const fn releases(mode: usize) -> usize {
 pub(crate) const fn conflicts(mode: usize) -> usize {
     6 + mode
 }
+
+/// Index of the acquire-attempts counter (file locks' timing sample; not exported).
+pub(crate) const ATTEMPTS: usize = 8;
 
 /// Free owned slots, one bit each.
 #[cfg(not(loom))]

@@ -7,7 +7,7 @@ use std::sync::{Arc, LazyLock};
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 use parking_lot::Mutex;
 
-use super::schema::{names, DEFAULT_BOUNDARIES, SCOPE};
+use super::schema::{instruments, names, DEFAULT_BOUNDARIES, SCOPE};
 use super::series::Registry;
 
 /// Where locks record: the global meter provider (the default) or one meter of your own.
@@ -116,56 +116,56 @@ impl Instruments {
         let r = Arc::clone(&registry);
         meter
             .u64_observable_counter(names::ACQUISITIONS)
-            .with_unit("{acquisition}")
-            .with_description("Successful lock acquisitions.")
+            .with_unit(instruments::ACQUISITIONS.unit)
+            .with_description(instruments::ACQUISITIONS.description)
             .with_callback(move |obs| r.observe_acquisitions(obs))
             .build();
         let r = Arc::clone(&registry);
         meter
             .u64_observable_counter(names::CONFLICTS)
-            .with_unit("{conflict}")
-            .with_description("Lock acquires that found the lock taken.")
+            .with_unit(instruments::CONFLICTS.unit)
+            .with_description(instruments::CONFLICTS.description)
             .with_callback(move |obs| r.observe_conflicts(obs))
             .build();
         let r = Arc::clone(&registry);
         meter
             .i64_observable_up_down_counter(names::HELD)
-            .with_unit("{lock}")
-            .with_description("Locks held now.")
+            .with_unit(instruments::HELD.unit)
+            .with_description(instruments::HELD.description)
             .with_callback(move |obs| r.observe_held(obs))
             .build();
         Instruments {
             duration: meter
                 .f64_histogram(names::DURATION)
-                .with_unit("s")
-                .with_description("Time a lock was held, from acquired to released.")
+                .with_unit(instruments::DURATION.unit)
+                .with_description(instruments::DURATION.description)
                 .with_boundaries(DEFAULT_BOUNDARIES.to_vec())
                 .build(),
             wait: meter
                 .f64_histogram(names::WAIT_DURATION)
-                .with_unit("s")
-                .with_description("Time spent in a lock acquire call, whatever its outcome.")
+                .with_unit(instruments::WAIT_DURATION.unit)
+                .with_description(instruments::WAIT_DURATION.description)
                 .with_boundaries(DEFAULT_BOUNDARIES.to_vec())
                 .build(),
             errors: meter
                 .u64_counter(names::ERRORS)
-                .with_unit("{error}")
-                .with_description("Failed lock operations.")
+                .with_unit(instruments::ERRORS.unit)
+                .with_description(instruments::ERRORS.description)
                 .build(),
             migrations: meter
                 .u64_counter(names::INODE_MIGRATIONS)
-                .with_unit("{migration}")
-                .with_description("Lock files found replaced, unlinked or on another device.")
+                .with_unit(instruments::INODE_MIGRATIONS.unit)
+                .with_description(instruments::INODE_MIGRATIONS.description)
                 .build(),
             violations: meter
                 .u64_counter(names::VIOLATIONS)
-                .with_unit("{violation}")
-                .with_description("Exclusion violations: another holder acquired a lock we held.")
+                .with_unit(instruments::VIOLATIONS.unit)
+                .with_description(instruments::VIOLATIONS.description)
                 .build(),
             lost: meter
                 .u64_counter(names::LOST)
-                .with_unit("{loss}")
-                .with_description("Holds that ended without the holder releasing the lock.")
+                .with_unit(instruments::LOST.unit)
+                .with_description(instruments::LOST.description)
                 .build(),
             registry,
             noop,

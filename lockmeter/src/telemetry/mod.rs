@@ -130,6 +130,7 @@ pub struct TelemetryBuilder {
     compact_console: bool,
     log_filter: String,
     set_global: bool,
+    profile_metrics: Option<bool>,
 }
 
 impl Default for TelemetryBuilder {
@@ -147,6 +148,7 @@ impl Default for TelemetryBuilder {
             compact_console: false,
             log_filter: "warn".to_owned(),
             set_global: true,
+            profile_metrics: None,
         }
     }
 }
@@ -235,8 +237,18 @@ impl TelemetryBuilder {
         self
     }
 
+    /// Export the lock profile's per-call-site totals as metrics (`lock.site.waited`,
+    /// `lock.site.caused`, `lock.site.held`; see [`crate::profile::register_metrics`]),
+    /// overriding `LOCKMETER_PROFILE_METRICS=1`. Off by default: call sites multiply series
+    /// and change with every release. The profile is always served at
+    /// `/debug/lockmeter/profile`.
+    pub fn profile_metrics(mut self, on: bool) -> Self {
+        self.profile_metrics = Some(on);
+        self
+    }
+
     /// Make the meter (and tracer) provider global (default `true`), so that locks created
-    /// without an explicit meter record into it.
+    /// without an explicit sink record into it.
     pub fn set_global(mut self, global: bool) -> Self {
         self.set_global = global;
         self
@@ -404,6 +416,13 @@ impl TelemetryBuilder {
             None
         };
 
+        let profile_metrics = self.profile_metrics.unwrap_or_else(|| {
+            std::env::var("LOCKMETER_PROFILE_METRICS")
+                .is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
+        });
+        if profile_metrics {
+            crate::profile::register_metrics(&meter_provider.meter(SCOPE));
+        }
         let sink = if self.set_global {
             opentelemetry::global::set_meter_provider(meter_provider.clone());
             if let Some(tp) = &tracer_provider {

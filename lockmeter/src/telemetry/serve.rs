@@ -76,8 +76,14 @@ impl BackgroundRuntime {
                 }),
             )
             .route(
+                "/debug/lockmeter/profile",
+                axum::routing::get(|| async { render_profile() }),
+            )
+            .route(
                 "/",
-                axum::routing::get(|| async { "lockmeter: metrics at /metrics\n" }),
+                axum::routing::get(|| async {
+                    "lockmeter: metrics at /metrics, the lock profile at /debug/lockmeter/profile\n"
+                }),
             );
         self.handle.spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -85,6 +91,23 @@ impl BackgroundRuntime {
             }
         });
         Ok(())
+    }
+}
+
+/// The lock profile ([`crate::profile::snapshot`]) as JSON.
+fn render_profile() -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    match serde_json::to_vec_pretty(&crate::profile::snapshot()) {
+        Ok(body) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
+        Err(e) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the profile failed: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
