@@ -5,26 +5,29 @@
 //! cargo run --release -p lockmeter-bench --bin collector -- [--seconds 60] [--protocol grpc]
 //! ```
 //!
-//! Launches itself once per scenario, one after the other, each locking for `--seconds`:
+//! Launches itself once per scenario: three rounds of `none`, `refused`, `hung` (a third of
+//! `--seconds` each, so drifting load on a shared machine weighs on all alike), then `recover`
+//! for `--seconds`:
 //!
 //! | scenario | OTLP endpoint |
 //! |---|---|
 //! | `none` | no exporter (`OTEL_METRICS_EXPORTER=none`): the baseline |
 //! | `refused` | a loopback port nothing listens on: every export is refused |
 //! | `hung` | a listener that accepts and never answers: every export waits for its timeout |
-//! | `none-again` | the baseline again (how noisy the machine is) |
 //! | `recover` | refused for the first third, then rotel-agent starts on that port |
 //!
 //! Each child locks and unlocks 64 `flock` locks on tmpfs in batches of 1000, timing every
 //! batch, while exporting every 500 ms; it samples its resident memory every second. The parent
-//! prints each scenario's median and p99 batch cost per lock + unlock, the ratio to the mean of
-//! the two `none` runs, and
+//! prints each scenario's median batch cost per lock + unlock per round, its ratio to `none`
+//! in the same round, the worst p99, the CPU the process's other threads (SDK reader, exporter
+//! client) used per second, and
 //! resident memory at the start (after 2 s), its maximum and at the end, then checks: memory
 //! grew by less than 32 MiB, and after `recover` the receiver holds every acquisition the child
 //! counted (cumulative counters: the live period's counts all arrive with the first export that
 //! gets through). Exits 1 if a check fails. Needs `rotel-agent` (pip package rotel).
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::net::TcpListener;
 use std::process::Command;
@@ -40,6 +43,24 @@ fn rss_kb() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
     let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
     pages * rustix::param::page_size() as u64 / 1024
+}
+
+/// CPU time of every thread of this process but the main one, in milliseconds.
+fn other_threads_cpu_ms() -> u64 {
+    let me = std::process::id().to_string();
+    let tick = 1000 / rustix::param::clock_ticks_per_second();
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.ok()?;
+            if t.file_name().to_string_lossy() == me {
+                return None;
+            }
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            let f: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+            Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) * tick)
+        })
+        .sum()
 }
 
 /// The workload, in a child: prints `result ...`.
@@ -60,8 +81,10 @@ fn child(seconds: u64) {
         .collect();
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
-    let mut batches = Vec::new();
-    let mut rss = Vec::new();
+    // Batch costs in 10 ns buckets: a fixed 32 KiB, so the measurement itself does not grow
+    // with the run (a list of every batch did, by ~7 kB/s).
+    let mut hist = vec![0u64; 4096];
+    let mut rss = Vec::with_capacity(seconds as usize + 2);
     let mut next_sample = start;
     let mut n: u64 = 0;
     while Instant::now() < end {
@@ -71,7 +94,8 @@ fn child(seconds: u64) {
             drop(g);
         }
         n += u64::from(BATCH);
-        batches.push(t.elapsed().as_nanos() as f64 / f64::from(BATCH));
+        let ns = t.elapsed().as_nanos() as u64 / u64::from(BATCH);
+        hist[(ns / 10).min(4095) as usize] += 1;
         if Instant::now() >= next_sample {
             rss.push((start.elapsed().as_secs(), rss_kb()));
             next_sample += Duration::from_secs(1);
@@ -81,10 +105,23 @@ fn child(seconds: u64) {
     let warm = rss.iter().find(|(s, _)| *s >= 2).map_or(rss[0].1, |r| r.1);
     let max = rss.iter().map(|r| r.1).max().unwrap();
     let last = rss.last().unwrap().1;
-    batches.sort_by(f64::total_cmp);
-    let p = |q: f64| batches[((batches.len() - 1) as f64 * q) as usize];
+    let batches: u64 = hist.iter().sum();
+    let p = |q: f64| {
+        let want = (batches as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, c) in hist.iter().enumerate() {
+            seen += c;
+            if seen >= want.max(1) {
+                return i as f64 * 10.0 + 5.0;
+            }
+        }
+        40960.0
+    };
+    // CPU the process's other threads (the SDK's reader, the exporter's client) used: what a
+    // dead or hung collector could take from the locking thread on a busy machine.
+    let others_ms = other_threads_cpu_ms();
     println!(
-        "result median_ns={:.0} p99_ns={:.0} rss_start_kb={warm} rss_max_kb={max} rss_end_kb={last} acquisitions={n}",
+        "result median_ns={:.0} p99_ns={:.0} rss_start_kb={warm} rss_max_kb={max} rss_end_kb={last} acquisitions={n} others_cpu_ms={others_ms}",
         p(0.5),
         p(0.99)
     );
@@ -102,6 +139,8 @@ struct Result {
     p99: f64,
     rss: [u64; 3],
     acquisitions: u64,
+    others_cpu_ms: u64,
+    seconds: u64,
     curve: String,
 }
 
@@ -147,6 +186,8 @@ fn run(
             field(line, "rss_end_kb") as u64,
         ],
         acquisitions: field(line, "acquisitions") as u64,
+        others_cpu_ms: field(line, "others_cpu_ms") as u64,
+        seconds,
         curve: out
             .lines()
             .find_map(|l| l.strip_prefix("rss_kb "))
@@ -187,13 +228,6 @@ fn main() {
         ]
     };
     let none = vec![("OTEL_METRICS_EXPORTER", "none".to_owned())];
-    let mut results = Vec::new();
-
-    results.push(("none", run(seconds, &none, |_| {})));
-    results.push((
-        "refused",
-        run(seconds, &otlp(lockmeter_testkit::free_port()), |_| {}),
-    ));
     // Accepts every connection and keeps it, answering nothing.
     let hung = TcpListener::bind("127.0.0.1:0").unwrap();
     let hung_port = hung.local_addr().unwrap().port();
@@ -203,8 +237,29 @@ fn main() {
             kept.push(s);
         }
     });
-    results.push(("hung", run(seconds, &otlp(hung_port), |_| {})));
-    results.push(("none-again", run(seconds, &none, |_| {})));
+    // Side by side: rounds of none / refused / hung, each a third of `seconds`, so a machine
+    // whose load drifts (other builds) weighs on every scenario alike; ratios are per round.
+    let rounds = 3;
+    let per = (seconds / rounds).max(2);
+    let mut by: BTreeMap<&str, Vec<Result>> = BTreeMap::new();
+    for _ in 0..rounds {
+        by.entry("none").or_default().push(run(per, &none, |_| {}));
+        let refused = otlp(lockmeter_testkit::free_port());
+        by.entry("refused")
+            .or_default()
+            .push(run(per, &refused, |_| {}));
+        by.entry("hung")
+            .or_default()
+            .push(run(per, &otlp(hung_port), |_| {}));
+    }
+    let ratios = |name: &str| -> Vec<f64> {
+        by[name]
+            .iter()
+            .zip(&by["none"])
+            .map(|(r, n)| r.median / n.median)
+            .collect()
+    };
+
     let (grpc, http) = (
         lockmeter_testkit::free_port(),
         lockmeter_testkit::free_port(),
@@ -217,7 +272,7 @@ fn main() {
     });
     let rotel = rotel.unwrap();
     // Cumulative sums: the latest value of each series is its total.
-    let mut latest = std::collections::BTreeMap::new();
+    let mut latest = BTreeMap::new();
     for m in rotel
         .dump()
         .0
@@ -233,37 +288,66 @@ fn main() {
     }
     let received: u64 = latest.values().sum();
     let tally = recover.acquisitions;
-    results.push(("recover", recover));
 
-    // The baseline: both `none` runs (the machine's noise shows in how far apart they are).
-    let base = (results[0].1.median + results[3].1.median) / 2.0;
-    println!("collector bench: {seconds} s per scenario, OTLP {protocol}, export every 500 ms, timeout 2 s");
     println!(
-        "{:<11} {:>10} {:>10} {:>7} {:>12} {:>10} {:>10}",
-        "scenario", "median ns", "p99 ns", "ratio", "rss start kB", "max kB", "end kB"
+        "collector bench: {rounds} rounds of {per} s per scenario, then recover for {seconds} s; \
+         OTLP {protocol}, export every 500 ms, timeout 2 s"
+    );
+    println!(
+        "{:<9} {:>20} {:>24} {:>8} {:>22} {:>14}",
+        "scenario",
+        "median ns by round",
+        "ratio to none by round",
+        "p99 ns",
+        "rss min/max/end kB",
+        "other cpu ms/s"
     );
     let mut ok = true;
-    for (name, r) in &results {
-        println!(
-            "{name:<11} {:>10.0} {:>10.0} {:>6.2}x {:>12} {:>10} {:>10}",
-            r.median,
-            r.p99,
-            r.median / base,
-            r.rss[0],
-            r.rss[1],
-            r.rss[2]
+    let mut show = |name: &str, rs: &[Result], ratio: Option<Vec<f64>>| {
+        let medians: Vec<String> = rs.iter().map(|r| format!("{:.0}", r.median)).collect();
+        let ratio = ratio.map_or("-".to_owned(), |v| {
+            v.iter()
+                .map(|x| format!("{x:.2}x"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        });
+        let p99 = rs.iter().map(|r| r.p99).fold(0.0, f64::max);
+        let rss = format!(
+            "{}/{}/{}",
+            rs.iter().map(|r| r.rss[0]).min().unwrap(),
+            rs.iter().map(|r| r.rss[1]).max().unwrap(),
+            rs.last().unwrap().rss[2]
         );
-        if r.rss[1].saturating_sub(r.rss[0]) > RSS_GROWTH_LIMIT_KB {
-            println!(
-                "  FAIL {name}: resident memory grew by more than {RSS_GROWTH_LIMIT_KB} kB: {}",
-                r.curve
-            );
-            ok = false;
+        // CPU the exporter's and the SDK's threads used, per second of run.
+        let cpu: Vec<String> = rs
+            .iter()
+            .map(|r| format!("{:.1}", r.others_cpu_ms as f64 / r.seconds as f64))
+            .collect();
+        println!(
+            "{name:<9} {:>20} {:>24} {p99:>8.0} {rss:>22} {:>14}",
+            medians.join(" "),
+            ratio,
+            cpu.join(" ")
+        );
+        for r in rs {
+            if r.rss[1].saturating_sub(r.rss[0]) > RSS_GROWTH_LIMIT_KB {
+                println!(
+                    "  FAIL {name}: resident memory grew by more than {RSS_GROWTH_LIMIT_KB} kB: {}",
+                    r.curve
+                );
+                ok = false;
+            }
         }
-    }
-    for (name, r) in &results {
-        println!("rss curve {name}: {}", r.curve);
-    }
+    };
+    show("none", &by["none"], None);
+    show("refused", &by["refused"], Some(ratios("refused")));
+    show("hung", &by["hung"], Some(ratios("hung")));
+    show("recover", std::slice::from_ref(&recover), None);
+    println!("rss curve recover: {}", recover.curve);
+    println!(
+        "rss curve hung (last round): {}",
+        by["hung"].last().unwrap().curve
+    );
     println!("recover: the workload counted {tally} acquisitions; the receiver got {received}");
     if received != tally {
         println!("  FAIL recover: counts lost after the collector came back");
