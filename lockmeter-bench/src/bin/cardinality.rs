@@ -191,6 +191,8 @@ fn main() {
         ok = false;
     }
     if telemetry.is_some()
+        && distinct.is_none()
+        && !same_name
         && names > lockmeter::metrics::SERIES_LIMIT as u64
         && overflow as u64 != names - lockmeter::metrics::SERIES_LIMIT as u64
     {
