@@ -792,11 +792,19 @@ fn acquire_file<'a>(
                 a.failed(e.errno_name());
             }
             Acquired::Failed {
+                // flock(1)'s "PATH: strerror", then which step failed and the errno's name
+                // (the step may be the check after locking, or the owner record's write).
                 message: match &e {
-                    lockmeter::Error::Os { path, errno, .. } => format!(
-                        "{}: {}",
+                    lockmeter::Error::Os {
+                        path,
+                        errno,
+                        operation,
+                        ..
+                    } => format!(
+                        "{}: {} ({} during {operation})",
                         path.display(),
-                        strerror(&std::io::Error::from(*errno))
+                        strerror(&std::io::Error::from(*errno)),
+                        e.errno_name(),
                     ),
                     e => e.to_string(),
                 },
@@ -1053,9 +1061,13 @@ fn fd_lock(
 }
 
 /// One lock call; `Ok(false)` when a non-blocking one found the lock taken. A blocking one
-/// retries on `EINTR`.
+/// retries on `EINTR` (a signal handler ran); any other interruption, such as a FUSE daemon's
+/// `EINTR` answer (errno 512, `ERESTARTSYS`, in user space), is retried up to 8 times and then
+/// reported as `EINTR`, as `lockmeter::FileLock` does.
 fn fd_try(fd: BorrowedFd<'_>, kind: LockKind, mode: LockMode, block: bool) -> Result<bool, Errno> {
     use rustix::fs::FlockOperation as F;
+    const RESTARTSYS: i32 = 512;
+    let mut restarts = 0;
     loop {
         let r = match kind {
             LockKind::Ofd => ofd(fd, Some(mode), block),
@@ -1073,7 +1085,11 @@ fn fd_try(fd: BorrowedFd<'_>, kind: LockKind, mode: LockMode, block: bool) -> Re
             Ok(()) => return Ok(true),
             Err(Errno::WOULDBLOCK) if !block => return Ok(false),
             Err(Errno::ACCESS) if !block && kind == LockKind::Ofd => return Ok(false),
-            Err(Errno::INTR) => continue,
+            Err(Errno::INTR) if block => continue,
+            Err(e) if (e == Errno::INTR || e.raw_os_error() == RESTARTSYS) && restarts < 8 => {
+                restarts += 1;
+            }
+            Err(e) if e.raw_os_error() == RESTARTSYS => return Err(Errno::INTR),
             Err(e) => return Err(e),
         }
     }

@@ -246,6 +246,78 @@ pub fn wait_text(p: &Process) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A `/proc/locks` line as the kernel prints it (`fs/locks.c`, `lock_get_status`).
+    fn line(
+        n: u32,
+        blocked: bool,
+        kind: &str,
+        mode: &str,
+        pid: i64,
+        inode: Inode,
+        end: &str,
+    ) -> String {
+        let arrow = if blocked { "-> " } else { "" };
+        format!(
+            "{n}: {arrow}{kind}  ADVISORY  {mode} {pid} {:02x}:{:02x}:{} 0 {end}",
+            inode.dev.0, inode.dev.1, inode.ino
+        )
+    }
+
+    proptest! {
+        /// Any bytes at all, as `read_to_string` of a strange file would give them (lossily):
+        /// never a panic, and nothing found on an inode the text does not name.
+        #[test]
+        fn any_bytes_parse_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400),
+                                         ino in any::<u64>()) {
+            let text = String::from_utf8_lossy(&bytes);
+            let found = parse(&text, Inode { dev: (0xfe, 0), ino });
+            for e in found {
+                prop_assert!(text.contains(&ino.to_string()), "{:?}", e);
+            }
+        }
+
+        /// Kernel lines for several inodes, shuffled with lines of any other bytes (no ':',
+        /// so never a lock line): exactly the entries of the asked inode come back, in order.
+        #[test]
+        fn the_entries_of_one_inode_come_back(
+            entries in proptest::collection::vec(
+                (any::<bool>(), 0usize..4, any::<bool>(), -1i64..5_000_000, 0usize..3,
+                 proptest::option::of(any::<u64>())),
+                0..12),
+            noise in proptest::collection::vec(
+                proptest::collection::vec(any::<u8>().prop_filter("no newline or colon", |b| *b != b'\n' && *b != b':'), 0..40),
+                0..6),
+        ) {
+            let want = Inode { dev: (0xfd, 3), ino: 4_242 };
+            let others = [Inode { dev: (0xfd, 3), ino: 4_243 }, Inode { dev: (8, 1), ino: 4_242 }];
+            let kinds = ["FLOCK", "POSIX", "OFDLCK", "LEASE"];
+            let mut text = String::new();
+            let mut expected = Vec::new();
+            for (i, (blocked, kind, write, pid, which, end)) in entries.iter().enumerate() {
+                let inode = if *which == 0 { want } else { others[which - 1] };
+                let mode = if *write { "WRITE" } else { "READ" };
+                let end = end.map_or("EOF".to_owned(), |e| e.to_string());
+                text.push_str(&line(i as u32 + 1, *blocked, kinds[*kind], mode, *pid, inode, &end));
+                text.push('\n');
+                if let Some(n) = noise.get(i) {
+                    text.push_str(&String::from_utf8_lossy(n).replace(':', " "));
+                    text.push('\n');
+                }
+                if *which == 0 {
+                    expected.push(Entry {
+                        blocked: *blocked,
+                        kind: kinds[*kind].to_owned(),
+                        mode: mode.to_owned(),
+                        pid: *pid,
+                        range: format!("0-{end}"),
+                    });
+                }
+            }
+            prop_assert_eq!(parse(&text, want), expected);
+        }
+    }
 
     #[test]
     fn parses_held_and_blocked_entries() {

@@ -8,6 +8,8 @@
 //! - [`cli`]: launching the `lockmeter` binary ([`Cli`], [`Demo`]).
 //! - [`prometheus`]: a real Prometheus, PromQL queries, `promtool`.
 //! - [`fuse`]: bindfs mounts ([`Bindfs`]).
+//! - [`disk`]: a small tmpfs to fill or remount read-only, read-only bind mounts.
+//! - [`faultfs`]: a fault-injecting FUSE file system ([`FaultFs`], [`Fault`]).
 //! - [`otlp`]: a third-party OTLP receiver ([`Rotel`]) and its debug-dump parser.
 //! - [`http`]: HTTP GET and free ports.
 //!
@@ -15,6 +17,8 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::missing_panics_doc)]
 
 pub mod cli;
+pub mod disk;
+pub mod faultfs;
 pub mod fuse;
 pub mod http;
 pub mod metrics;
@@ -25,6 +29,7 @@ pub mod servers;
 pub mod tools;
 
 pub use cli::*;
+pub use faultfs::{Action, Fault, FaultFs, FaultId, Op};
 pub use fuse::*;
 pub use http::*;
 pub use metrics::*;

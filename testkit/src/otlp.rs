@@ -27,8 +27,13 @@ pub struct Rotel {
 impl Rotel {
     /// Starts the agent and returns once both ports accept connections.
     pub fn start() -> Rotel {
+        Rotel::start_on(free_port(), free_port())
+    }
+
+    /// Starts the agent on the given loopback ports (a collector coming back where a process
+    /// was already sending) and returns once both accept connections.
+    pub fn start_on(grpc: u16, http: u16) -> Rotel {
         let dir = tempfile::tempdir().unwrap();
-        let (grpc, http) = (free_port(), free_port());
         let log = dir.path().join("rotel.out");
         let agent = tools::command("rotel-agent")
             .args(["start", "--exporter", "blackhole"])

@@ -119,6 +119,12 @@ impl FileLockBuilder {
     /// acquire, and check it before release (default `false`); see [`crate::owner`]. A
     /// different token at release means another holder got the lock meanwhile: counted in
     /// `lock.violations`. Costs a write and an `fdatasync` per exclusive acquire.
+    ///
+    /// A record that cannot be written (`ENOSPC`, `EIO`, `EBADF` on a file only readable, as on
+    /// a read-only file system) fails the acquire: the lock is let go, the call returns
+    /// [`Error::Os`] with [`Operation::Lock`] and the write's errno, counted in `lock.errors`
+    /// (`lock.operation="lock"`). A write that stopped part-way never costs the previous
+    /// holder's record or fence (see [`crate::owner`]).
     pub fn owner_record(mut self, on: bool) -> Self {
         self.owner_record = on;
         self
@@ -305,12 +311,25 @@ fn intern(s: &str) -> &'static str {
     }
 }
 
-/// One `warn!` per lock file (inode) per process about a file system that may not exclude.
+/// Lock files remembered as warned about; past this many the memory starts over (and a file
+/// may be warned about again): a program that locks a million files on NFS must not keep a
+/// million entries.
+const MAX_WARNED: usize = 4096;
+
+/// One `warn!` per lock file (inode) per process about a file system that may not exclude
+/// (per [`MAX_WARNED`] distinct files).
 #[cold]
 fn warn_untrusted_once(path: &Path, id: FileId, info: &crate::fs::FsInfo) {
     static WARNED: std::sync::OnceLock<Mutex<std::collections::HashSet<FileId>>> =
         std::sync::OnceLock::new();
-    if WARNED.get_or_init(Default::default).lock().insert(id) {
+    let first = {
+        let mut warned = WARNED.get_or_init(Default::default).lock();
+        if warned.len() >= MAX_WARNED {
+            *warned = std::collections::HashSet::new();
+        }
+        warned.insert(id)
+    };
+    if first {
         tracing::warn!(
             lock.path = %path.display(),
             fs.type = %info.fs_type,

@@ -210,7 +210,7 @@ impl FileLock {
         self.count(Error::Os {
             path: self.path.clone(),
             operation,
-            errno,
+            errno: crate::sys::normalize(errno),
         })
     }
 

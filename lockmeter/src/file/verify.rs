@@ -60,8 +60,14 @@ impl FileLock {
                 }
                 Err(Errno::NOENT) => self.migrated(MigrationKind::Unlinked, held.id(), None),
                 Err(errno) => {
+                    // The path could not be checked (not found to name another file): let go
+                    // of the lock, keep the descriptors. Discarding them would re-open the file
+                    // (a POSIX lock parks one more descriptor per failure until the lock goes)
+                    // through the very file system that is failing.
                     let e = self.err(Operation::Verify, errno);
-                    self.discard(held, mode);
+                    if let Err(errno) = self.unlock(held, mode) {
+                        self.err(Operation::Unlock, errno);
+                    }
                     return Err(e);
                 }
             }
@@ -121,10 +127,11 @@ impl FileLock {
     /// Writes this acquisition's owner record (fence = previous + 1).
     #[cold]
     pub(super) fn stamp(&self, fd: BorrowedFd<'_>) -> std::result::Result<Box<OwnerState>, Errno> {
-        let previous = owner::read(fd)?;
-        let fence = previous.map_or(1, |p| p.fence.wrapping_add(1));
+        let slots = owner::read_slots(fd)?;
+        let fence = slots.current().map_or(1, |p| p.fence.wrapping_add(1));
         let rec = owner::OwnerRecord::new_for_self(fence, &self.name)?;
-        owner::write(fd, &rec)?;
+        // Into the slot not holding the previous record: a torn write cannot cost it.
+        owner::write(fd, &rec, slots.next_slot())?;
         Ok(Box::new(OwnerState {
             token: rec.token,
             fence,

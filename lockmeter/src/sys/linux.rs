@@ -93,8 +93,22 @@ pub(crate) fn path_id<P: rustix::path::Arg>(path: P) -> Result<FileId, Errno> {
     rustix::fs::lstat(path).map(|st| id_of(&st))
 }
 
+/// `ERESTARTSYS`: the kernel's "restart this system call", which should never reach user space
+/// but does when a FUSE daemon answers a lock request with `EINTR` and no signal is pending
+/// (fuse turns `EINTR` from a lock request into it: "locking is restartable").
+const RESTARTSYS: i32 = 512;
+
+/// Retries of a lock call interrupted while no signal handler had to run (a non-blocking call,
+/// or a daemon's `EINTR` answer) before `EINTR` is reported: a daemon that always answers
+/// `EINTR` must not make a lock call spin forever.
+const MAX_RESTARTS: u32 = 8;
+
 /// Takes a lock. Returns `Ok(false)` when `blocking` is false and the lock is held elsewhere.
-/// `EINTR` during a blocking wait is retried: a signal does not abandon the acquire.
+///
+/// `EINTR` during a blocking wait (a signal handler ran) is retried for as long as it happens:
+/// a signal does not abandon the acquire. Any other interruption (a non-blocking call
+/// interrupted, a FUSE daemon answering `EINTR`, which arrives as errno 512) is retried up to
+/// [`MAX_RESTARTS`] times, then reported as `EINTR`.
 #[inline(always)]
 pub(crate) fn lock(
     fd: BorrowedFd<'_>,
@@ -102,6 +116,7 @@ pub(crate) fn lock(
     mode: LockMode,
     blocking: bool,
 ) -> Result<bool, Errno> {
+    let mut restarts = 0;
     loop {
         let r = match kind {
             LockKind::Flock => rustix::fs::flock(fd, flock_op(mode, blocking)),
@@ -114,8 +129,24 @@ pub(crate) fn lock(
             Err(Errno::WOULDBLOCK) if !blocking => return Ok(false),
             Err(Errno::ACCESS) if !blocking && kind != LockKind::Flock => return Ok(false),
             Err(Errno::INTR) if blocking => continue,
-            Err(e) => return Err(e),
+            Err(e) if interrupted(e) && restarts < MAX_RESTARTS => restarts += 1,
+            Err(e) => return Err(normalize(e)),
         }
+    }
+}
+
+#[inline(always)]
+fn interrupted(e: Errno) -> bool {
+    e == Errno::INTR || e.raw_os_error() == RESTARTSYS
+}
+
+/// The errno to report: `ERESTARTSYS` leaked from the kernel is an `EINTR`.
+#[inline]
+pub(crate) fn normalize(e: Errno) -> Errno {
+    if e.raw_os_error() == RESTARTSYS {
+        Errno::INTR
+    } else {
+        e
     }
 }
 
@@ -127,6 +158,7 @@ pub(crate) fn unlock(fd: BorrowedFd<'_>, kind: LockKind) -> Result<(), Errno> {
         LockKind::Posix => rustix::fs::fcntl_lock(fd, FlockOperation::Unlock),
         LockKind::Ofd => ofd(fd, None, false),
     }
+    .map_err(normalize)
 }
 
 #[inline(always)]
