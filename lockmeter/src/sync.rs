@@ -264,6 +264,31 @@ impl<'a> StateRef<'a> {
     }
 }
 
+/// The release of a timed hold, or one someone waits for: counts it, tells waiters where the
+/// hold was acquired (read while still held: the next holder overwrites it), poisons as std,
+/// unlocks (drops `inner`), then records the hold outside the critical section.
+#[cold]
+#[inline(never)]
+fn release_rare<G>(
+    recorder: &Recorder,
+    mode: LockMode,
+    since: Option<HoldStart>,
+    state: StateRef<'_>,
+    inner: G,
+) {
+    let st = state.get();
+    let site = st.site();
+    recorder.count_release_holding(mode);
+    recorder.releasing_from(|| site);
+    if state.poisons() && std::thread::panicking() {
+        st.poisoned.store(true, Relaxed);
+    }
+    drop(inner);
+    if let Some(since) = since {
+        recorder.hold_done(mode, since, site);
+    }
+}
+
 /// Generates a guard around a parking_lot guard: counts the release while still holding the
 /// lock (so `lock.held` never over-reports), poisons if the thread is panicking, unlocks, then
 /// records the hold if it was timed (outside the critical section; a panic there cannot leave
@@ -289,39 +314,21 @@ macro_rules! guard {
             fn drop(&mut self) {
                 // One branch for the rare cases, released out of line: a timed hold, someone
                 // waiting. What stays inline is small enough to be inlined wherever a guard
-                // is dropped.
+                // is dropped. The rare path gets the fields by value, not `&mut self`: a guard
+                // whose address escaped into a call would live in memory, and copying the
+                // lock's result into it cost a store-forwarding stall per acquisition.
                 if self.since.is_some() | self.recorder.has_waiters() {
-                    self.release_rare();
+                    // SAFETY: `inner` is taken here, once, and never used again.
+                    let inner = unsafe { ManuallyDrop::take(&mut self.inner) };
+                    release_rare(self.recorder, $mode, self.since, self.state, inner);
                     return;
                 }
-                self.recorder.count_release($mode);
+                self.recorder.count_release_holding($mode);
                 if self.state.poisons() && std::thread::panicking() {
                     self.state.get().poisoned.store(true, Relaxed);
                 }
                 // SAFETY: `inner` is dropped here, once, and never used again.
                 unsafe { ManuallyDrop::drop(&mut self.inner) };
-            }
-        }
-
-        impl<T: ?Sized> $guard<'_, T> {
-            /// The release of a timed hold, or one someone waits for: counts it, tells waiters
-            /// where the hold was acquired (read while still held: the next holder overwrites
-            /// it), poisons as std, unlocks, then records the hold outside the critical section.
-            #[cold]
-            #[inline(never)]
-            fn release_rare(&mut self) {
-                let state = self.state.get();
-                let site = state.site();
-                self.recorder.count_release($mode);
-                self.recorder.releasing_from(|| site);
-                if self.state.poisons() && std::thread::panicking() {
-                    state.poisoned.store(true, Relaxed);
-                }
-                // SAFETY: called once, from `drop`; `inner` is never used again.
-                unsafe { ManuallyDrop::drop(&mut self.inner) };
-                if let Some(since) = self.since {
-                    self.recorder.hold_done($mode, since, site);
-                }
             }
         }
 
@@ -368,28 +375,29 @@ macro_rules! guard {
 /// `$exclusive` says the lock is held exclusively when counters are updated.
 macro_rules! acquire {
     ($(#[$doc:meta])* fn $name:ident / $slow:ident, $(#[$tdoc:meta])* fn $try_name:ident -> $guard:ident,
-     try $try:ident, block $block:ident, $mode:expr, exclusive $exclusive:expr) => {
+     try $try:ident, block $block:ident -> $inner:ident, $mode:expr, exclusive $exclusive:expr) => {
         $(#[$doc])*
         #[inline(always)]
         #[track_caller]
         pub fn $name(&self) -> LockResult<$guard<'_, T>> {
             let site = Location::caller();
-            match self.inner.$try() {
-                Some(g) => {
-                    let since = self.recorder.acquired_uncontended_in(shard::slot(), $mode);
-                    self.wrap(g, since, site)
-                }
+            // Both paths meet with two words in registers and the guard is built inline: a
+            // slow path returning the whole `LockResult` would keep it in memory on the fast
+            // path too, and copying it out cost a store-forwarding stall per acquisition.
+            let (g, since) = match self.inner.$try() {
+                Some(g) => (g, self.recorder.acquired_holding($mode)),
                 None => self.$slow(site),
-            }
+            };
+            self.wrap(g, since, site)
         }
 
         #[cold]
         #[inline(never)]
-        fn $slow(&self, site: Site) -> LockResult<$guard<'_, T>> {
+        fn $slow(&self, site: Site) -> (parking_lot::$inner<'_, T>, Option<HoldStart>) {
             let w = self.recorder.contended_start($mode, $exclusive);
             let g = self.inner.$block();
             let since = self.recorder.contended_acquired($mode, $exclusive, w, site);
-            self.wrap(g, since, site)
+            (g, since)
         }
 
         $(#[$tdoc])*
@@ -399,7 +407,7 @@ macro_rules! acquire {
             let site = Location::caller();
             match self.inner.$try() {
                 Some(g) => {
-                    let since = self.recorder.acquired_uncontended_in(shard::slot(), $mode);
+                    let since = self.recorder.acquired_holding($mode);
                     Ok(self.wrap(g, since, site)?)
                 }
                 None => Err(self.would_block($mode)),
@@ -504,7 +512,7 @@ impl<T: ?Sized> Mutex<T> {
         fn lock / lock_contended,
         /// Tries to acquire without blocking; `WouldBlock` is counted as a conflict.
         fn try_lock -> MutexGuard,
-        try try_lock, block lock, LockMode::Exclusive, exclusive true
+        try try_lock, block lock -> MutexGuard, LockMode::Exclusive, exclusive true
     }
 }
 
@@ -562,7 +570,7 @@ impl<T: ?Sized> RwLock<T> {
         fn read / read_contended,
         /// Shared access without blocking.
         fn try_read -> RwLockReadGuard,
-        try try_read, block read, LockMode::Shared, exclusive false
+        try try_read, block read -> RwLockReadGuard, LockMode::Shared, exclusive false
     }
 
     acquire! {
@@ -570,7 +578,7 @@ impl<T: ?Sized> RwLock<T> {
         fn write / write_contended,
         /// Exclusive access without blocking.
         fn try_write -> RwLockWriteGuard,
-        try try_write, block write, LockMode::Exclusive, exclusive true
+        try try_write, block write -> RwLockWriteGuard, LockMode::Exclusive, exclusive true
     }
 }
 

@@ -56,6 +56,31 @@ pub(crate) struct Recorder {
     thresholds: Thresholds,
     profile: ProfileSlot,
     contention: Contention,
+    /// Counts of exclusive holds of in-process locks, made while holding the lock.
+    held: Held,
+}
+
+/// Counts an in-process lock makes while it holds the lock exclusively (a `Mutex`, an
+/// `RwLock` writer: the lock itself guarantees one writer at a time): a plain load and store on
+/// one line, no thread-local lookup, and the line travels with the lock from holder to holder.
+/// Readers (the collection) load them racily, which atomics make sound.
+#[derive(Default)]
+#[repr(align(128))]
+struct Held {
+    /// Acquisitions by [uncontended, contended].
+    acquisitions: [AtomicU64; 2],
+    releases: AtomicU64,
+    conflicts: AtomicU64,
+}
+
+impl Held {
+    /// Adds one to `c` (only ever written by the exclusive holder); returns the old value.
+    #[inline(always)]
+    fn bump(c: &AtomicU64) -> u64 {
+        let n = c.load(Relaxed);
+        c.store(n.wrapping_add(1), Relaxed);
+        n
+    }
 }
 
 /// Who is waiting, and where the last holder that released while someone waited acquired
@@ -166,6 +191,7 @@ impl Recorder {
             thresholds: Thresholds::new(spec.slow_wait, spec.slow_hold),
             profile: ProfileSlot::default(),
             contention: Contention::default(),
+            held: Held::default(),
         });
         r.series.join(Arc::downgrade(&r));
         r
@@ -183,12 +209,6 @@ impl Recorder {
     fn bump(&self, i: usize) -> u64 {
         let slot = shard::slot();
         shard::bump(&self.shards[slot], slot, i)
-    }
-
-    /// This thread's shard's value of counter `i`.
-    #[inline(always)]
-    fn peek(&self, i: usize) -> u64 {
-        self.shards[shard::slot()].0[i].load(Relaxed)
     }
 
     /// Counter `i` summed over all shards.
@@ -209,6 +229,14 @@ impl Recorder {
             t.releases[m] = self.total(shard::releases(m));
             t.conflicts[m] = self.total(shard::conflicts(m));
         }
+        let x = LockMode::Exclusive.idx();
+        let h = &self.held;
+        for c in 0..2 {
+            t.acquisitions[x][c] =
+                t.acquisitions[x][c].wrapping_add(h.acquisitions[c].load(Relaxed));
+        }
+        t.releases[x] = t.releases[x].wrapping_add(h.releases.load(Relaxed));
+        t.conflicts[x] = t.conflicts[x].wrapping_add(h.conflicts.load(Relaxed));
         t
     }
 
@@ -228,6 +256,37 @@ impl Recorder {
             self.sampled_start()
         } else {
             None
+        }
+    }
+
+    /// An uncontended acquisition of an in-process lock that the caller now holds in `mode`,
+    /// counted on the held line when exclusive ([`Held`]), in this thread's shard when shared;
+    /// returns the start of the hold when this one is timed.
+    #[inline(always)]
+    pub(crate) fn acquired_holding(&self, mode: LockMode) -> Option<HoldStart> {
+        let n = match mode {
+            LockMode::Exclusive => Held::bump(&self.held.acquisitions[0]),
+            LockMode::Shared => {
+                let slot = shard::slot();
+                shard::bump(&self.shards[slot], slot, shard::acquisitions(mode.idx(), 0))
+            }
+        };
+        if n & self.sample.load(Relaxed) == 0 {
+            self.sampled_start()
+        } else {
+            None
+        }
+    }
+
+    /// Counts the release of a hold counted by [`Self::acquired_holding`] (or
+    /// [`Self::contended_acquired`] with `exclusive`), made while still holding it.
+    #[inline(always)]
+    pub(crate) fn count_release_holding(&self, mode: LockMode) {
+        match mode {
+            LockMode::Exclusive => {
+                Held::bump(&self.held.releases);
+            }
+            LockMode::Shared => self.count_release(mode),
         }
     }
 
@@ -299,7 +358,7 @@ impl Recorder {
     pub(crate) fn contended_start(&self, mode: LockMode, exclusive: bool) -> WaitStart {
         let c = shard::conflicts(mode.idx());
         let n = if exclusive {
-            self.peek(c)
+            self.held.conflicts.load(Relaxed)
         } else {
             self.bump(c)
         };
@@ -355,9 +414,12 @@ impl Recorder {
     ) -> Option<HoldStart> {
         let m = mode.idx();
         if exclusive {
-            self.bump(shard::conflicts(m));
+            // Held now: counted on the held line.
+            Held::bump(&self.held.conflicts);
+            Held::bump(&self.held.acquisitions[1]);
+        } else {
+            self.bump(shard::acquisitions(m, 1));
         }
-        self.bump(shard::acquisitions(m, 1));
         let now = Ticks::now();
         let secs = w.at.secs_until(now);
         let holder = self.wait_over();
