@@ -284,7 +284,11 @@ fn a_torn_owner_record_is_never_read_as_one() {
             .unwrap();
         let mut fence = lock.lock().unwrap().fencing_token().unwrap();
         let len = lock.holder().unwrap().unwrap().to_string().len();
-        for cut in (1..len).step_by(7) {
+        // Up to the last byte but one: a write that stops just before the final newline
+        // leaves a complete record (the slot's previous record ended in the same newline at
+        // the same offset when the two are the same length), which the next holder rightly
+        // reads. Which cuts the step hits depends on the record's length (the pid's digits).
+        for cut in (1..len - 1).step_by(7) {
             fs.inject(
                 Fault::new(Op::Write, Action::ShortWrite(cut))
                     .path(rel.as_str())
