@@ -81,6 +81,18 @@ impl Ticks {
         clock().delta_as_nanos(self.0.get(), later.0.get()) as f64 * 1e-9
     }
 
+    /// The raw reading (never 0), to keep in an atomic.
+    #[inline]
+    pub(crate) fn raw(self) -> u64 {
+        self.0.get()
+    }
+
+    /// A reading kept by [`Self::raw`] (0, never a reading, gives the smallest).
+    #[inline]
+    pub(crate) fn from_raw(raw: u64) -> Ticks {
+        Ticks(std::num::NonZeroU64::new(raw).unwrap_or(std::num::NonZeroU64::MIN))
+    }
+
     /// Seconds elapsed since `self`.
     #[inline]
     pub(crate) fn elapsed_secs(self) -> f64 {
@@ -90,27 +102,35 @@ impl Ticks {
 
 const _: () = assert!(std::mem::size_of::<Option<Ticks>>() == 8);
 
-/// The start of a timed hold and whether its acquisition had to wait, in one word: bit 63 is
-/// the flag (a raw reading reaches 2^63 only after ~97 years of TSC ticks at 3 GHz, or 292
-/// years of nanoseconds). Guards carry `Option<HoldStart>` instead of a `Ticks` and a `bool`:
-/// the byte store of the `bool` made the guard's copies stall on store forwarding inside the
-/// critical section.
+/// The start of a hold, whether its acquisition had to wait, and whether the hold is timed, in
+/// one word: bit 63 is the contended flag, bit 62 says *not* timed (a raw reading reaches 2^62
+/// only after ~48 years of TSC ticks at 3 GHz, or 146 years of nanoseconds). Guards carry
+/// `Option<HoldStart>` instead of a `Ticks` and two `bool`s: the byte store of a `bool` made the
+/// guard's copies stall on store forwarding inside the critical section.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct HoldStart(std::num::NonZeroU64);
 
 const CONTENDED: u64 = 1 << 63;
+const UNTIMED: u64 = 1 << 62;
 
 impl HoldStart {
-    /// A hold starting `at`.
+    /// A timed hold starting `at`.
     #[inline(always)]
     pub(crate) fn new(at: Ticks, contended: bool) -> HoldStart {
         HoldStart(at.0 | (u64::from(contended) << 63))
     }
 
+    /// A hold acquired after a wait that ended `at`, whose hold is not in the timing sample
+    /// (the wait still has work to do at release: the lock profile, a slow-wait event).
+    #[inline(always)]
+    pub(crate) fn contended_untimed(at: Ticks) -> HoldStart {
+        HoldStart(at.0 | CONTENDED | UNTIMED)
+    }
+
     /// When the hold started.
     #[inline]
     pub(crate) fn at(self) -> Ticks {
-        let raw = self.0.get() & !CONTENDED;
+        let raw = self.0.get() & !(CONTENDED | UNTIMED);
         Ticks(std::num::NonZeroU64::new(raw).unwrap_or(std::num::NonZeroU64::MIN))
     }
 
@@ -118,6 +138,12 @@ impl HoldStart {
     #[inline]
     pub(crate) fn contended(self) -> bool {
         self.0.get() & CONTENDED != 0
+    }
+
+    /// Whether the hold is in the timing sample.
+    #[inline]
+    pub(crate) fn timed(self) -> bool {
+        self.0.get() & UNTIMED == 0
     }
 }
 
@@ -133,7 +159,11 @@ mod tests {
         for contended in [false, true] {
             let h = HoldStart::new(t, contended);
             assert_eq!(h.contended(), contended);
+            assert!(h.timed());
             assert_eq!(h.at().0, t.0);
         }
+        let h = HoldStart::contended_untimed(t);
+        assert!(h.contended() && !h.timed());
+        assert_eq!(h.at().0, t.0);
     }
 }

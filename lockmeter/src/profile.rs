@@ -21,8 +21,12 @@
 //!   and at most [`MAX_PROFILED_LOCKS`] lock names. Read it with [`snapshot`]; the `telemetry`
 //!   feature serves it as JSON at `/debug/lockmeter/profile` beside `/metrics`.
 //!
-//! What is seen: every wait of an acquire that found the lock taken (it is timed: a clock read
-//! costs nothing next to a wait); holds of *timed* acquisitions (1 in `sample_every`, and every
+//! What is seen: for file locks and tokio locks, every wait of an acquire that found the lock
+//! taken (a clock read costs nothing next to a system call or a task switch); for `sync` locks,
+//! whose contended waits are often a few spins, the *timed* waits (1 in `sample_every`), each
+//! counted for the `sample_every` waits it stands for, as Go's mutex profile weighs its samples
+//! (every wait is still checked against the slow-wait threshold and reported if slow); holds of
+//! *timed* acquisitions (1 in `sample_every`, and every
 //! acquisition of a lock taken less often than metrics are collected), because timing every
 //! hold would cost more than an uncontended lock cycle. A long hold that makes anyone wait in
 //! this process is reported anyway, by the waiter, as a slow wait naming the holder's site.
@@ -136,9 +140,11 @@ pub struct Times {
 }
 
 impl Times {
-    fn add(&mut self, secs: f64) {
-        self.count += 1;
-        self.total_seconds += secs;
+    /// Adds a time that stands for `weight` of them (a sampled wait stands for the waits it was
+    /// sampled from).
+    fn add(&mut self, secs: f64, weight: u64) {
+        self.count += weight;
+        self.total_seconds += secs * weight as f64;
         self.max_seconds = self.max_seconds.max(secs);
     }
 
@@ -260,6 +266,44 @@ struct Rows {
     other: SiteProfile,
 }
 
+impl Rows {
+    fn add(&mut self, site: Site, event: Event, weight: u64) {
+        let apply = |p: &mut SiteProfile| match event {
+            Event::Waited(s) => p.waited.add(s, weight),
+            Event::Caused(s) => p.caused.add(s, weight),
+            Event::Held(s) => p.held.add(s, weight),
+        };
+        if let Some((_, p)) = self.sites.iter_mut().find(|(s, _)| std::ptr::eq(*s, site)) {
+            apply(p);
+            return;
+        }
+        let mut fresh = SiteProfile {
+            file: Some(site.file()),
+            line: site.line(),
+            column: site.column(),
+            ..SiteProfile::default()
+        };
+        apply(&mut fresh);
+        if self.sites.len() < sites_per_lock() {
+            self.sites.push((site, fresh));
+            return;
+        }
+        let lightest = self
+            .sites
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1 .1.weight().total_cmp(&b.1 .1.weight()))
+            .map(|(i, (_, p))| (i, p.weight()));
+        match lightest {
+            Some((i, w)) if fresh.weight() > w => {
+                let (_, out) = std::mem::replace(&mut self.sites[i], (site, fresh));
+                self.other.merge(&out);
+            }
+            _ => self.other.merge(&fresh),
+        }
+    }
+}
+
 /// What to add to a row.
 #[derive(Clone, Copy)]
 pub(crate) enum Event {
@@ -272,39 +316,17 @@ impl Table {
     /// Adds `event` to `site`'s row. When the table is full, a new site takes the place of the
     /// lightest row if it weighs more than that row; otherwise it goes into the folded row.
     pub(crate) fn add(&self, site: Site, event: Event) {
-        let apply = |p: &mut SiteProfile| match event {
-            Event::Waited(s) => p.waited.add(s),
-            Event::Caused(s) => p.caused.add(s),
-            Event::Held(s) => p.held.add(s),
-        };
         let mut rows = self.rows.lock();
-        if let Some((_, p)) = rows.sites.iter_mut().find(|(s, _)| std::ptr::eq(*s, site)) {
-            apply(p);
-            return;
-        }
-        let mut fresh = SiteProfile {
-            file: Some(site.file()),
-            line: site.line(),
-            column: site.column(),
-            ..SiteProfile::default()
-        };
-        apply(&mut fresh);
-        if rows.sites.len() < sites_per_lock() {
-            rows.sites.push((site, fresh));
-            return;
-        }
-        let lightest = rows
-            .sites
-            .iter()
-            .enumerate()
-            .min_by(|a, b| a.1 .1.weight().total_cmp(&b.1 .1.weight()))
-            .map(|(i, (_, p))| (i, p.weight()));
-        match lightest {
-            Some((i, w)) if fresh.weight() > w => {
-                let (_, out) = std::mem::replace(&mut rows.sites[i], (site, fresh));
-                rows.other.merge(&out);
-            }
-            _ => rows.other.merge(&fresh),
+        rows.add(site, event, 1);
+    }
+
+    /// A wait of `secs` at `site`, caused by a hold acquired at `holder`, standing for
+    /// `weight` waits: both rows under one take of the table's lock.
+    pub(crate) fn add_wait(&self, site: Site, holder: Option<Site>, secs: f64, weight: u64) {
+        let mut rows = self.rows.lock();
+        rows.add(site, Event::Waited(secs), weight);
+        if let Some(h) = holder {
+            rows.add(h, Event::Caused(secs), weight);
         }
     }
 

@@ -57,7 +57,7 @@ where
         return (g, crate::sync::uncontended(recorder, mode, site));
     }
     // Tokio locks are held across await points: count with atomics, not under-lock stores.
-    let start = recorder.contended_start(mode, false);
+    let start = recorder.contended_start(mode);
     let mut waiting = Waiting {
         recorder,
         mode,
@@ -66,7 +66,7 @@ where
     };
     let g = wait.await;
     waiting.done = true;
-    let since = recorder.contended_acquired(mode, false, start, site);
+    let since = recorder.contended_acquired(mode, start, site);
     (
         g,
         Hold {

@@ -27,6 +27,7 @@ use super::sink::{global_instruments, Instruments, Sink};
 use crate::clock::{HoldStart, Ticks};
 use crate::kind::LockMode;
 use crate::profile::{self, EventAttrs, ProfileSlot, Site, Thresholds};
+use crate::sync::raw::RawMutex;
 
 /// A lock bound to the global provider re-checks which provider is installed every this many
 /// timed acquisitions (every one while the provider is the no-op one).
@@ -56,31 +57,17 @@ pub(crate) struct Recorder {
     thresholds: Thresholds,
     profile: ProfileSlot,
     contention: Contention,
-    /// Counts of exclusive holds of in-process locks, made while holding the lock.
+    /// The raw lock of a `sync::Mutex` (its word counts its holds), on a line of its own.
     held: Held,
 }
 
-/// Counts an in-process lock makes while it holds the lock exclusively (a `Mutex`, an
-/// `RwLock` writer: the lock itself guarantees one writer at a time): a plain load and store on
-/// one line, no thread-local lookup, and the line travels with the lock from holder to holder.
-/// Readers (the collection) load them racily, which atomics make sound.
+/// The lock itself of a [`crate::sync::Mutex`] (unused by other locks): on a line of its own
+/// (it is the line the mutex's holders hand to each other), at a fixed address, so the
+/// collection reads its counts there.
 #[derive(Default)]
 #[repr(align(128))]
 struct Held {
-    /// Acquisitions by [uncontended, contended].
-    acquisitions: [AtomicU64; 2],
-    releases: AtomicU64,
-    conflicts: AtomicU64,
-}
-
-impl Held {
-    /// Adds one to `c` (only ever written by the exclusive holder); returns the old value.
-    #[inline(always)]
-    fn bump(c: &AtomicU64) -> u64 {
-        let n = c.load(Relaxed);
-        c.store(n.wrapping_add(1), Relaxed);
-        n
-    }
+    raw: RawMutex,
 }
 
 /// Who is waiting, and where the last holder that released while someone waited acquired
@@ -131,6 +118,14 @@ pub(crate) struct WaitStart {
     at: Ticks,
     /// In the timing sample (its wait goes into `lock.wait.duration`).
     timed: bool,
+}
+
+impl WaitStart {
+    /// When the wait started.
+    #[inline]
+    pub(crate) fn at(self) -> Ticks {
+        self.at
+    }
 }
 
 impl std::fmt::Debug for Recorder {
@@ -231,13 +226,57 @@ impl Recorder {
         }
         let x = LockMode::Exclusive.idx();
         let h = &self.held;
-        for c in 0..2 {
-            t.acquisitions[x][c] =
-                t.acquisitions[x][c].wrapping_add(h.acquisitions[c].load(Relaxed));
-        }
-        t.releases[x] = t.releases[x].wrapping_add(h.releases.load(Relaxed));
-        t.conflicts[x] = t.conflicts[x].wrapping_add(h.conflicts.load(Relaxed));
+        // A `sync::Mutex`: every hold that waited had one conflict.
+        let c = h.raw.counts();
+        let uncontended = c.acquisitions.wrapping_sub(c.waited);
+        t.acquisitions[x][0] = t.acquisitions[x][0].wrapping_add(uncontended);
+        t.acquisitions[x][1] = t.acquisitions[x][1].wrapping_add(c.waited);
+        t.conflicts[x] = t.conflicts[x].wrapping_add(c.waited);
+        let done = c.acquisitions.wrapping_sub(u64::from(c.held));
+        t.releases[x] = t.releases[x].wrapping_add(done);
         t
+    }
+
+    /// The raw lock of a `sync::Mutex` recording here (unused by other locks).
+    #[inline(always)]
+    pub(crate) fn raw(&self) -> &RawMutex {
+        &self.held.raw
+    }
+
+    /// Whether the hold numbered `n` (counted by the lock itself) is timed; returns its start
+    /// if so.
+    #[inline(always)]
+    pub(crate) fn hold_numbered(&self, n: u64) -> Option<HoldStart> {
+        if n & self.sample.load(Relaxed) == 0 {
+            self.sampled_start()
+        } else {
+            None
+        }
+    }
+
+    /// A wait begins for a lock that counts its own holds and conflicts (a `sync::Mutex`;
+    /// `n`: its completed holds, which number the wait for the timing sample). Reads the
+    /// clock, outside any critical section.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn wait_numbered(&self, n: u64) -> WaitStart {
+        WaitStart {
+            timed: self.sampled(n),
+            at: Ticks::now(),
+        }
+    }
+
+    /// The hold after wait `w` begins (the lock counted it): reads the clock, the only work
+    /// inside the critical section; the guard records the wait after its release.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn waited_hold(&self, w: WaitStart) -> HoldStart {
+        let now = Ticks::now();
+        if w.timed {
+            HoldStart::new(now, true)
+        } else {
+            HoldStart::contended_untimed(now)
+        }
     }
 
     /// A collection happened: time the next acquisition whatever its number.
@@ -247,6 +286,7 @@ impl Recorder {
         }
     }
 
+    #[cfg(feature = "tokio")]
     /// An uncontended acquisition by the thread owning `slot` ([`shard::slot`]); returns the
     /// start of the hold when this one is timed.
     #[inline(always)]
@@ -259,18 +299,13 @@ impl Recorder {
         }
     }
 
-    /// An uncontended acquisition of an in-process lock that the caller now holds in `mode`,
-    /// counted on the held line when exclusive ([`Held`]), in this thread's shard when shared;
-    /// returns the start of the hold when this one is timed.
+    /// An uncontended acquisition of an `sync::RwLock` that the caller now holds in `mode`,
+    /// counted in this thread's shard (a line no other thread writes, so contended handoffs do
+    /// not move it); returns the start of the hold when this one is timed.
     #[inline(always)]
     pub(crate) fn acquired_holding(&self, mode: LockMode) -> Option<HoldStart> {
-        let n = match mode {
-            LockMode::Exclusive => Held::bump(&self.held.acquisitions[0]),
-            LockMode::Shared => {
-                let slot = shard::slot();
-                shard::bump(&self.shards[slot], slot, shard::acquisitions(mode.idx(), 0))
-            }
-        };
+        let slot = shard::slot();
+        let n = shard::bump(&self.shards[slot], slot, shard::acquisitions(mode.idx(), 0));
         if n & self.sample.load(Relaxed) == 0 {
             self.sampled_start()
         } else {
@@ -278,16 +313,11 @@ impl Recorder {
         }
     }
 
-    /// Counts the release of a hold counted by [`Self::acquired_holding`] (or
-    /// [`Self::contended_acquired`] with `exclusive`), made while still holding it.
+    /// Counts the release of a hold counted by [`Self::acquired_holding`] or
+    /// [`Self::contended_acquired_holding`], made while still holding it.
     #[inline(always)]
     pub(crate) fn count_release_holding(&self, mode: LockMode) {
-        match mode {
-            LockMode::Exclusive => {
-                Held::bump(&self.held.releases);
-            }
-            LockMode::Shared => self.count_release(mode),
-        }
+        self.count_release(mode);
     }
 
     /// Counts a release, tells waiters where the hold was acquired, and records the hold if
@@ -348,24 +378,87 @@ impl Recorder {
         }
     }
 
-    /// A try found the lock taken and the caller will wait: counts it as a waiter, reads the
-    /// clock, and decides whether this wait is timed (1 in N conflicts, the same rate as
-    /// uncontended acquisitions, so the histograms' mix stays unbiased). For exclusive locks
-    /// the conflict is counted later, when the lock is acquired ([`Self::contended_acquired`]);
-    /// a waiter that gives up counts it itself.
+    #[cfg(feature = "tokio")]
+    /// A try found the lock taken and the caller will wait (a tokio lock): counts the conflict
+    /// and the waiter, reads the clock, and decides whether this wait is timed (1 in N
+    /// conflicts, the same rate as uncontended acquisitions, so the histograms' mix stays
+    /// unbiased).
     #[cold]
     #[inline(never)]
-    pub(crate) fn contended_start(&self, mode: LockMode, exclusive: bool) -> WaitStart {
-        let c = shard::conflicts(mode.idx());
-        let n = if exclusive {
-            self.held.conflicts.load(Relaxed)
-        } else {
-            self.bump(c)
-        };
+    pub(crate) fn contended_start(&self, mode: LockMode) -> WaitStart {
+        let n = self.bump(shard::conflicts(mode.idx()));
         self.contention.waiters.fetch_add(1, Relaxed);
         WaitStart {
             timed: self.sampled(n),
             at: Ticks::now(),
+        }
+    }
+
+    /// An in-process lock's try found it taken and the caller will block ([`Self::contended_start`]
+    /// without the waiter count: such locks read the releasing holder's site from beside the
+    /// lock word, so nothing here is written by every waiter). The clock is read before the
+    /// wait, outside any critical section.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn contended_start_holding(&self, mode: LockMode) -> WaitStart {
+        // Counted now: a `sync` waiter never gives up.
+        let n = self.bump(shard::conflicts(mode.idx()));
+        WaitStart {
+            timed: self.sampled(n),
+            at: Ticks::now(),
+        }
+    }
+
+    /// An in-process lock's blocking acquire got the lock after waiting since `w`, the last
+    /// holder having acquired at `holder`. Exclusive: counts it on the held line and returns
+    /// at once, with nothing but a clock read inside the critical section; the wait's profile,
+    /// slow-wait event and histogram are the guard's to record after the release
+    /// ([`Self::wait_done`]). Shared (other readers are not held up): records them now.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn contended_acquired_holding(
+        &self,
+        mode: LockMode,
+        w: WaitStart,
+        site: Site,
+        holder: Option<Site>,
+    ) -> Option<HoldStart> {
+        let now = Ticks::now();
+        let hold = if w.timed {
+            HoldStart::new(now, true)
+        } else {
+            HoldStart::contended_untimed(now)
+        };
+        self.bump(shard::acquisitions(mode.idx(), 1));
+        match mode {
+            LockMode::Exclusive => Some(hold),
+            LockMode::Shared => {
+                self.wait_done(mode, site, holder, w.at.secs_until(now), w.timed);
+                w.timed.then_some(hold)
+            }
+        }
+    }
+
+    /// An in-process lock's wait of `secs` at `site` that ended a hold acquired at `holder`: if
+    /// `timed`, into the profile (standing for the `sample_every` waits it was sampled from)
+    /// and `lock.wait.duration`; a slow-wait event if slow, timed or not.
+    #[cold]
+    pub(crate) fn wait_done(
+        &self,
+        mode: LockMode,
+        site: Site,
+        holder: Option<Site>,
+        secs: f64,
+        timed: bool,
+    ) {
+        if timed {
+            if let Some(t) = self.profile.get(&self.name, &self.kind) {
+                t.add_wait(site, holder, secs, self.sample_mask + 1);
+            }
+            self.record_wait(mode, Outcome::Acquired, secs);
+        }
+        if secs >= self.thresholds.wait {
+            profile::slow_wait(&self.event_attrs_for(mode), site, holder, secs);
         }
     }
 
@@ -400,26 +493,19 @@ impl Recorder {
         }
     }
 
-    /// The contended acquire got the lock: count it (and, for exclusive locks, its conflict),
-    /// charge the wait to `site` and to the releasing holder's site, report it if slow, and if
-    /// it is timed record the wait and start timing the hold.
+    #[cfg(feature = "tokio")]
+    /// The contended acquire ([`Self::contended_start`]) got the lock: count it, charge the
+    /// wait to `site` and to the releasing holder's site, report it if slow, and if it is timed
+    /// record the wait and start timing the hold.
     #[cold]
     #[inline(never)]
     pub(crate) fn contended_acquired(
         &self,
         mode: LockMode,
-        exclusive: bool,
         w: WaitStart,
         site: Site,
     ) -> Option<HoldStart> {
-        let m = mode.idx();
-        if exclusive {
-            // Held now: counted on the held line.
-            Held::bump(&self.held.conflicts);
-            Held::bump(&self.held.acquisitions[1]);
-        } else {
-            self.bump(shard::acquisitions(m, 1));
-        }
+        self.bump(shard::acquisitions(mode.idx(), 1));
         let now = Ticks::now();
         let secs = w.at.secs_until(now);
         let holder = self.wait_over();
@@ -464,17 +550,6 @@ impl Recorder {
         self.contention.waiters.load(Relaxed) != 0
     }
 
-    /// [`Self::releasing`] for a lock that keeps its holder's site itself: `site` is only
-    /// asked for when someone waits.
-    #[inline(always)]
-    pub(crate) fn releasing_from(&self, site: impl FnOnce() -> Option<Site>) {
-        if self.contention.waiters.load(Relaxed) != 0 {
-            if let Some(site) = site() {
-                self.publish_releaser(site);
-            }
-        }
-    }
-
     #[cold]
     #[inline(never)]
     fn publish_releaser(&self, site: Site) {
@@ -489,10 +564,7 @@ impl Recorder {
     #[cold]
     pub(crate) fn waited(&self, mode: LockMode, site: Site, holder: Option<Site>, secs: f64) {
         if let Some(t) = self.profile.get(&self.name, &self.kind) {
-            t.add(site, profile::Event::Waited(secs));
-            if let Some(h) = holder {
-                t.add(h, profile::Event::Caused(secs));
-            }
+            t.add_wait(site, holder, secs, 1);
         }
         if secs >= self.thresholds.wait {
             profile::slow_wait(&self.event_attrs_for(mode), site, holder, secs);

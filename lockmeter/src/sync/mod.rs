@@ -11,50 +11,66 @@
 //! assert_eq!(cache.lock().unwrap().len(), 1);
 //! ```
 //!
-//! The lock underneath is `parking_lot`'s, not std's (std's cannot be built on: it offers
-//! no way to wait for a lock found taken without another compare-and-swap, and that second
-//! write on the lock's cache line, plus no back-off while spinning, cost a third of std's own
-//! two-thread contended throughput). What you see is std's: `lock`/`try_lock`/`read`/`write`
-//! return `LockResult`/`TryLockResult`, a panic while holding a `Mutex` or a `RwLock` write
-//! guard poisons the lock, `is_poisoned`/`clear_poison`/`into_inner`/`get_mut` behave as
-//! std's, and `Send`/`Sync` bounds are std's. What differs is parking_lot's: waiters spin with
-//! back-off before parking, and the lock is *eventually fair* (about every 0.5 ms a release
-//! hands the lock to a waiter instead of letting the releasing thread take it straight
-//! back). As with std, a thread that locks a mutex it already holds deadlocks, and a recursive
-//! `read` may deadlock if a writer is waiting.
+//! The locks underneath: `Mutex` sits on lockmeter's own raw lock (`sync/raw.rs` in the
+//! source: one 64-bit word that is the lock and also counts its holds, with waiters parked in
+//! `parking_lot_core`'s parking lot, the one `parking_lot`'s locks use); `RwLock` sits on
+//! `parking_lot::RwLock`. std's cannot be built on: it offers no way to wait for a lock found
+//! taken without another compare-and-swap. What you see is std's: `lock`/`try_lock`/`read`/
+//! `write` return `LockResult`/`TryLockResult`, a panic while holding a `Mutex` or a `RwLock`
+//! write guard poisons the lock, `is_poisoned`/`clear_poison`/`into_inner`/`get_mut` behave as
+//! std's, and `Send`/`Sync` bounds are std's. What differs: waiters spin with back-off before
+//! parking. `Mutex` is unfair as std's futex mutex is (a released lock goes to whichever
+//! thread takes it first, the woken waiter or a newcomer); `RwLock` is parking_lot's,
+//! *eventually fair* (about every 0.5 ms a release hands the lock to a waiter). As with std, a
+//! thread that locks a mutex it already holds deadlocks, and a recursive `read` may deadlock if
+//! a writer is waiting.
 //!
-//! Cost model: the uncontended path is the lock's own try plus a plain load and store into
-//! this thread's shard of the lock's counters, which the SDK reads when it collects (see
-//! [`crate::metrics`]). Timing (two clock reads and two histogram records) is done for 1 in
-//! `sample_every` acquisitions (default 64, a power of two; [`MutexBuilder::sample_every`])
-//! plus the first after each metrics collection, chosen without regard to durations, among
-//! uncontended and contended ones alike, so the histograms' quantiles are unbiased estimates
-//! and locks taken less often than metrics are collected are timed every time. Only the clock
-//! reads happen while the lock is held; the records are made after the release. Memory: each
-//! lock's counters take ~1.2 KB (one 128-byte shard per thread slot), allocated once at
-//! construction. `lock_acquisitions_total`, `lock_conflicts_total` and `lock_held` are exact:
-//! every acquisition and every contended wait is counted. `sample_every(1)` times every
+//! Cost model. `Mutex`, uncontended: the lock word's own atomic operations (one `lock bts` to
+//! take it, one atomic add to count the hold and release it), a load of the sampling mask, and
+//! a compare of the holder's call site with the one already stored (stored only when it
+//! changes); no thread-local lookup, no counter of its own. Contended: the wait is counted and
+//! marked on the word when the lock is taken, the clock is read before the wait and once
+//! after, and everything else (the profile, a slow-wait event, histograms) is done by the
+//! guard after the release, outside the critical section. `RwLock`: the lock's try, then a
+//! plain load and store into this thread's shard of the lock's counters (see
+//! [`crate::metrics`]); a try found taken is followed by parking_lot's blocking acquire.
+//! Timing (two clock reads and two histogram records) is done for 1 in `sample_every`
+//! acquisitions (default 64, a power of two; [`MutexBuilder::sample_every`]) plus the first
+//! after each metrics collection, chosen without regard to durations, among uncontended and
+//! contended ones alike, so the histograms' quantiles are unbiased estimates and locks taken
+//! less often than metrics are collected are timed every time. The records are made after the
+//! release. Memory: a lock's recorder takes ~1.5 KB (one 128-byte counter shard per thread slot
+//! and the mutex word's line), allocated once at construction. `lock_acquisitions_total`,
+//! `lock_conflicts_total` and `lock_held` are exact: every acquisition and every contended wait
+//! is counted, and the SDK reads them when it collects. `sample_every(1)` times every
 //! acquisition. An uncontended timed acquisition, and a `try_*` that found the lock taken,
 //! record a wait of 0 s: one attempt of a few nanoseconds, inside the lowest bucket (1 µs).
-//! Measured costs: the README's overhead table and `cargo bench -p lockmeter --bench mutex`.
+//! Measured costs: the README's overhead table and `cargo bench -p lockmeter-bench --bench
+//! sync` (an outside crate, side by side with the locks underneath).
 //!
 //! Leaked guards and panics: a guard leaked with `mem::forget` never unlocks the lock
 //! either, so `lock_held` stays raised, which is the truth. A thread that panics while holding
 //! the lock drops the guard during unwinding: the release is counted and, as with std, the lock
 //! is poisoned.
 
+use std::cell::UnsafeCell;
 use std::fmt;
+use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::panic::Location;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 use std::time::Duration;
 
-use crate::clock::HoldStart;
+use crate::clock::{HoldStart, Ticks};
 use crate::kind::LockMode;
-use crate::metrics::{shard, Outcome, Recorder, Sink, Spec};
+#[cfg(feature = "tokio")]
+use crate::metrics::shard;
+use crate::metrics::{Outcome, Recorder, Sink, Spec};
 use crate::profile::Site;
+
+pub(crate) mod raw;
 
 /// Default timing sample of the in-process wrappers (`sync`, `tokio`): 1 in this many
 /// acquisitions, plus the first after each metrics collection, records wait and hold times;
@@ -191,13 +207,17 @@ fn poison<G>(g: G, poisoned: bool) -> LockResult<G> {
 
 /// What sits beside the lock word: std's poison flag (std's own is private), set when a
 /// `Mutex` guard or an `RwLock` write guard is dropped by a thread that started panicking while
-/// holding it, and the call site of the latest acquisition, which a releasing holder hands to
-/// waiters (the lock profile's "caused" column). Written by the holder, on the line it owns.
+/// holding it; the call site of the latest acquisition, which the next waiter to get the lock
+/// reads as the site whose hold it waited for (the lock profile's "caused" column); and, for an
+/// exclusive hold that had to wait, that wait's start and the site it waited for, recorded by
+/// the guard after the release. Written by holders, on the line the lock word brings along.
 #[derive(Debug, Default)]
 #[repr(align(8))]
 struct State {
     poisoned: AtomicBool,
     site: AtomicPtr<Location<'static>>,
+    wait_start: AtomicU64,
+    waited_for: AtomicPtr<Location<'static>>,
 }
 
 impl State {
@@ -210,7 +230,9 @@ impl State {
     #[inline(always)]
     fn acquired_at(&self, site: Site) {
         let p: *const Location<'static> = site;
-        self.site.store(p.cast_mut(), Relaxed);
+        if self.site.load(Relaxed) != p.cast_mut() {
+            self.site.store(p.cast_mut(), Relaxed);
+        }
     }
 
     /// Where the lock was last acquired (by the caller, while it holds the lock exclusively;
@@ -219,6 +241,23 @@ impl State {
     fn site(&self) -> Option<Site> {
         // SAFETY: only `&'static Location` pointers are stored (`acquired_at`).
         unsafe { self.site.load(Relaxed).cast_const().as_ref() }
+    }
+
+    /// An exclusive holder that waited keeps its wait for its release to record.
+    #[cold]
+    fn keep_wait(&self, start: Ticks, holder: Option<Site>) {
+        self.wait_start.store(start.raw(), Relaxed);
+        let p: *const Location<'static> = holder.map_or(std::ptr::null(), |h| h);
+        self.waited_for.store(p.cast_mut(), Relaxed);
+    }
+
+    /// The wait kept by [`Self::keep_wait`], read by the same holder before it releases.
+    #[cold]
+    fn kept_wait(&self) -> (Ticks, Option<Site>) {
+        let start = Ticks::from_raw(self.wait_start.load(Relaxed));
+        // SAFETY: only `&'static Location` pointers or null are stored (`keep_wait`).
+        let holder = unsafe { self.waited_for.load(Relaxed).cast_const().as_ref() };
+        (start, holder)
     }
 }
 
@@ -264,9 +303,9 @@ impl<'a> StateRef<'a> {
     }
 }
 
-/// The release of a timed hold, or one someone waits for: counts it, tells waiters where the
-/// hold was acquired (read while still held: the next holder overwrites it), poisons as std,
-/// unlocks (drops `inner`), then records the hold outside the critical section.
+/// The release of a timed hold or of an exclusive hold that waited: counts it, poisons as std,
+/// unlocks (drops `inner`), then, outside the critical section, records the wait (profile,
+/// slow-wait event, histogram if timed) and the hold if timed.
 #[cold]
 #[inline(never)]
 fn release_rare<G>(
@@ -278,13 +317,21 @@ fn release_rare<G>(
 ) {
     let st = state.get();
     let site = st.site();
+    let waited = match (mode, since) {
+        (LockMode::Exclusive, Some(s)) if s.contended() => Some(st.kept_wait()),
+        _ => None,
+    };
     recorder.count_release_holding(mode);
-    recorder.releasing_from(|| site);
     if state.poisons() && std::thread::panicking() {
         st.poisoned.store(true, Relaxed);
     }
     drop(inner);
-    if let Some(since) = since {
+    let Some(since) = since else { return };
+    if let (Some((start, holder)), Some(site)) = (waited, site) {
+        let secs = start.secs_until(since.at());
+        recorder.wait_done(mode, site, holder, secs, since.timed());
+    }
+    if since.timed() {
         recorder.hold_done(mode, since, site);
     }
 }
@@ -312,12 +359,12 @@ macro_rules! guard {
         impl<T: ?Sized> Drop for $guard<'_, T> {
             #[inline(always)]
             fn drop(&mut self) {
-                // One branch for the rare cases, released out of line: a timed hold, someone
-                // waiting. What stays inline is small enough to be inlined wherever a guard
+                // One branch for the rare cases, released out of line: a timed hold, a hold
+                // that waited. What stays inline is small enough to be inlined wherever a guard
                 // is dropped. The rare path gets the fields by value, not `&mut self`: a guard
                 // whose address escaped into a call would live in memory, and copying the
                 // lock's result into it cost a store-forwarding stall per acquisition.
-                if self.since.is_some() | self.recorder.has_waiters() {
+                if self.since.is_some() {
                     // SAFETY: `inner` is taken here, once, and never used again.
                     let inner = unsafe { ManuallyDrop::take(&mut self.inner) };
                     release_rare(self.recorder, $mode, self.since, self.state, inner);
@@ -394,9 +441,14 @@ macro_rules! acquire {
         #[cold]
         #[inline(never)]
         fn $slow(&self, site: Site) -> (parking_lot::$inner<'_, T>, Option<HoldStart>) {
-            let w = self.recorder.contended_start($mode, $exclusive);
+            let w = self.recorder.contended_start_holding($mode);
             let g = self.inner.$block();
-            let since = self.recorder.contended_acquired($mode, $exclusive, w, site);
+            // The site of the hold this wait ended, before this acquisition overwrites it.
+            let holder = self.state.site();
+            let since = self.recorder.contended_acquired_holding($mode, w, site, holder);
+            if $exclusive {
+                self.state.keep_wait(w.at(), holder);
+            }
             (g, since)
         }
 
@@ -416,8 +468,8 @@ macro_rules! acquire {
     };
 }
 
-/// Generates what both lock types share: the `WouldBlock` path, poisoning, unlocked access and
-/// `Debug`.
+/// Generates what both lock types share: the `WouldBlock` path, poisoning and unlocked access
+/// (`inner`: the lock's `parking_lot` lock or `UnsafeCell`, both with `get_mut`/`into_inner`).
 macro_rules! common {
     ($lock:ident) => {
         impl<T: ?Sized> $lock<T> {
@@ -452,16 +504,6 @@ macro_rules! common {
                 poison(self.inner.into_inner(), poisoned)
             }
         }
-
-        impl<T: ?Sized + fmt::Debug> fmt::Debug for $lock<T> {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.debug_struct(stringify!($lock))
-                    .field("name", &self.recorder.name())
-                    .field("inner", &&self.inner)
-                    .field("poisoned", &self.state.poisoned())
-                    .finish()
-            }
-        }
     };
 }
 
@@ -474,20 +516,27 @@ trait Wrap<'a, G> {
 
 // ---- Mutex --------------------------------------------------------------------------------
 
-/// An instrumented mutex with `std::sync::Mutex`'s API and poisoning (on parking_lot's lock,
-/// see the [module docs](self)). `Send`/`Sync` exactly when std's is.
+/// An instrumented mutex with `std::sync::Mutex`'s API and poisoning (on lockmeter's own raw
+/// lock, see the [module docs](self)). `Send`/`Sync` exactly when std's is.
 pub struct Mutex<T: ?Sized> {
+    /// Holds the raw lock (its word counts the holds; the collection reads it there).
     recorder: Arc<Recorder>,
     state: State,
-    inner: parking_lot::Mutex<T>,
+    inner: UnsafeCell<T>,
 }
+
+// SAFETY: as std's `Mutex`: the lock hands out access to the value to one thread at a time, so
+// sending or sharing the mutex needs only `T: Send`.
+unsafe impl<T: ?Sized + Send> Send for Mutex<T> {}
+// SAFETY: as above.
+unsafe impl<T: ?Sized + Send> Sync for Mutex<T> {}
 
 builder! {
     /// Builder for a [`Mutex`]; see [`Mutex::builder`].
     MutexBuilder => Mutex, |o, value| Mutex {
         recorder: o.recorder("mutex"),
         state: State::default(),
-        inner: parking_lot::Mutex::new(value),
+        inner: UnsafeCell::new(value),
     }
 }
 
@@ -507,25 +556,150 @@ impl Mutex<()> {
 }
 
 impl<T: ?Sized> Mutex<T> {
-    acquire! {
-        /// Acquires the mutex, blocking; poisoned as std's is after a panic while held.
-        fn lock / lock_contended,
-        /// Tries to acquire without blocking; `WouldBlock` is counted as a conflict.
-        fn try_lock -> MutexGuard,
-        try try_lock, block lock -> MutexGuard, LockMode::Exclusive, exclusive true
+    /// Acquires the mutex, blocking; poisoned as std's is after a panic while held.
+    #[inline(always)]
+    #[track_caller]
+    pub fn lock(&self) -> LockResult<MutexGuard<'_, T>> {
+        let site = Location::caller();
+        let since = match self.recorder.raw().try_lock() {
+            Some(n) => self.recorder.hold_numbered(n),
+            None => Some(self.lock_contended()),
+        };
+        self.guard(since, site)
+    }
+
+    /// The lock was taken: wait for it (the clock read before, outside anyone's critical
+    /// section), and keep the wait and the site it waited for (read before this acquisition
+    /// overwrites it) for the release to record.
+    #[cold]
+    #[inline(never)]
+    fn lock_contended(&self) -> HoldStart {
+        let raw = self.recorder.raw();
+        let w = self.recorder.wait_numbered(raw.completed());
+        raw.lock_slow();
+        self.state.keep_wait(w.at(), self.state.site());
+        self.recorder.waited_hold(w)
+    }
+
+    /// Tries to acquire without blocking; `WouldBlock` is counted as a conflict.
+    #[inline]
+    #[track_caller]
+    pub fn try_lock(&self) -> TryLockResult<MutexGuard<'_, T>> {
+        let site = Location::caller();
+        match self.recorder.raw().try_lock() {
+            Some(n) => Ok(self.guard(self.recorder.hold_numbered(n), site)?),
+            None => Err(self.would_block(LockMode::Exclusive)),
+        }
+    }
+
+    #[inline(always)]
+    fn guard(&self, since: Option<HoldStart>, site: Site) -> LockResult<MutexGuard<'_, T>> {
+        self.state.acquired_at(site);
+        let guard = MutexGuard {
+            lock: self,
+            since,
+            // As std: a guard taken while the thread is already panicking does not poison.
+            poisons: !std::thread::panicking(),
+            _not_send: PhantomData,
+        };
+        poison(guard, self.state.poisoned())
     }
 }
 
 common!(Mutex);
 
-guard! {
-    /// Guard of a [`Mutex`]; `Send`/`Sync` exactly as `std::sync::MutexGuard`.
-    MutexGuard(MutexGuard) of Mutex, LockMode::Exclusive, poisons true
+impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Mutex");
+        d.field("name", &self.recorder.name());
+        // Looked at under the lock, as std's `Debug` does (a real, counted hold).
+        let raw = self.recorder.raw();
+        if raw.try_lock().is_some() {
+            // SAFETY: held until the unlock below.
+            d.field("data", &unsafe { &*self.inner.get() });
+            raw.unlock();
+        } else {
+            d.field("data", &format_args!("<locked>"));
+        }
+        d.field("poisoned", &self.state.poisoned()).finish()
+    }
+}
+
+/// Guard of a [`Mutex`]; `Send`/`Sync` exactly as `std::sync::MutexGuard`.
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct MutexGuard<'a, T: ?Sized> {
+    lock: &'a Mutex<T>,
+    /// Set when this hold is timed or had to wait.
+    since: Option<HoldStart>,
+    /// Whether a panic while it is held poisons the lock.
+    poisons: bool,
+    /// Not `Send`, as std's.
+    _not_send: PhantomData<*const ()>,
+}
+
+// SAFETY: sharing the guard shares `&T`, as std's `MutexGuard`.
+unsafe impl<T: ?Sized + Sync> Sync for MutexGuard<'_, T> {}
+
+impl<T: ?Sized> Drop for MutexGuard<'_, T> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        let lock = self.lock;
+        // One branch for the rare cases (a timed hold, a hold that waited), released out of
+        // line; inline, one atomic add that counts the hold and unlocks.
+        if let Some(since) = self.since {
+            mutex_release_rare(&lock.recorder, &lock.state, since, self.poisons);
+            return;
+        }
+        if self.poisons && std::thread::panicking() {
+            lock.state.poisoned.store(true, Relaxed);
+        }
+        lock.recorder.raw().unlock();
+    }
+}
+
+/// The release of a timed hold or of one that waited: poisons as std, unlocks, then, outside
+/// the critical section, records the wait (profile, slow-wait event, histogram if timed) and
+/// the hold if timed.
+#[cold]
+#[inline(never)]
+fn mutex_release_rare(recorder: &Recorder, state: &State, since: HoldStart, poisons: bool) {
+    let site = state.site();
+    let waited = since.contended().then(|| state.kept_wait());
+    if poisons && std::thread::panicking() {
+        state.poisoned.store(true, Relaxed);
+    }
+    if since.contended() {
+        recorder.raw().unlock_waited();
+    } else {
+        recorder.raw().unlock();
+    }
+    if let (Some((start, holder)), Some(site)) = (waited, site) {
+        let secs = start.secs_until(since.at());
+        recorder.wait_done(LockMode::Exclusive, site, holder, secs, since.timed());
+    }
+    if since.timed() {
+        recorder.hold_done(LockMode::Exclusive, since, site);
+    }
+}
+
+impl<T: ?Sized> Deref for MutexGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard holds the lock.
+        unsafe { &*self.lock.inner.get() }
+    }
 }
 
 impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
-        &mut self.inner
+        // SAFETY: the guard holds the lock exclusively.
+        unsafe { &mut *self.lock.inner.get() }
+    }
+}
+
+impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
     }
 }
 
@@ -583,6 +757,16 @@ impl<T: ?Sized> RwLock<T> {
 }
 
 common!(RwLock);
+
+impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RwLock")
+            .field("name", &self.recorder.name())
+            .field("inner", &&self.inner)
+            .field("poisoned", &self.state.poisoned())
+            .finish()
+    }
+}
 
 guard! {
     /// Shared guard of an [`RwLock`].

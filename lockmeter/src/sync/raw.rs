@@ -1,0 +1,265 @@
+//! The raw lock under [`super::Mutex`]: one word that is the lock and also counts its holds,
+//! so an uncontended acquisition costs its compare-and-swap and nothing else, and a contended
+//! one tells the caller it waited without a second compare-and-swap on the contended line.
+//!
+//! The word: bit 0 locked, bit 1 someone may be parked, bit 2 the current hold waited, bit 3 a
+//! holder that waited is moving its hold into [`RawMutex::waited`] (readers retry), bits 4..
+//! the number of completed holds. Waiters spin a little, then park in `parking_lot_core`'s
+//! parking lot (the one `parking_lot`'s locks use), keyed by the lock's address. A release
+//! unlocks first and then wakes one parked waiter, which competes for the lock with any thread
+//! arriving meanwhile: unfair, as std's futex mutex is (parking_lot's eventual-fairness
+//! handoff is not offered).
+
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
+use parking_lot_core::{SpinWait, UnparkResult, DEFAULT_PARK_TOKEN, DEFAULT_UNPARK_TOKEN};
+
+const LOCKED: u64 = 1;
+const PARKED: u64 = 2;
+const WAITED: u64 = 4;
+const BUSY: u64 = 8;
+const ONE: u64 = 16;
+
+/// See the [module docs](self). Lives at a fixed address (in the lock's recorder, on the
+/// heap) so that the metrics collection can read its counts and the parking lot can key on it.
+#[derive(Debug, Default)]
+pub(crate) struct RawMutex {
+    word: AtomicU64,
+    /// Completed holds that waited; written only by such a holder, before it unlocks.
+    waited: AtomicU64,
+}
+
+/// What the word says, read consistently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// Holds begun (completed ones and the current one).
+    pub(crate) acquisitions: u64,
+    /// Of those, holds that had to wait.
+    pub(crate) waited: u64,
+    /// Whether the lock is held now.
+    pub(crate) held: bool,
+}
+
+impl RawMutex {
+    /// Takes the lock if it is free; returns the number of holds completed before this one.
+    #[inline(always)]
+    pub(crate) fn try_lock(&self) -> Option<u64> {
+        // Only the locked bit of the old value is looked at, so this is one `lock bts` on
+        // x86 (a compare-and-swap loop if the whole old value were used); the count is read
+        // after, from the line this core now owns, and no release can change it meanwhile.
+        if self.word.fetch_or(LOCKED, Acquire) & LOCKED == 0 {
+            Some(self.word.load(Relaxed) / ONE)
+        } else {
+            None
+        }
+    }
+
+    /// The number of completed holds (a racy read, for the timing sample of a wait).
+    #[inline]
+    pub(crate) fn completed(&self) -> u64 {
+        self.word.load(Relaxed) / ONE
+    }
+
+    /// Blocks until the lock is taken (after [`Self::try_lock`] failed): spins a little, then
+    /// parks until a release wakes it, and tries again. The hold is marked as one that waited:
+    /// release it with [`Self::unlock_waited`].
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn lock_slow(&self) {
+        let mut spin = SpinWait::new();
+        let mut s = self.word.load(Relaxed);
+        loop {
+            if s & LOCKED == 0 {
+                match self
+                    .word
+                    .compare_exchange_weak(s, s | LOCKED | WAITED, Acquire, Relaxed)
+                {
+                    Ok(_) => return,
+                    Err(now) => s = now,
+                }
+                continue;
+            }
+            // Nobody parked yet: spin (with back-off, then yields) a few times.
+            if s & PARKED == 0 && spin.spin() {
+                s = self.word.load(Relaxed);
+                continue;
+            }
+            if s & PARKED == 0 {
+                if let Err(now) = self
+                    .word
+                    .compare_exchange_weak(s, s | PARKED, Relaxed, Relaxed)
+                {
+                    s = now;
+                    continue;
+                }
+            }
+            // SAFETY: the key is this lock's address, which no other parking lot user keys on
+            // (the lock lives in its own heap allocation); `validate` and the callbacks neither
+            // panic nor call into the parking lot.
+            unsafe {
+                parking_lot_core::park(
+                    self.key(),
+                    || self.word.load(Relaxed) & (LOCKED | PARKED) == LOCKED | PARKED,
+                    || {},
+                    |_, _| {},
+                    DEFAULT_PARK_TOKEN,
+                    None,
+                );
+            }
+            spin.reset();
+            s = self.word.load(Relaxed);
+        }
+    }
+
+    /// Releases a hold taken by [`Self::try_lock`]: one atomic add that counts the hold and
+    /// clears the locked bit.
+    #[inline(always)]
+    pub(crate) fn unlock(&self) {
+        let old = self.word.fetch_add(ONE - LOCKED, Release);
+        if old & PARKED != 0 {
+            self.wake();
+        }
+    }
+
+    /// Releases a hold taken by [`Self::lock_slow`]: counts it as one that waited, then
+    /// unlocks (readers of [`Self::counts`] retry while the two are out of step).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn unlock_waited(&self) {
+        self.word.fetch_or(BUSY, Relaxed);
+        // Only this holder writes it: a plain increment, published before the unlock.
+        self.waited
+            .store(self.waited.load(Relaxed).wrapping_add(1), Release);
+        let old = self.word.fetch_add(ONE - LOCKED - WAITED - BUSY, Release);
+        if old & PARKED != 0 {
+            self.wake();
+        }
+    }
+
+    /// Wakes one parked waiter; clears the parked bit if it was the last.
+    #[cold]
+    #[inline(never)]
+    fn wake(&self) {
+        // SAFETY: as in `lock_slow`; the callback runs under the parking lot's bucket lock and
+        // only touches the word.
+        unsafe {
+            parking_lot_core::unpark_one(self.key(), |r: UnparkResult| {
+                if !r.have_more_threads {
+                    self.word.fetch_and(!PARKED, Relaxed);
+                }
+                DEFAULT_UNPARK_TOKEN
+            });
+        }
+    }
+
+    fn key(&self) -> usize {
+        std::ptr::from_ref(self).addr()
+    }
+
+    /// The counts, read consistently: retried while a holder that waited is between counting
+    /// its hold and unlocking.
+    pub(crate) fn counts(&self) -> Counts {
+        loop {
+            let w1 = self.waited.load(Acquire);
+            let s = self.word.load(Acquire);
+            let w2 = self.waited.load(Acquire);
+            if w1 == w2 && s & BUSY == 0 {
+                let held = s & LOCKED != 0;
+                return Counts {
+                    acquisitions: s / ONE + u64::from(held),
+                    waited: w1 + u64::from(s & WAITED != 0),
+                    held,
+                };
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn counts_follow_holds_and_waits() {
+        let m = RawMutex::default();
+        assert_eq!(m.try_lock(), Some(0));
+        assert!(m.try_lock().is_none());
+        let c = m.counts();
+        assert_eq!((c.acquisitions, c.waited, c.held), (1, 0, true));
+        m.unlock();
+        assert_eq!(m.try_lock(), Some(1));
+        m.unlock();
+        m.lock_slow();
+        assert_eq!(
+            m.counts(),
+            Counts {
+                acquisitions: 3,
+                waited: 1,
+                held: true
+            }
+        );
+        m.unlock_waited();
+        assert_eq!(
+            m.counts(),
+            Counts {
+                acquisitions: 3,
+                waited: 1,
+                held: false
+            }
+        );
+    }
+
+    /// Four threads, half of them made to wait: mutual exclusion holds, and every hold and
+    /// every wait is counted.
+    #[test]
+    fn threads_exclude_each_other_and_are_counted() {
+        struct Shared {
+            m: RawMutex,
+            value: std::cell::UnsafeCell<u64>,
+        }
+        // SAFETY: `value` is only touched while holding `m`.
+        unsafe impl Sync for Shared {}
+        let s = Arc::new(Shared {
+            m: RawMutex::default(),
+            value: std::cell::UnsafeCell::new(0),
+        });
+        let waits = Arc::new(AtomicU64::new(0));
+        let per = 20_000u64;
+        let ts: Vec<_> = (0..4)
+            .map(|_| {
+                let (s, waits) = (Arc::clone(&s), Arc::clone(&waits));
+                std::thread::spawn(move || {
+                    for _ in 0..per {
+                        let waited = if s.m.try_lock().is_some() {
+                            false
+                        } else {
+                            s.m.lock_slow();
+                            true
+                        };
+                        // SAFETY: held.
+                        unsafe { *s.value.get() += 1 };
+                        if waited {
+                            waits.fetch_add(1, Relaxed);
+                            s.m.unlock_waited();
+                        } else {
+                            s.m.unlock();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in ts {
+            t.join().unwrap();
+        }
+        // SAFETY: all threads joined.
+        assert_eq!(unsafe { *s.value.get() }, 4 * per);
+        let c = s.m.counts();
+        assert_eq!(c.acquisitions, 4 * per);
+        assert_eq!(c.waited, waits.load(Relaxed));
+        assert!(!c.held);
+    }
+}
