@@ -125,7 +125,8 @@ pub struct Row {
     pub holders: Vec<RowProc>,
     /// Blocked waiters.
     pub waiters: Vec<RowWaiter>,
-    /// Held at least this long (seen by consecutive samples); `None` on the first sample.
+    /// Held at least this long (since the first sample that showed it); `None` for a hold
+    /// already there at the agent's first sample, on that sample.
     pub hold_age_min_s: Option<f64>,
     /// Held at most this long (the holder process's age).
     pub hold_age_max_s: Option<f64>,
@@ -360,12 +361,14 @@ impl Tracker {
                     up.newly_untrusted.push(u);
                 }
             }
-            let age_min = seen
-                .before_first
-                .map(|_| now.saturating_duration_since(seen.first));
+            // Held at least since the first snapshot that showed it, also when that was the
+            // agent's first (a hold older than the agent); on that first snapshot itself such
+            // a hold's age is unknown (the table then shows the holder process's age).
+            let seen_for = now.saturating_duration_since(seen.first);
+            let age_min = (seen.before_first.is_some() || !seen_for.is_zero()).then_some(seen_for);
             let e = held.entry(attrs.clone()).or_insert((0, 0.0));
             e.0 += 1;
-            e.1 = e.1.max(age_min.unwrap_or_default().as_secs_f64());
+            e.1 = e.1.max(seen_for.as_secs_f64());
             *activity.entry(name.clone()).or_default() += 1 + l.waiters.len();
             for w in &l.waiters {
                 let wa = HoldAttrs {

@@ -109,6 +109,15 @@ fn sampled_holds_ages_waiters_and_top_n() {
             (i - 1) as f64,
             "age counted from the first sample that saw it"
         );
+        // Also for a hold older than the agent: a lower bound, from the agent's first sample.
+        let age_a = up
+            .gauges
+            .age
+            .iter()
+            .find(|(a, _)| &*a.name == "/var/lock/a")
+            .unwrap()
+            .1;
+        assert_eq!(age_a, i as f64, "a pre-existing hold's age grows too");
     }
     // At t0+4 the holder is gone and waiter 11 holds it: the first hold ended (appeared in
     // (t0, t0+1], last seen t0+3, gone by t0+4: estimated 0.5 + 2 + 0.5 = 3 s), and the new
