@@ -23,9 +23,10 @@
 //!
 //! What is seen: for file locks and tokio locks, every wait of an acquire that found the lock
 //! taken (a clock read costs nothing next to a system call or a task switch); for `sync` locks,
-//! whose contended waits are often a few spins, the *timed* waits (1 in `sample_every`), each
-//! counted for the `sample_every` waits it stands for, as Go's mutex profile weighs its samples
-//! (every wait is still checked against the slow-wait threshold and reported if slow); holds of
+//! every wait of 50 µs or more (one that parked), and of the shorter ones (a few spins, which a
+//! profile entry would outweigh) the *timed* ones (1 in `sample_every`), each counted for the
+//! `sample_every` waits it stands for, as Go's mutex profile weighs its samples; every wait is
+//! checked against the slow-wait threshold and reported if slow; holds of
 //! *timed* acquisitions (1 in `sample_every`, and every
 //! acquisition of a lock taken less often than metrics are collected), because timing every
 //! hold would cost more than an uncontended lock cycle. A long hold that makes anyone wait in

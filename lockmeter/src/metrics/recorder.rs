@@ -33,6 +33,10 @@ use crate::sync::raw::RawMutex;
 /// timed acquisitions (every one while the provider is the no-op one).
 const GLOBAL_CHECK_EVERY: u32 = 64;
 
+/// In-process waits at least this long (seconds) all enter the lock profile; shorter ones (a
+/// few spins, where a profile entry would cost more than the wait) by the timing sample.
+pub(crate) const PROFILE_EVERY_WAIT_FROM: f64 = 50e-6;
+
 /// The recording state of one lock. See the [module docs](self).
 ///
 /// Memory: ~1.3 KB per lock (one 128-byte counter shard per thread slot), allocated once.
@@ -439,9 +443,10 @@ impl Recorder {
         }
     }
 
-    /// An in-process lock's wait of `secs` at `site` that ended a hold acquired at `holder`: if
-    /// `timed`, into the profile (standing for the `sample_every` waits it was sampled from)
-    /// and `lock.wait.duration`; a slow-wait event if slow, timed or not.
+    /// An in-process lock's wait of `secs` at `site` that ended a hold acquired at `holder`:
+    /// into the profile if at least [`PROFILE_EVERY_WAIT_FROM`], or if `timed` (standing for
+    /// the `sample_every` waits it was sampled from); into `lock.wait.duration` if `timed`; a
+    /// slow-wait event if slow, timed or not.
     #[cold]
     pub(crate) fn wait_done(
         &self,
@@ -451,10 +456,22 @@ impl Recorder {
         secs: f64,
         timed: bool,
     ) {
-        if timed {
+        // Waits long enough to have parked cost far more than a profile entry: all of them go
+        // in. Shorter ones (a few spins) go in by the timing sample, each standing for the
+        // `sample_every` it was drawn from, so the profile's counts and totals stay unbiased.
+        let weight = if secs >= PROFILE_EVERY_WAIT_FROM {
+            1
+        } else if timed {
+            self.sample_mask + 1
+        } else {
+            0
+        };
+        if weight != 0 {
             if let Some(t) = self.profile.get(&self.name, &self.kind) {
-                t.add_wait(site, holder, secs, self.sample_mask + 1);
+                t.add_wait(site, holder, secs, weight);
             }
+        }
+        if timed {
             self.record_wait(mode, Outcome::Acquired, secs);
         }
         if secs >= self.thresholds.wait {
