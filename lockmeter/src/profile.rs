@@ -21,8 +21,8 @@
 //!   and at most [`MAX_PROFILED_LOCKS`] lock names. Read it with [`snapshot`]; the `telemetry`
 //!   feature serves it as JSON at `/debug/lockmeter/profile` beside `/metrics`.
 //!
-//! What is seen: for file locks and tokio locks, every wait of an acquire that found the lock
-//! taken (a clock read costs nothing next to a system call or a task switch); for `sync` locks,
+//! What is seen: for file locks, every wait of an acquire that found the lock taken (a clock
+//! read costs nothing next to a system call); for `sync` and `tokio` locks,
 //! every wait of 50 µs or more (one that parked), and of the shorter ones (a few spins, which a
 //! profile entry would outweigh) the *timed* ones (1 in `sample_every`), each counted for the
 //! `sample_every` waits it stands for, as Go's mutex profile weighs its samples; every wait is
