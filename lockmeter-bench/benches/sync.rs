@@ -15,10 +15,10 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use lockmeter::LockMode;
-use lockmeter_bench::{cpu_model, median, mitigations, ns_per_op};
+use lockmeter_bench::{cpu_model, install_global_sdk, median, mitigations, ns_per_op};
 
 fn quick() -> bool {
     std::env::args().any(|a| a == "--test") || std::env::var_os("QUICK").is_some()
@@ -86,15 +86,7 @@ fn main() {
     for (k, v) in mitigations() {
         println!("  {k}: {v}");
     }
-    let exporter = opentelemetry_sdk::metrics::InMemoryMetricExporter::default();
-    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
-        .with_reader(
-            opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
-                .with_interval(Duration::from_secs(3600))
-                .build(),
-        )
-        .build();
-    opentelemetry::global::set_meter_provider(provider.clone());
+    let provider = install_global_sdk();
 
     uncontended(rounds, iters);
     contended(

@@ -12,10 +12,9 @@
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::process::Command;
-use std::time::Duration;
 
 use lockmeter::FileLock;
-use lockmeter_bench::{cpu_model, median, mitigations, ns_per_op};
+use lockmeter_bench::{cpu_model, install_global_sdk, median, mitigations, ns_per_op};
 use rustix::fs::FlockOperation;
 
 const CHILD: &str = "LOCKMETER_BENCH_CHILD";
@@ -136,15 +135,7 @@ fn child(config: &str) {
     let (rounds, iters) = if quick { (1, 2_000) } else { (11, 50_000) };
 
     // A real SDK, as an application installs it.
-    let exporter = opentelemetry_sdk::metrics::InMemoryMetricExporter::default();
-    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
-        .with_reader(
-            opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
-                .with_interval(Duration::from_secs(3600))
-                .build(),
-        )
-        .build();
-    opentelemetry::global::set_meter_provider(provider.clone());
+    let provider = install_global_sdk();
     let _tracer_provider = (config == "production").then(install_production_subscriber);
 
     let dir = tempfile::tempdir().unwrap();

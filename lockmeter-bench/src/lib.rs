@@ -62,3 +62,18 @@ pub fn cpu_model() -> String {
         })
         .unwrap_or_else(|| "unknown".to_owned())
 }
+
+/// Installs a real SDK meter provider globally, as an application does (an in-memory exporter
+/// read hourly: nothing but the SDK's own work during a run); returns it for `force_flush`.
+pub fn install_global_sdk() -> opentelemetry_sdk::metrics::SdkMeterProvider {
+    let exporter = opentelemetry_sdk::metrics::InMemoryMetricExporter::default();
+    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_reader(
+            opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
+                .with_interval(std::time::Duration::from_secs(3600))
+                .build(),
+        )
+        .build();
+    opentelemetry::global::set_meter_provider(provider.clone());
+    provider
+}

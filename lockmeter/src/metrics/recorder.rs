@@ -310,11 +310,7 @@ impl Recorder {
     pub(crate) fn acquired_holding(&self, mode: LockMode) -> Option<HoldStart> {
         let slot = shard::slot();
         let n = shard::bump(&self.shards[slot], slot, shard::acquisitions(mode.idx(), 0));
-        if n & self.sample.load(Relaxed) == 0 {
-            self.sampled_start()
-        } else {
-            None
-        }
+        self.hold_numbered(n)
     }
 
     /// Counts the release of a hold counted by [`Self::acquired_holding`] or
