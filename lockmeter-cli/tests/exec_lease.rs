@@ -26,7 +26,9 @@ fn lm() -> Command {
 struct Running {
     child: Child,
     lines: mpsc::Receiver<String>,
-    err: std::thread::JoinHandle<String>,
+    /// Its stderr so far (read by a thread as it comes).
+    err: std::sync::Arc<std::sync::Mutex<String>>,
+    err_done: std::thread::JoinHandle<()>,
 }
 
 impl Running {
@@ -53,13 +55,23 @@ impl Running {
                 }
             }
         });
-        let mut errp = child.stderr.take().unwrap();
-        let err = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut errp, &mut s);
-            s
+        let errp = child.stderr.take().unwrap();
+        let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = std::sync::Arc::clone(&err);
+        let err_done = std::thread::spawn(move || {
+            for l in BufReader::new(errp).lines() {
+                let Ok(l) = l else { break };
+                let mut s = sink.lock().unwrap();
+                s.push_str(&l);
+                s.push('\n');
+            }
         });
-        Running { child, lines, err }
+        Running {
+            child,
+            lines,
+            err,
+            err_done,
+        }
     }
 
     /// The next stdout line starting with `prefix` (panics after `within`).
@@ -70,7 +82,10 @@ impl Running {
             match self.lines.recv_timeout(left) {
                 Ok(l) if l.starts_with(prefix) => return l,
                 Ok(_) => {}
-                Err(e) => panic!("no line starting with {prefix:?} within {within:?}: {e}"),
+                Err(e) => {
+                    let err = self.err.lock().unwrap().clone();
+                    panic!("no line starting with {prefix:?} within {within:?}: {e}; its stderr: {err}")
+                }
             }
         }
     }
@@ -84,7 +99,9 @@ impl Running {
     fn finish(mut self) -> (Option<i32>, String) {
         drop(self.child.stdin.take());
         let st = self.child.wait().unwrap();
-        (st.code(), self.err.join().unwrap())
+        self.err_done.join().unwrap();
+        let err = self.err.lock().unwrap().clone();
+        (st.code(), err)
     }
 }
 
@@ -255,6 +272,11 @@ fn etcd_exec_and_etcdctl_lock_exclude_each_other() {
         Some(42),
         "-w 0.3 -E 42 while etcdctl holds"
     );
+    // The two that gave up left no key queued behind etcdctl's (each revokes its lease before
+    // it answers; a key left to expire with its lease held every later waiter for its TTL).
+    let keys = etcd.ctl_ok(&["get", "--prefix", "shared-job/", "--keys-only"]);
+    let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(keys, [first.trim()], "keys after -n and -w gave up");
     let waiting = Running::spawn(
         "--etcd",
         &etcd.url,
@@ -262,9 +284,12 @@ fn etcd_exec_and_etcdctl_lock_exclude_each_other() {
         "shared-job",
         "echo ready key=$ETCD_LOCK_KEY rev=$ETCD_LOCK_REV token=$LOCKMETER_FENCING_TOKEN; read _ || true",
     );
+    // SIGINT: etcdctl lock unlocks on it (it catches os.Interrupt only); on SIGTERM it dies
+    // holding, and the lock comes free only when its session's lease (TTL 10 s) runs out,
+    // which raced this test's 10 s deadline.
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(ctl.id() as i32).unwrap(),
-        rustix::process::Signal::TERM,
+        rustix::process::Signal::INT,
     )
     .unwrap();
     ctl.wait().unwrap();

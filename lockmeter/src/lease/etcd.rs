@@ -339,17 +339,16 @@ fn backend_err(
     }
 }
 
-/// Revokes the lease in the background (deletes the key); used on paths that gave up.
-fn revoke_in_background(client: &Client, lease: i64, timeout: Duration, name: &str) {
-    let mut client = client.clone();
-    let name = name.to_owned();
-    tokio::spawn(async move {
-        if let Err((t, e)) = op(timeout, client.lease_revoke(lease)).await {
-            // Not fatal: the lease (and its key) ends at its TTL anyway.
-            tracing::warn!(lock.name = %name, lock.kind = BACKEND, error.type = %t,
-                "could not revoke lease {lease:x} (it expires at its TTL): {e}");
-        }
-    });
+/// Revokes the lease (which deletes our key), bounded by `timeout`; used on paths that gave
+/// up, before they answer. Awaited, not left to the background: a caller that exits right
+/// after a failed try (`lockmeter exec -n`) would otherwise leave its key queued, delaying
+/// every later waiter until the lease's TTL.
+async fn revoke(mut client: Client, lease: i64, timeout: Duration, name: &str) {
+    if let Err((t, e)) = op(timeout, client.lease_revoke(lease)).await {
+        // Not fatal: the lease (and its key) ends at its TTL anyway.
+        tracing::warn!(lock.name = %name, lock.kind = BACKEND, error.type = %t,
+            "could not revoke lease {lease:x} (it expires at its TTL): {e}");
+    }
 }
 
 enum LeaseEvent {
@@ -561,7 +560,7 @@ async fn keeper(inner: Arc<Inner>, shared: Arc<Shared>, wait: Wait, mut reply: A
         Arc::clone(&shared),
         ev_tx,
     )));
-    let give_up = |client: &Client| revoke_in_background(client, lease_id, inner.op_timeout, name);
+    let give_up = |client: &Client| revoke(client.clone(), lease_id, inner.op_timeout, name);
 
     // 2. Our key, and the oldest key under the prefix, in one transaction (as
     //    concurrency.Mutex does).
@@ -581,7 +580,7 @@ async fn keeper(inner: Arc<Inner>, shared: Arc<Shared>, wait: Wait, mut reply: A
     let resp = match op(inner.op_timeout, client.txn(txn)).await {
         Ok(r) => r,
         Err(e) => {
-            give_up(&client);
+            give_up(&client).await;
             return fail(name, attempt, reply, e);
         }
     };
@@ -604,7 +603,7 @@ async fn keeper(inner: Arc<Inner>, shared: Arc<Shared>, wait: Wait, mut reply: A
     } else {
         let until = match wait {
             Wait::NonBlocking => {
-                give_up(&client);
+                give_up(&client).await;
                 attempt.would_block();
                 let _ = reply.send(Ok(None));
                 return;
@@ -627,17 +626,17 @@ async fn keeper(inner: Arc<Inner>, shared: Arc<Shared>, wait: Wait, mut reply: A
             r = lock_call => match r {
                 Ok(resp) => (true, resp.header().map(|h| h.revision()).unwrap_or(0)),
                 Err(e) => {
-                    give_up(&client);
+                    give_up(&client).await;
                     return fail(name, attempt, reply, (classify(&e).to_owned(), Box::new(e)));
                 }
             },
             _ = reply.closed() => {
                 // The caller stopped waiting: the attempt records `cancelled`.
-                give_up(&client);
+                give_up(&client).await;
                 return;
             }
             _ = timed_out => {
-                give_up(&client);
+                give_up(&client).await;
                 attempt.timed_out();
                 let _ = reply.send(Ok(None));
                 return;
@@ -647,7 +646,7 @@ async fn keeper(inner: Arc<Inner>, shared: Arc<Shared>, wait: Wait, mut reply: A
                 return fail(name, attempt, reply, ("lease_expired".to_owned(), e));
             }
             _ = shared.deadline_passed() => {
-                give_up(&client);
+                give_up(&client).await;
                 let e: BoxError = "no lease renewal succeeded within the TTL while waiting".into();
                 return fail(name, attempt, reply, ("lease_expired".to_owned(), e));
             }
@@ -659,18 +658,18 @@ async fn keeper(inner: Arc<Inner>, shared: Arc<Shared>, wait: Wait, mut reply: A
         Ok(r) => match r.kvs().first() {
             Some(kv) if kv.lease() == lease_id => kv.create_revision(),
             _ => {
-                give_up(&client);
+                give_up(&client).await;
                 let e: BoxError = "the lock key vanished as the lock was acquired".into();
                 return fail(name, attempt, reply, ("lease_expired".to_owned(), e));
             }
         },
         Err(e) => {
-            give_up(&client);
+            give_up(&client).await;
             return fail(name, attempt, reply, e);
         }
     };
     if shared.expired() {
-        give_up(&client);
+        give_up(&client).await;
         let e: BoxError = "the lease deadline passed while acquiring".into();
         return fail(name, attempt, reply, ("lease_expired".to_owned(), e));
     }
@@ -764,7 +763,7 @@ async fn keeper(inner: Arc<Inner>, shared: Arc<Shared>, wait: Wait, mut reply: A
         }
         End::Lost(reason, detail) => {
             shared.lost(hold, reason, &detail);
-            give_up(&client);
+            give_up(&client).await;
         }
     }
 }
