@@ -102,9 +102,10 @@ impl Ticks {
 
 const _: () = assert!(std::mem::size_of::<Option<Ticks>>() == 8);
 
-/// The start of a hold, whether its acquisition had to wait, and whether the hold is timed, in
-/// one word: bit 63 is the contended flag, bit 62 says *not* timed (a raw reading reaches 2^62
-/// only after ~48 years of TSC ticks at 3 GHz, or 146 years of nanoseconds). Guards carry
+/// The start of a hold, whether its acquisition had to wait, whether the hold is timed, and
+/// whether the wait was measured, in one word: bit 63 is the contended flag, bit 62 says *not*
+/// timed, bit 61 *not* measured (a raw reading reaches 2^61 only after ~24 years of TSC ticks
+/// at 3 GHz, or 73 years of nanoseconds). Guards carry
 /// `Option<HoldStart>` instead of a `Ticks` and two `bool`s: the byte store of a `bool` made the
 /// guard's copies stall on store forwarding inside the critical section.
 #[derive(Clone, Copy, Debug)]
@@ -112,6 +113,8 @@ pub(crate) struct HoldStart(std::num::NonZeroU64);
 
 const CONTENDED: u64 = 1 << 63;
 const UNTIMED: u64 = 1 << 62;
+const UNMEASURED: u64 = 1 << 61;
+const FLAGS: u64 = CONTENDED | UNTIMED | UNMEASURED;
 
 impl HoldStart {
     /// A timed hold starting `at`.
@@ -127,10 +130,24 @@ impl HoldStart {
         HoldStart(at.0 | CONTENDED | UNTIMED)
     }
 
+    /// A hold acquired after a short wait that was neither timed nor measured (it only spun:
+    /// no clock was read), and whose hold is not timed either.
+    #[inline(always)]
+    pub(crate) fn contended_unmeasured() -> HoldStart {
+        HoldStart(std::num::NonZeroU64::MIN | FLAGS)
+    }
+
+    /// Whether the wait before this hold was measured (false only for
+    /// [`Self::contended_unmeasured`]).
+    #[inline]
+    pub(crate) fn wait_measured(self) -> bool {
+        self.0.get() & UNMEASURED == 0
+    }
+
     /// When the hold started.
     #[inline]
     pub(crate) fn at(self) -> Ticks {
-        let raw = self.0.get() & !(CONTENDED | UNTIMED);
+        let raw = self.0.get() & !FLAGS;
         Ticks(std::num::NonZeroU64::new(raw).unwrap_or(std::num::NonZeroU64::MIN))
     }
 
@@ -163,7 +180,9 @@ mod tests {
             assert_eq!(h.at().0, t.0);
         }
         let h = HoldStart::contended_untimed(t);
-        assert!(h.contended() && !h.timed());
+        assert!(h.contended() && !h.timed() && h.wait_measured());
         assert_eq!(h.at().0, t.0);
+        let h = HoldStart::contended_unmeasured();
+        assert!(h.contended() && !h.timed() && !h.wait_measured());
     }
 }

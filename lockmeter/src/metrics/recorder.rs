@@ -258,25 +258,14 @@ impl Recorder {
         }
     }
 
-    /// A wait begins for a lock that counts its own holds and conflicts (a `sync::Mutex`;
-    /// `n`: its completed holds, which number the wait for the timing sample). Reads the
-    /// clock, outside any critical section.
+    /// The hold after a `sync::Mutex` wait begins (the lock counted it; `timed`: the wait is in
+    /// the timing sample): reads the clock, the only work inside the critical section; the
+    /// guard records the wait after its release.
     #[cold]
     #[inline(never)]
-    pub(crate) fn wait_numbered(&self, n: u64) -> WaitStart {
-        WaitStart {
-            timed: self.sampled(n),
-            at: Ticks::now(),
-        }
-    }
-
-    /// The hold after wait `w` begins (the lock counted it): reads the clock, the only work
-    /// inside the critical section; the guard records the wait after its release.
-    #[cold]
-    #[inline(never)]
-    pub(crate) fn waited_hold(&self, w: WaitStart) -> HoldStart {
+    pub(crate) fn waited_hold(&self, timed: bool) -> HoldStart {
         let now = Ticks::now();
-        if w.timed {
+        if timed {
             HoldStart::new(now, true)
         } else {
             HoldStart::contended_untimed(now)

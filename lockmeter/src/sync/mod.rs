@@ -29,8 +29,9 @@
 //! take it, one atomic add to count the hold and release it), a load of the sampling mask, and
 //! a compare of the holder's call site with the one already stored (stored only when it
 //! changes); no thread-local lookup, no counter of its own. Contended: the wait is counted and
-//! marked on the word when the lock is taken, the clock is read before the wait and once
-//! after, and everything else (the profile, a slow-wait event, histograms) is done by the
+//! marked on the word when the lock is taken; a wait in the timing sample is measured from its
+//! start, any other from its first park (a wait that only spun, a few microseconds at most,
+//! reads no clock); everything else (the profile, a slow-wait event, histograms) is done by the
 //! guard after the release, outside the critical section. `RwLock`: the lock's try, then a
 //! plain load and store into this thread's shard of the lock's counters (see
 //! [`crate::metrics`]); a try found taken is followed by parking_lot's blocking acquire.
@@ -568,17 +569,27 @@ impl<T: ?Sized> Mutex<T> {
         self.guard(since, site)
     }
 
-    /// The lock was taken: wait for it (the clock read before, outside anyone's critical
-    /// section), and keep the wait and the site it waited for (read before this acquisition
-    /// overwrites it) for the release to record.
+    /// The lock was taken: wait for it. A wait in the timing sample is measured from here; any
+    /// other from its first park (the spinning before is a few microseconds at most), and one
+    /// that only spun is not measured at all: no clock is read, nothing is kept. A measured
+    /// wait is kept, with the site it waited for (read before this acquisition overwrites it),
+    /// for the release to record.
     #[cold]
     #[inline(never)]
     fn lock_contended(&self) -> HoldStart {
         let raw = self.recorder.raw();
-        let w = self.recorder.wait_numbered(raw.completed());
-        raw.lock_slow();
-        self.state.keep_wait(w.at(), self.state.site());
-        self.recorder.waited_hold(w)
+        let timed = self.recorder.sampled(raw.completed());
+        let mut start = timed.then(Ticks::now);
+        raw.lock_slow(|| {
+            start.get_or_insert_with(Ticks::now);
+        });
+        match start {
+            Some(start) => {
+                self.state.keep_wait(start, self.state.site());
+                self.recorder.waited_hold(timed)
+            }
+            None => HoldStart::contended_unmeasured(),
+        }
     }
 
     /// Tries to acquire without blocking; `WouldBlock` is counted as a conflict.
@@ -664,7 +675,7 @@ impl<T: ?Sized> Drop for MutexGuard<'_, T> {
 #[inline(never)]
 fn mutex_release_rare(recorder: &Recorder, state: &State, since: HoldStart, poisons: bool) {
     let site = state.site();
-    let waited = since.contended().then(|| state.kept_wait());
+    let waited = (since.contended() && since.wait_measured()).then(|| state.kept_wait());
     if poisons && std::thread::panicking() {
         state.poisoned.store(true, Relaxed);
     }

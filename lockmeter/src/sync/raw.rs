@@ -63,10 +63,11 @@ impl RawMutex {
 
     /// Blocks until the lock is taken (after [`Self::try_lock`] failed): spins a little, then
     /// parks until a release wakes it, and tries again. The hold is marked as one that waited:
-    /// release it with [`Self::unlock_waited`].
+    /// release it with [`Self::unlock_waited`]. `before_park` runs before each park (a wait
+    /// that only spun never calls it).
     #[cold]
     #[inline(never)]
-    pub(crate) fn lock_slow(&self) {
+    pub(crate) fn lock_slow(&self, mut before_park: impl FnMut()) {
         let mut spin = SpinWait::new();
         let mut s = self.word.load(Relaxed);
         loop {
@@ -94,6 +95,7 @@ impl RawMutex {
                     continue;
                 }
             }
+            before_park();
             // SAFETY: the key is this lock's address, which no other parking lot user keys on
             // (the lock lives in its own heap allocation); `validate` and the callbacks neither
             // panic nor call into the parking lot.
@@ -193,7 +195,7 @@ mod tests {
         m.unlock();
         assert_eq!(m.try_lock(), Some(1));
         m.unlock();
-        m.lock_slow();
+        m.lock_slow(|| {});
         assert_eq!(
             m.counts(),
             Counts {
@@ -237,7 +239,7 @@ mod tests {
                         let waited = if s.m.try_lock().is_some() {
                             false
                         } else {
-                            s.m.lock_slow();
+                            s.m.lock_slow(|| {});
                             true
                         };
                         // SAFETY: held.
