@@ -14,8 +14,10 @@
 
 use std::fmt;
 use std::future::Future;
+use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::panic::Location;
+use std::sync::atomic::{AtomicPtr, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::clock::Ticks;
@@ -42,9 +44,31 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// The call site of a tokio lock's latest acquisition, beside the lock: the next waiter to get
+/// the lock reads it as the site whose hold it waited for (the lock profile's "caused").
+#[derive(Debug, Default)]
+struct HolderSite(AtomicPtr<Location<'static>>);
+
+impl HolderSite {
+    /// Records where the lock was just acquired (stored only when it changes).
+    fn acquired_at(&self, site: Site) {
+        let p: *const Location<'static> = site;
+        if self.0.load(Relaxed).cast_const() != p {
+            self.0.store(p.cast_mut(), Relaxed);
+        }
+    }
+
+    /// Where the lock was last acquired.
+    fn get(&self) -> Option<Site> {
+        // SAFETY: only `&'static Location` pointers are stored (`acquired_at`).
+        unsafe { self.0.load(Relaxed).cast_const().as_ref() }
+    }
+}
+
 /// Try first; on conflict count it and await `wait`, recording the wait (or its cancellation).
 async fn acquire<'s, G, F>(
     recorder: &'s Recorder,
+    holder: &HolderSite,
     mode: LockMode,
     tried: Option<G>,
     wait: F,
@@ -54,9 +78,9 @@ where
     F: Future<Output = G>,
 {
     if let Some(g) = tried {
+        holder.acquired_at(site);
         return (g, crate::sync::uncontended(recorder, mode, site));
     }
-    // Tokio locks are held across await points: count with atomics, not under-lock stores.
     let start = recorder.contended_start(mode);
     let mut waiting = Waiting {
         recorder,
@@ -66,7 +90,9 @@ where
     };
     let g = wait.await;
     waiting.done = true;
-    let since = recorder.contended_acquired(mode, start, site);
+    let (since, secs) = recorder.contended_acquired(mode, start);
+    let waited_for = holder.get();
+    holder.acquired_at(site);
     (
         g,
         Hold {
@@ -74,6 +100,7 @@ where
             mode,
             since,
             site,
+            waited: Some((secs, waited_for, start.timed())),
         },
     )
 }
@@ -81,6 +108,7 @@ where
 /// An instrumented `tokio::sync::Mutex`.
 pub struct Mutex<T: ?Sized> {
     recorder: Arc<Recorder>,
+    holder: HolderSite,
     inner: ::tokio::sync::Mutex<T>,
 }
 
@@ -107,6 +135,7 @@ builder! {
     /// Builder for a tokio [`Mutex`]; see [`Mutex::builder`].
     MutexBuilder => Mutex, |o, value| Mutex {
         recorder: o.recorder("tokio_mutex"),
+        holder: HolderSite::default(),
         inner: ::tokio::sync::Mutex::new(value),
     }
 }
@@ -122,13 +151,17 @@ impl<T: ?Sized> Mutex<T> {
             let tried = self.inner.try_lock().ok();
             let (inner, hold) = acquire(
                 &self.recorder,
+                &self.holder,
                 LockMode::Exclusive,
                 tried,
                 self.inner.lock(),
                 site,
             )
             .await;
-            MutexGuard { hold, inner }
+            MutexGuard {
+                hold,
+                inner: ManuallyDrop::new(inner),
+            }
         }
     }
 
@@ -137,14 +170,14 @@ impl<T: ?Sized> Mutex<T> {
     pub fn try_lock(&self) -> Result<MutexGuard<'_, T>, ::tokio::sync::TryLockError> {
         let t0 = Ticks::now();
         match self.inner.try_lock() {
-            Ok(inner) => Ok(MutexGuard {
-                hold: crate::sync::uncontended(
-                    &self.recorder,
-                    LockMode::Exclusive,
-                    Location::caller(),
-                ),
-                inner,
-            }),
+            Ok(inner) => {
+                let site = Location::caller();
+                self.holder.acquired_at(site);
+                Ok(MutexGuard {
+                    hold: crate::sync::uncontended(&self.recorder, LockMode::Exclusive, site),
+                    inner: ManuallyDrop::new(inner),
+                })
+            }
             Err(e) => {
                 self.recorder.conflict(LockMode::Exclusive);
                 self.recorder.record_wait(
@@ -176,12 +209,15 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct MutexGuard<'a, T: ?Sized> {
     hold: Hold<'a>,
-    inner: ::tokio::sync::MutexGuard<'a, T>,
+    inner: ManuallyDrop<::tokio::sync::MutexGuard<'a, T>>,
 }
 
 impl<T: ?Sized> Drop for MutexGuard<'_, T> {
     fn drop(&mut self) {
-        self.hold.release();
+        self.hold.count_release();
+        // SAFETY: dropped here, once; never used again.
+        unsafe { ManuallyDrop::drop(&mut self.inner) };
+        self.hold.released();
     }
 }
 
@@ -207,6 +243,7 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
 /// An instrumented `tokio::sync::RwLock`.
 pub struct RwLock<T: ?Sized> {
     recorder: Arc<Recorder>,
+    holder: HolderSite,
     inner: ::tokio::sync::RwLock<T>,
 }
 
@@ -233,6 +270,7 @@ builder! {
     /// Builder for a tokio [`RwLock`]; see [`RwLock::builder`].
     RwLockBuilder => RwLock, |o, value| RwLock {
         recorder: o.recorder("tokio_rwlock"),
+        holder: HolderSite::default(),
         inner: ::tokio::sync::RwLock::new(value),
     }
 }
@@ -247,13 +285,17 @@ impl<T: ?Sized> RwLock<T> {
             let tried = self.inner.try_read().ok();
             let (inner, hold) = acquire(
                 &self.recorder,
+                &self.holder,
                 LockMode::Shared,
                 tried,
                 self.inner.read(),
                 site,
             )
             .await;
-            RwLockReadGuard { hold, inner }
+            RwLockReadGuard {
+                hold,
+                inner: ManuallyDrop::new(inner),
+            }
         }
     }
 
@@ -265,13 +307,17 @@ impl<T: ?Sized> RwLock<T> {
             let tried = self.inner.try_write().ok();
             let (inner, hold) = acquire(
                 &self.recorder,
+                &self.holder,
                 LockMode::Exclusive,
                 tried,
                 self.inner.write(),
                 site,
             )
             .await;
-            RwLockWriteGuard { hold, inner }
+            RwLockWriteGuard {
+                hold,
+                inner: ManuallyDrop::new(inner),
+            }
         }
     }
 }
@@ -289,25 +335,31 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct RwLockReadGuard<'a, T: ?Sized> {
     hold: Hold<'a>,
-    inner: ::tokio::sync::RwLockReadGuard<'a, T>,
+    inner: ManuallyDrop<::tokio::sync::RwLockReadGuard<'a, T>>,
 }
 
 /// Exclusive guard of a tokio [`RwLock`].
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct RwLockWriteGuard<'a, T: ?Sized> {
     hold: Hold<'a>,
-    inner: ::tokio::sync::RwLockWriteGuard<'a, T>,
+    inner: ManuallyDrop<::tokio::sync::RwLockWriteGuard<'a, T>>,
 }
 
 impl<T: ?Sized> Drop for RwLockReadGuard<'_, T> {
     fn drop(&mut self) {
-        self.hold.release();
+        self.hold.count_release();
+        // SAFETY: dropped here, once; never used again.
+        unsafe { ManuallyDrop::drop(&mut self.inner) };
+        self.hold.released();
     }
 }
 
 impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
     fn drop(&mut self) {
-        self.hold.release();
+        self.hold.count_release();
+        // SAFETY: dropped here, once; never used again.
+        unsafe { ManuallyDrop::drop(&mut self.inner) };
+        self.hold.released();
     }
 }
 

@@ -130,6 +130,13 @@ impl WaitStart {
     pub(crate) fn at(self) -> Ticks {
         self.at
     }
+
+    /// Whether the wait is in the timing sample.
+    #[cfg(feature = "tokio")]
+    #[inline]
+    pub(crate) fn timed(self) -> bool {
+        self.timed
+    }
 }
 
 impl std::fmt::Debug for Recorder {
@@ -309,18 +316,6 @@ impl Recorder {
         self.count_release(mode);
     }
 
-    /// Counts a release, tells waiters where the hold was acquired, and records the hold if
-    /// the acquisition was timed.
-    #[cfg(feature = "tokio")]
-    #[inline(always)]
-    pub(crate) fn released(&self, mode: LockMode, since: Option<HoldStart>, site: Site) {
-        self.count_release(mode);
-        self.releasing(site);
-        if let Some(t) = since {
-            self.hold_done(mode, t, Some(site));
-        }
-    }
-
     /// Counts a release (the hold, if timed, is recorded separately by [`Self::hold_done`], so
     /// a guard can do that after unlocking).
     #[inline(always)]
@@ -368,15 +363,13 @@ impl Recorder {
     }
 
     #[cfg(feature = "tokio")]
-    /// A try found the lock taken and the caller will wait (a tokio lock): counts the conflict
-    /// and the waiter, reads the clock, and decides whether this wait is timed (1 in N
-    /// conflicts, the same rate as uncontended acquisitions, so the histograms' mix stays
-    /// unbiased).
+    /// A try found the lock taken and the caller will wait (a tokio lock): counts the conflict,
+    /// reads the clock, and decides whether this wait is timed (1 in N conflicts, the same rate
+    /// as uncontended acquisitions, so the histograms' mix stays unbiased).
     #[cold]
     #[inline(never)]
     pub(crate) fn contended_start(&self, mode: LockMode) -> WaitStart {
         let n = self.bump(shard::conflicts(mode.idx()));
-        self.contention.waiters.fetch_add(1, Relaxed);
         WaitStart {
             timed: self.sampled(n),
             at: Ticks::now(),
@@ -469,7 +462,6 @@ impl Recorder {
     #[cfg(feature = "tokio")]
     #[cold]
     pub(crate) fn wait_abandoned(&self, w: WaitStart) -> f64 {
-        self.contention.waiters.fetch_sub(1, Relaxed);
         w.at.elapsed_secs()
     }
 
@@ -496,25 +488,23 @@ impl Recorder {
     }
 
     #[cfg(feature = "tokio")]
-    /// The contended acquire ([`Self::contended_start`]) got the lock: count it, charge the
-    /// wait to `site` and to the releasing holder's site ([`Self::wait_done`]: the profile by
-    /// the same rule as `sync` locks), report it if slow, and if it is timed record the wait
-    /// and start timing the hold.
+    /// The contended acquire ([`Self::contended_start`]) got the lock: counts it, reads the
+    /// clock; returns the start of the hold if the wait is timed, and the wait in seconds (for
+    /// the guard to record after its release, [`Self::wait_done`]).
+    #[cfg(feature = "tokio")]
     #[cold]
     #[inline(never)]
     pub(crate) fn contended_acquired(
         &self,
         mode: LockMode,
         w: WaitStart,
-        site: Site,
-    ) -> Option<HoldStart> {
+    ) -> (Option<HoldStart>, f64) {
         self.bump(shard::acquisitions(mode.idx(), 1));
         let now = Ticks::now();
-        let secs = w.at.secs_until(now);
-        let holder = self.wait_over();
-        // As `sync` locks: a task's wait is often a handoff of a few hundred nanoseconds.
-        self.wait_done(mode, site, holder, secs, w.timed);
-        w.timed.then(|| HoldStart::new(now, true))
+        (
+            w.timed.then(|| HoldStart::new(now, true)),
+            w.at.secs_until(now),
+        )
     }
 
     /// A waiter got the lock: no longer waiting; where the holder that released it acquired.

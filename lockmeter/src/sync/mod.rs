@@ -162,7 +162,7 @@ macro_rules! builder {
 #[cfg(feature = "tokio")]
 pub(crate) use builder;
 
-/// What a guard needs to record its release.
+/// What a tokio guard needs to record its release.
 #[cfg(feature = "tokio")]
 pub(crate) struct Hold<'a> {
     pub(crate) recorder: &'a Recorder,
@@ -171,14 +171,30 @@ pub(crate) struct Hold<'a> {
     pub(crate) since: Option<HoldStart>,
     /// Where it was acquired.
     pub(crate) site: Site,
+    /// The wait before it, if it had to wait: seconds, the site of the hold it waited for, and
+    /// whether the wait is timed; recorded after the release.
+    pub(crate) waited: Option<(f64, Option<Site>, bool)>,
 }
 
 #[cfg(feature = "tokio")]
 impl Hold<'_> {
-    /// Counts the release and records the hold if this acquisition is timed.
+    /// Counts the release (before the unlock: `lock.held` never over-reports).
     #[inline]
-    pub(crate) fn release(&self) {
-        self.recorder.released(self.mode, self.since, self.site);
+    pub(crate) fn count_release(&self) {
+        self.recorder.count_release(self.mode);
+    }
+
+    /// After the unlock: records the wait (profile, slow-wait event, histogram if timed) and
+    /// the hold if timed, outside the critical section.
+    #[inline]
+    pub(crate) fn released(&self) {
+        if let Some((secs, holder, timed)) = self.waited {
+            self.recorder
+                .wait_done(self.mode, self.site, holder, secs, timed);
+        }
+        if let Some(t) = self.since {
+            self.recorder.hold_done(self.mode, t, Some(self.site));
+        }
     }
 }
 
@@ -193,6 +209,7 @@ pub(crate) fn uncontended(recorder: &Recorder, mode: LockMode, site: Site) -> Ho
         mode,
         since,
         site,
+        waited: None,
     }
 }
 
