@@ -243,10 +243,18 @@ fn etcd_exec_and_etcdctl_lock_exclude_each_other() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut first = String::new();
-    BufReader::new(ctl.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    // Its stdout stays open until it exits: etcdctl prints the key's value after the key, and
+    // a closed pipe killed it with SIGPIPE before it could unlock (the key then outlived it by
+    // its session's 10 s TTL, racing this test's deadline).
+    let (first_tx, first_rx) = mpsc::channel();
+    let ctl_out = ctl.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(ctl_out).lines() {
+            let Ok(l) = l else { break };
+            let _ = first_tx.send(l);
+        }
+    });
+    let first = first_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert!(first.starts_with("shared-job/"), "{first:?}");
     let o = lm()
         .args(["exec", "--etcd", &etcd.url, "-n", "shared-job", "true"])
