@@ -120,3 +120,54 @@ fn series_past_the_limit_fold_into_the_overflow_series() {
         "bounded: one series per name up to the limit, then one overflow series"
     );
 }
+
+/// Locks dropped while another thread collects: every collection sees each acquisition of a
+/// dropped lock either live or kept, never neither (the exported counter never dips), and a
+/// collection that holds the last reference to a lock for a moment does not deadlock when it
+/// lets go (the drop retires the lock under the lock the collection held: it did, once).
+#[test]
+fn a_lock_dropped_during_a_collection_is_never_missing_from_it() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::Arc;
+    const LOCKS: u64 = 3_000;
+    let (finished, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rec = Recorder::new();
+        let sink = Sink::new(rec.meter());
+        let done = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let (sink, done) = (sink.clone(), done.clone());
+            std::thread::spawn(move || {
+                for _ in 0..LOCKS {
+                    let m = Mutex::builder("churn").sink(sink.clone()).build(());
+                    drop(m.lock().unwrap());
+                }
+                done.store(true, SeqCst);
+            })
+        };
+        let mut last = 0;
+        let mut collections = 0;
+        let mut dips = Vec::new();
+        while !done.load(SeqCst) {
+            let n = rec
+                .snapshot()
+                .counter("lock.acquisitions", &[("lock.name", "churn")]);
+            if n < last {
+                dips.push((last, n));
+            }
+            last = n;
+            collections += 1;
+        }
+        churn.join().unwrap();
+        let n = rec
+            .snapshot()
+            .counter("lock.acquisitions", &[("lock.name", "churn")]);
+        let _ = finished.send((n, collections, dips));
+    });
+    let (n, collections, dips) = result
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("no result within 60 s: a collection deadlocked with a lock's drop");
+    assert!(dips.is_empty(), "lock.acquisitions went back: {dips:?}");
+    assert_eq!(n, LOCKS, "after {collections} collections");
+    assert!(collections > 1, "the locks were dropped while collecting");
+}

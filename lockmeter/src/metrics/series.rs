@@ -99,6 +99,9 @@ impl Attrs {
     }
 }
 
+/// How long a collection waits for a dropped lock's counts to be kept ([`Series::totals`]).
+const DYING_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The locks that share one attribute identity, and the counts of those already dropped.
 pub(crate) struct Series {
     attrs: Attrs,
@@ -124,32 +127,49 @@ impl Series {
 
     /// Adds a live lock.
     pub(crate) fn join(&self, member: Weak<Recorder>) {
-        let mut s = self.state.lock();
-        s.members.retain(|w| w.strong_count() > 0);
-        s.members.push(member);
+        self.state.lock().members.push(member);
     }
 
     /// A lock is going away: keep its counts (the exported counters must not go backwards).
+    /// Each member removes itself, here, in the same step that keeps its counts: a member whose
+    /// last reference is gone but whose drop has not got here yet is *dying*, still listed, and
+    /// a collection waits for it ([`Self::totals`]).
     pub(crate) fn retire(&self, member: &Recorder, totals: &Totals) {
         let mut s = self.state.lock();
         s.retired.add(totals);
         let me: *const Recorder = member;
-        s.members
-            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), me));
+        s.members.retain(|w| !std::ptr::eq(w.as_ptr(), me));
     }
 
     /// The series' counts now: dropped locks' and live ones'. `tick` asks each live lock to
-    /// time its next acquisition (see [`Recorder::tick`]).
+    /// time its next acquisition (see [`Recorder::tick`]). A dying member (dropped, its counts
+    /// not yet kept) can no longer be read and is not yet retired: counting without it would
+    /// make the exported counters dip, so this waits for its drop to retire it (a few
+    /// instructions away on the dropping thread; at most [`DYING_WAIT`], then it counts
+    /// without it).
     fn totals(&self, tick: bool) -> Totals {
-        let s = self.state.lock();
-        let mut t = s.retired;
-        for m in s.members.iter().filter_map(Weak::upgrade) {
-            t.add(&m.totals());
-            if tick {
-                m.tick();
+        let deadline = std::time::Instant::now() + DYING_WAIT;
+        loop {
+            let s = self.state.lock();
+            let dying = s.members.iter().any(|w| w.strong_count() == 0);
+            if !dying || std::time::Instant::now() >= deadline {
+                let live: Vec<Arc<Recorder>> = s.members.iter().filter_map(Weak::upgrade).collect();
+                let mut t = s.retired;
+                for m in &live {
+                    t.add(&m.totals());
+                    if tick {
+                        m.tick();
+                    }
+                }
+                // The references are let go after the lock: if one is the last (its lock was
+                // dropped meanwhile), its drop retires it, and retiring takes this lock.
+                drop(s);
+                drop(live);
+                return t;
             }
+            drop(s);
+            std::thread::yield_now();
         }
-        t
     }
 }
 
