@@ -362,10 +362,11 @@ impl Recorder {
         }
     }
 
-    #[cfg(feature = "tokio")]
-    /// A try found the lock taken and the caller will wait (a tokio lock): counts the conflict,
-    /// reads the clock, and decides whether this wait is timed (1 in N conflicts, the same rate
-    /// as uncontended acquisitions, so the histograms' mix stays unbiased).
+    /// A try found the lock taken and the caller will wait (a `sync::RwLock` or a tokio lock):
+    /// counts the conflict (those waiters do not give up; a cancelled tokio wait is recorded as
+    /// such), reads the clock outside any critical section, and decides whether this wait is
+    /// timed (1 in N conflicts, the same rate as uncontended acquisitions, so the histograms'
+    /// mix stays unbiased).
     #[cold]
     #[inline(never)]
     pub(crate) fn contended_start(&self, mode: LockMode) -> WaitStart {
@@ -376,26 +377,11 @@ impl Recorder {
         }
     }
 
-    /// An in-process lock's try found it taken and the caller will block ([`Self::contended_start`]
-    /// without the waiter count: such locks read the releasing holder's site from beside the
-    /// lock word, so nothing here is written by every waiter). The clock is read before the
-    /// wait, outside any critical section.
-    #[cold]
-    #[inline(never)]
-    pub(crate) fn contended_start_holding(&self, mode: LockMode) -> WaitStart {
-        // Counted now: a `sync` waiter never gives up.
-        let n = self.bump(shard::conflicts(mode.idx()));
-        WaitStart {
-            timed: self.sampled(n),
-            at: Ticks::now(),
-        }
-    }
-
-    /// An in-process lock's blocking acquire got the lock after waiting since `w`, the last
-    /// holder having acquired at `holder`. Exclusive: counts it on the held line and returns
-    /// at once, with nothing but a clock read inside the critical section; the wait's profile,
-    /// slow-wait event and histogram are the guard's to record after the release
-    /// ([`Self::wait_done`]). Shared (other readers are not held up): records them now.
+    /// A `sync::RwLock`'s blocking acquire got the lock after waiting since `w`, the last
+    /// holder having acquired at `holder`: counts it. Exclusive: returns at once, with nothing
+    /// but a clock read inside the critical section; the wait's profile, slow-wait event and
+    /// histogram are the guard's to record after the release ([`Self::wait_done`]). Shared
+    /// (other readers are not held up): records them now.
     #[cold]
     #[inline(never)]
     pub(crate) fn contended_acquired_holding(

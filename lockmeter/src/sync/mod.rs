@@ -459,7 +459,7 @@ macro_rules! acquire {
         #[cold]
         #[inline(never)]
         fn $slow(&self, site: Site) -> (parking_lot::$inner<'_, T>, Option<HoldStart>) {
-            let w = self.recorder.contended_start_holding($mode);
+            let w = self.recorder.contended_start($mode);
             let g = self.inner.$block();
             // The site of the hold this wait ended, before this acquisition overwrites it.
             let holder = self.state.site();
