@@ -5,7 +5,6 @@
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::{Arc, TryLockError};
-use std::time::Duration;
 
 use lockmeter::metrics::Sink;
 use lockmeter::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -28,9 +27,12 @@ assert_not_impl_any!(RwLock<Cell<u8>>: Sync);
 assert_not_impl_any!(std::sync::RwLock<Cell<u8>>: Sync);
 assert_not_impl_any!(RwLockReadGuard<'static, u8>: Send);
 assert_not_impl_any!(RwLockWriteGuard<'static, u8>: Send);
+#[cfg(feature = "tokio")]
 assert_impl_all!(lockmeter::tokio::Mutex<u8>: Send, Sync);
+#[cfg(feature = "tokio")]
 assert_impl_all!(lockmeter::tokio::MutexGuard<'static, u8>: Send, Sync);
 assert_impl_all!(tokio::sync::MutexGuard<'static, u8>: Send, Sync);
+#[cfg(feature = "tokio")]
 assert_not_impl_any!(lockmeter::tokio::Mutex<Rc<u8>>: Send, Sync);
 
 #[test]
@@ -261,6 +263,7 @@ fn a_leaked_guard_keeps_the_lock_held_and_says_so() {
 }
 
 #[test]
+#[cfg(feature = "tokio")]
 fn tokio_mutex_counts_contention_and_cancellation() {
     let rec = Recorder::new();
     let sink = Sink::new(rec.meter());
@@ -294,7 +297,7 @@ fn tokio_mutex_counts_contention_and_cancellation() {
         assert_eq!(*m.lock().await, 4_000);
         // A waiter that gives up.
         let held = m.lock().await;
-        let r = tokio::time::timeout(Duration::from_millis(20), m.lock()).await;
+        let r = tokio::time::timeout(std::time::Duration::from_millis(20), m.lock()).await;
         assert!(r.is_err());
         assert!(m.try_lock().is_err());
         drop(held);
@@ -397,6 +400,7 @@ fn lock_meter_measures_a_parking_lot_mutex_and_arbitrary_calls() {
 }
 
 #[test]
+#[cfg(feature = "tokio")]
 fn tokio_rwlock_times_waits_and_holds_together() {
     let rec = Recorder::new();
     let sink = Sink::new(rec.meter());
