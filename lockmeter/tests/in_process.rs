@@ -468,3 +468,50 @@ fn a_handed_off_hold_counts_the_acquisition_but_no_hold_time() {
         "when the lock is released is not known here: no hold time"
     );
 }
+
+/// Writers counted on the lock's own line (while they hold it) and readers in thread shards:
+/// with four writers and two readers racing, every acquisition and every conflict is counted.
+#[test]
+fn racing_writers_and_readers_on_an_rwlock_are_counted_exactly() {
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let l = Arc::new(RwLock::builder("racing").sink(sink).build(0u64));
+    let writers: Vec<_> = (0..4)
+        .map(|_| {
+            let l = Arc::clone(&l);
+            std::thread::spawn(move || {
+                for _ in 0..5_000 {
+                    *l.write().unwrap() += 1;
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let l = Arc::clone(&l);
+            std::thread::spawn(move || {
+                for _ in 0..5_000 {
+                    std::hint::black_box(*l.read().unwrap());
+                }
+            })
+        })
+        .collect();
+    for t in writers.into_iter().chain(readers) {
+        t.join().unwrap();
+    }
+    assert_eq!(*l.read().unwrap(), 20_000);
+    let s = rec.snapshot();
+    let exclusive = [("lock.name", "racing"), ("lock.mode", "exclusive")];
+    assert_eq!(s.counter("lock.acquisitions", &exclusive), 20_000);
+    let contended = s.counter(
+        "lock.acquisitions",
+        &[("lock.mode", "exclusive"), ("lock.contended", "true")],
+    );
+    assert!(contended > 0, "four writers never waited");
+    assert_eq!(s.counter("lock.conflicts", &exclusive), contended);
+    assert_eq!(
+        s.counter("lock.acquisitions", &[("lock.mode", "shared")]),
+        10_001
+    );
+    assert_eq!(s.updown("lock.held", &[("lock.name", "racing")]), 0);
+}

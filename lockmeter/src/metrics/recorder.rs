@@ -65,13 +65,36 @@ pub(crate) struct Recorder {
     held: Held,
 }
 
-/// The lock itself of a [`crate::sync::Mutex`] (unused by other locks): on a line of its own
-/// (it is the line the mutex's holders hand to each other), at a fixed address, so the
-/// collection reads its counts there.
-#[derive(Default)]
+/// The lock itself of a [`crate::sync::Mutex`] or [`crate::sync::RwLock`] (unused by other
+/// locks): on a line of its own (it is the line the lock's holders hand to each other), at a
+/// fixed address, so the collection reads its counts there.
 #[repr(align(128))]
 struct Held {
     raw: RawMutex,
+    /// The lock itself of a [`crate::sync::RwLock`] (unused by other locks).
+    rw: parking_lot::RawRwLock,
+    /// The `RwLock`'s exclusive holds, counted by the writer while it holds the lock, on the
+    /// lock's own line: [uncontended, contended, released].
+    writes: [AtomicU64; 3],
+}
+
+impl Default for Held {
+    fn default() -> Held {
+        Held {
+            raw: RawMutex::default(),
+            rw: <parking_lot::RawRwLock as lock_api::RawRwLock>::INIT,
+            writes: Default::default(),
+        }
+    }
+}
+
+/// Adds one to `c`, a counter only the holder of an exclusive lock writes; returns the old
+/// value.
+#[inline(always)]
+fn bump_held(c: &AtomicU64) -> u64 {
+    let n = c.load(Relaxed);
+    c.store(n.wrapping_add(1), Relaxed);
+    n
 }
 
 /// Who is waiting, and where the last holder that released while someone waited acquired
@@ -132,7 +155,6 @@ impl WaitStart {
     }
 
     /// Whether the wait is in the timing sample.
-    #[cfg(feature = "tokio")]
     #[inline]
     pub(crate) fn timed(self) -> bool {
         self.timed
@@ -245,7 +267,38 @@ impl Recorder {
         t.conflicts[x] = t.conflicts[x].wrapping_add(c.waited);
         let done = c.acquisitions.wrapping_sub(u64::from(c.held));
         t.releases[x] = t.releases[x].wrapping_add(done);
+        // A `sync::RwLock`'s writers.
+        for c in 0..2 {
+            let n = h.writes[c].load(Relaxed);
+            t.acquisitions[x][c] = t.acquisitions[x][c].wrapping_add(n);
+        }
+        t.releases[x] = t.releases[x].wrapping_add(h.writes[2].load(Relaxed));
         t
+    }
+
+    /// The raw lock of a `sync::RwLock` recording here (unused by other locks).
+    #[inline(always)]
+    pub(crate) fn rw(&self) -> &parking_lot::RawRwLock {
+        &self.held.rw
+    }
+
+    /// A `sync::RwLock` writer got the lock at once: counts it on the lock's line; returns the
+    /// start of the hold if this one is timed.
+    #[inline(always)]
+    pub(crate) fn write_acquired(&self) -> Option<HoldStart> {
+        self.hold_numbered(bump_held(&self.held.writes[0]))
+    }
+
+    /// A `sync::RwLock` writer got the lock after waiting: counts it on the lock's line.
+    #[inline]
+    pub(crate) fn write_acquired_contended(&self) {
+        bump_held(&self.held.writes[1]);
+    }
+
+    /// A `sync::RwLock` writer releases (counted while it still holds the lock).
+    #[inline(always)]
+    pub(crate) fn write_released(&self) {
+        bump_held(&self.held.writes[2]);
     }
 
     /// The raw lock of a `sync::Mutex` recording here (unused by other locks).
@@ -299,21 +352,14 @@ impl Recorder {
         }
     }
 
-    /// An uncontended acquisition of an `sync::RwLock` that the caller now holds in `mode`,
-    /// counted in this thread's shard (a line no other thread writes, so contended handoffs do
-    /// not move it); returns the start of the hold when this one is timed.
+    /// A `sync::RwLock` reader got the lock at once: counted in this thread's shard (readers
+    /// hold together, so no line of the lock's is theirs to write); returns the start of the
+    /// hold if this one is timed.
     #[inline(always)]
-    pub(crate) fn acquired_holding(&self, mode: LockMode) -> Option<HoldStart> {
+    pub(crate) fn read_acquired(&self) -> Option<HoldStart> {
         let slot = shard::slot();
-        let n = shard::bump(&self.shards[slot], slot, shard::acquisitions(mode.idx(), 0));
+        let n = shard::bump(&self.shards[slot], slot, shard::acquisitions(1, 0));
         self.hold_numbered(n)
-    }
-
-    /// Counts the release of a hold counted by [`Self::acquired_holding`] or
-    /// [`Self::contended_acquired_holding`], made while still holding it.
-    #[inline(always)]
-    pub(crate) fn count_release_holding(&self, mode: LockMode) {
-        self.count_release(mode);
     }
 
     /// Counts a release (the hold, if timed, is recorded separately by [`Self::hold_done`], so
@@ -377,34 +423,27 @@ impl Recorder {
         }
     }
 
-    /// A `sync::RwLock`'s blocking acquire got the lock after waiting since `w`, the last
-    /// holder having acquired at `holder`: counts it. Exclusive: returns at once, with nothing
-    /// but a clock read inside the critical section; the wait's profile, slow-wait event and
-    /// histogram are the guard's to record after the release ([`Self::wait_done`]). Shared
-    /// (other readers are not held up): records them now.
+    /// A `sync::RwLock` reader got the lock after waiting since `w`, the last holder having
+    /// acquired at `holder`: counts it and records the wait at once (other readers are not held
+    /// up by it); returns the start of the hold if the wait is timed.
     #[cold]
     #[inline(never)]
-    pub(crate) fn contended_acquired_holding(
+    pub(crate) fn read_acquired_contended(
         &self,
-        mode: LockMode,
         w: WaitStart,
         site: Site,
         holder: Option<Site>,
     ) -> Option<HoldStart> {
         let now = Ticks::now();
-        let hold = if w.timed {
-            HoldStart::new(now, true)
-        } else {
-            HoldStart::contended_untimed(now)
-        };
-        self.bump(shard::acquisitions(mode.idx(), 1));
-        match mode {
-            LockMode::Exclusive => Some(hold),
-            LockMode::Shared => {
-                self.wait_done(mode, site, holder, w.at.secs_until(now), w.timed);
-                w.timed.then_some(hold)
-            }
-        }
+        self.bump(shard::acquisitions(1, 1));
+        self.wait_done(
+            LockMode::Shared,
+            site,
+            holder,
+            w.at.secs_until(now),
+            w.timed,
+        );
+        w.timed.then(|| HoldStart::new(now, true))
     }
 
     /// An in-process lock's wait of `secs` at `site` that ended a hold acquired at `holder`:

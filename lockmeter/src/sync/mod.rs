@@ -54,10 +54,10 @@
 //! the lock drops the guard during unwinding: the release is counted and, as with std, the lock
 //! is poisoned.
 
+use lock_api::RawRwLock as _;
 use std::cell::UnsafeCell;
 use std::fmt;
 use std::marker::PhantomData;
-use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::panic::Location;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::Relaxed};
@@ -279,215 +279,8 @@ impl State {
     }
 }
 
-/// A guard's reference to its lock's [`State`], with whether the guard poisons the lock if its
-/// thread panics in the low bit (exclusive guards taken while not panicking, as std). One word:
-/// the guard stays four words, small enough for its drop to be inlined.
-#[derive(Clone, Copy)]
-struct StateRef<'a> {
-    tagged: std::ptr::NonNull<State>,
-    _lock: std::marker::PhantomData<&'a State>,
-}
-
-// SAFETY: a `StateRef` is a `&State` plus a bit; `State` is all atomics.
-unsafe impl Send for StateRef<'_> {}
-// SAFETY: as above.
-unsafe impl Sync for StateRef<'_> {}
-
-impl<'a> StateRef<'a> {
-    #[inline(always)]
-    fn new(state: &'a State, poisons: bool) -> StateRef<'a> {
-        let p = std::ptr::NonNull::from(state);
-        StateRef {
-            // `State` is 8-aligned: bit 0 of its address is free.
-            tagged: p.map_addr(|a| a | usize::from(poisons)),
-            _lock: std::marker::PhantomData,
-        }
-    }
-
-    #[inline(always)]
-    fn get(self) -> &'a State {
-        // SAFETY: built from a `&'a State` in `new`; clearing the tag bit restores its address.
-        unsafe {
-            self.tagged
-                .map_addr(|a| std::num::NonZeroUsize::new(a.get() & !1).unwrap_or(a))
-                .as_ref()
-        }
-    }
-
-    /// Whether dropping the guard while panicking poisons the lock.
-    #[inline(always)]
-    fn poisons(self) -> bool {
-        self.tagged.addr().get() & 1 != 0
-    }
-}
-
-/// The release of a timed hold or of an exclusive hold that waited: counts it, poisons as std,
-/// unlocks (drops `inner`), then, outside the critical section, records the wait (profile,
-/// slow-wait event, histogram if timed) and the hold if timed.
-#[cold]
-#[inline(never)]
-fn release_rare<G>(
-    recorder: &Recorder,
-    mode: LockMode,
-    since: Option<HoldStart>,
-    state: StateRef<'_>,
-    inner: G,
-) {
-    let st = state.get();
-    let site = st.site();
-    let waited = match (mode, since) {
-        (LockMode::Exclusive, Some(s)) if s.contended() => Some(st.kept_wait()),
-        _ => None,
-    };
-    recorder.count_release_holding(mode);
-    if state.poisons() && std::thread::panicking() {
-        st.poisoned.store(true, Relaxed);
-    }
-    drop(inner);
-    let Some(since) = since else { return };
-    if let (Some((start, holder)), Some(site)) = (waited, site) {
-        let secs = start.secs_until(since.at());
-        recorder.wait_done(mode, site, holder, secs, since.timed());
-    }
-    if since.timed() {
-        recorder.hold_done(mode, since, site);
-    }
-}
-
-/// Generates a guard around a parking_lot guard: counts the release while still holding the
-/// lock (so `lock.held` never over-reports), poisons if the thread is panicking, unlocks, then
-/// records the hold if it was timed (outside the critical section; a panic there cannot leave
-/// the lock held). Also generates `$lock`'s `Wrap` into this guard (`$poisons`: whether a
-/// panic while it is held poisons the lock). The inner guard sits in a `ManuallyDrop` so the guard's drop glue is just
-/// this `Drop`, small enough to inline: an out-of-line glue call kept the critical section
-/// several times longer than the bare lock's and cut contended throughput accordingly.
-macro_rules! guard {
-    ($(#[$doc:meta])* $guard:ident($inner:ident) of $lock:ident, $mode:expr, poisons $poisons:expr) => {
-        $(#[$doc])*
-        #[must_use = "the lock is released as soon as the guard is dropped"]
-        pub struct $guard<'a, T: ?Sized> {
-            recorder: &'a Recorder,
-            /// Set when this acquisition is timed.
-            since: Option<HoldStart>,
-            /// The lock's poison flag and holder's site; whether this guard poisons.
-            state: StateRef<'a>,
-            inner: ManuallyDrop<parking_lot::$inner<'a, T>>,
-        }
-
-        impl<T: ?Sized> Drop for $guard<'_, T> {
-            #[inline(always)]
-            fn drop(&mut self) {
-                // One branch for the rare cases, released out of line: a timed hold, a hold
-                // that waited. What stays inline is small enough to be inlined wherever a guard
-                // is dropped. The rare path gets the fields by value, not `&mut self`: a guard
-                // whose address escaped into a call would live in memory, and copying the
-                // lock's result into it cost a store-forwarding stall per acquisition.
-                if self.since.is_some() {
-                    // SAFETY: `inner` is taken here, once, and never used again.
-                    let inner = unsafe { ManuallyDrop::take(&mut self.inner) };
-                    release_rare(self.recorder, $mode, self.since, self.state, inner);
-                    return;
-                }
-                self.recorder.count_release_holding($mode);
-                if self.state.poisons() && std::thread::panicking() {
-                    self.state.get().poisoned.store(true, Relaxed);
-                }
-                // SAFETY: `inner` is dropped here, once, and never used again.
-                unsafe { ManuallyDrop::drop(&mut self.inner) };
-            }
-        }
-
-        impl<T: ?Sized> Deref for $guard<'_, T> {
-            type Target = T;
-            fn deref(&self) -> &T {
-                &self.inner
-            }
-        }
-
-        impl<T: ?Sized + fmt::Debug> fmt::Debug for $guard<'_, T> {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Debug::fmt(&**self, f)
-            }
-        }
-
-        impl<'a, T: ?Sized + 'a> Wrap<'a, parking_lot::$inner<'a, T>> for $lock<T> {
-            type Out = $guard<'a, T>;
-            #[inline(always)]
-            fn wrap(
-                &'a self,
-                inner: parking_lot::$inner<'a, T>,
-                since: Option<HoldStart>,
-                site: Site,
-            ) -> LockResult<$guard<'a, T>> {
-                self.state.acquired_at(site);
-                // As std: a guard taken while the thread is already panicking does not poison.
-                let poisons = $poisons && !std::thread::panicking();
-                let guard = $guard {
-                    recorder: &self.recorder,
-                    since,
-                    state: StateRef::new(&self.state, poisons),
-                    inner: ManuallyDrop::new(inner),
-                };
-                poison(guard, self.state.poisoned())
-            }
-        }
-    };
-}
-
-/// Generates the acquire methods of one mode: a blocking one (the lock's non-blocking try
-/// first, the hot path: one per-thread counter update; on failure a cold path that counts the
-/// conflict, blocks in parking_lot, and times the wait for 1 in N) and a non-blocking one.
-/// `$exclusive` says the lock is held exclusively when counters are updated.
-macro_rules! acquire {
-    ($(#[$doc:meta])* fn $name:ident / $slow:ident, $(#[$tdoc:meta])* fn $try_name:ident -> $guard:ident,
-     try $try:ident, block $block:ident -> $inner:ident, $mode:expr, exclusive $exclusive:expr) => {
-        $(#[$doc])*
-        #[inline(always)]
-        #[track_caller]
-        pub fn $name(&self) -> LockResult<$guard<'_, T>> {
-            let site = Location::caller();
-            // Both paths meet with two words in registers and the guard is built inline: a
-            // slow path returning the whole `LockResult` would keep it in memory on the fast
-            // path too, and copying it out cost a store-forwarding stall per acquisition.
-            let (g, since) = match self.inner.$try() {
-                Some(g) => (g, self.recorder.acquired_holding($mode)),
-                None => self.$slow(site),
-            };
-            self.wrap(g, since, site)
-        }
-
-        #[cold]
-        #[inline(never)]
-        fn $slow(&self, site: Site) -> (parking_lot::$inner<'_, T>, Option<HoldStart>) {
-            let w = self.recorder.contended_start($mode);
-            let g = self.inner.$block();
-            // The site of the hold this wait ended, before this acquisition overwrites it.
-            let holder = self.state.site();
-            let since = self.recorder.contended_acquired_holding($mode, w, site, holder);
-            if $exclusive {
-                self.state.keep_wait(w.at(), holder);
-            }
-            (g, since)
-        }
-
-        $(#[$tdoc])*
-        #[inline]
-        #[track_caller]
-        pub fn $try_name(&self) -> TryLockResult<$guard<'_, T>> {
-            let site = Location::caller();
-            match self.inner.$try() {
-                Some(g) => {
-                    let since = self.recorder.acquired_holding($mode);
-                    Ok(self.wrap(g, since, site)?)
-                }
-                None => Err(self.would_block($mode)),
-            }
-        }
-    };
-}
-
 /// Generates what both lock types share: the `WouldBlock` path, poisoning and unlocked access
-/// (`inner`: the lock's `parking_lot` lock or `UnsafeCell`, both with `get_mut`/`into_inner`).
+/// (`inner`: the value's `UnsafeCell`).
 macro_rules! common {
     ($lock:ident) => {
         impl<T: ?Sized> $lock<T> {
@@ -523,13 +316,6 @@ macro_rules! common {
             }
         }
     };
-}
-
-/// Wraps a parking_lot guard of a lock into lockmeter's (poisoned or not): one impl per guard
-/// type (generated by `guard!`), all called `wrap` by the `acquire!` expansions.
-trait Wrap<'a, G> {
-    type Out;
-    fn wrap(&'a self, inner: G, since: Option<HoldStart>, site: Site) -> LockResult<Self::Out>;
 }
 
 // ---- Mutex --------------------------------------------------------------------------------
@@ -734,20 +520,27 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
 // ---- RwLock -------------------------------------------------------------------------------
 
 /// An instrumented reader-writer lock with `std::sync::RwLock`'s API and poisoning (on
-/// parking_lot's lock, see the [module docs](self)): `read` is `lock.mode = shared`, `write`
-/// exclusive.
+/// parking_lot's raw lock, see the [module docs](self)): `read` is `lock.mode = shared`,
+/// `write` exclusive. `Send`/`Sync` exactly when std's is.
 pub struct RwLock<T: ?Sized> {
+    /// Holds the raw lock, beside the writers' counts (the collection reads them there).
     recorder: Arc<Recorder>,
     state: State,
-    inner: parking_lot::RwLock<T>,
+    inner: UnsafeCell<T>,
 }
+
+// SAFETY: as std's `RwLock`: sending it sends the value; sharing it hands `&T` to several
+// readers at once and `&mut T` to one writer, so sharing needs `T: Send + Sync`.
+unsafe impl<T: ?Sized + Send> Send for RwLock<T> {}
+// SAFETY: as above.
+unsafe impl<T: ?Sized + Send + Sync> Sync for RwLock<T> {}
 
 builder! {
     /// Builder for an [`RwLock`]; see [`RwLock::builder`].
     RwLockBuilder => RwLock, |o, value| RwLock {
         recorder: o.recorder("rwlock"),
         state: State::default(),
-        inner: parking_lot::RwLock::new(value),
+        inner: UnsafeCell::new(value),
     }
 }
 
@@ -767,20 +560,108 @@ impl RwLock<()> {
 }
 
 impl<T: ?Sized> RwLock<T> {
-    acquire! {
-        /// Shared access, blocking (an error if poisoned, as std; readers never poison).
-        fn read / read_contended,
-        /// Shared access without blocking.
-        fn try_read -> RwLockReadGuard,
-        try try_read, block read -> RwLockReadGuard, LockMode::Shared, exclusive false
+    /// Shared access, blocking (an error if poisoned, as std; readers never poison).
+    #[inline(always)]
+    #[track_caller]
+    pub fn read(&self) -> LockResult<RwLockReadGuard<'_, T>> {
+        let site = Location::caller();
+        let since = if self.recorder.rw().try_lock_shared() {
+            self.recorder.read_acquired()
+        } else {
+            self.read_contended(site)
+        };
+        self.read_guard(since, site)
     }
 
-    acquire! {
-        /// Exclusive access, blocking; poisoned as std's is after a panic while held.
-        fn write / write_contended,
-        /// Exclusive access without blocking.
-        fn try_write -> RwLockWriteGuard,
-        try try_write, block write -> RwLockWriteGuard, LockMode::Exclusive, exclusive true
+    #[cold]
+    #[inline(never)]
+    fn read_contended(&self, site: Site) -> Option<HoldStart> {
+        let w = self.recorder.contended_start(LockMode::Shared);
+        self.recorder.rw().lock_shared();
+        self.recorder
+            .read_acquired_contended(w, site, self.state.site())
+    }
+
+    /// Shared access without blocking.
+    #[inline]
+    #[track_caller]
+    pub fn try_read(&self) -> TryLockResult<RwLockReadGuard<'_, T>> {
+        let site = Location::caller();
+        if self.recorder.rw().try_lock_shared() {
+            Ok(self.read_guard(self.recorder.read_acquired(), site)?)
+        } else {
+            Err(self.would_block(LockMode::Shared))
+        }
+    }
+
+    #[inline(always)]
+    fn read_guard(
+        &self,
+        since: Option<HoldStart>,
+        site: Site,
+    ) -> LockResult<RwLockReadGuard<'_, T>> {
+        self.state.acquired_at(site);
+        let guard = RwLockReadGuard {
+            lock: self,
+            since,
+            _not_send: PhantomData,
+        };
+        poison(guard, self.state.poisoned())
+    }
+
+    /// Exclusive access, blocking; poisoned as std's is after a panic while held.
+    #[inline(always)]
+    #[track_caller]
+    pub fn write(&self) -> LockResult<RwLockWriteGuard<'_, T>> {
+        let site = Location::caller();
+        let since = if self.recorder.rw().try_lock_exclusive() {
+            self.recorder.write_acquired()
+        } else {
+            Some(self.write_contended())
+        };
+        self.write_guard(since, site)
+    }
+
+    /// The lock was taken: wait for it (the clock read before, outside anyone's critical
+    /// section), count the hold on the lock's line, and keep the wait and the site it waited
+    /// for for the release to record.
+    #[cold]
+    #[inline(never)]
+    fn write_contended(&self) -> HoldStart {
+        let w = self.recorder.contended_start(LockMode::Exclusive);
+        self.recorder.rw().lock_exclusive();
+        self.recorder.write_acquired_contended();
+        self.state.keep_wait(w.at(), self.state.site());
+        self.recorder.waited_hold(w.timed())
+    }
+
+    /// Exclusive access without blocking.
+    #[inline]
+    #[track_caller]
+    pub fn try_write(&self) -> TryLockResult<RwLockWriteGuard<'_, T>> {
+        let site = Location::caller();
+        if self.recorder.rw().try_lock_exclusive() {
+            Ok(self.write_guard(self.recorder.write_acquired(), site)?)
+        } else {
+            Err(self.would_block(LockMode::Exclusive))
+        }
+    }
+
+    #[inline(always)]
+    fn write_guard(
+        &self,
+        since: Option<HoldStart>,
+        site: Site,
+    ) -> LockResult<RwLockWriteGuard<'_, T>> {
+        self.state.acquired_at(site);
+        let guard = RwLockWriteGuard {
+            lock: self,
+            since,
+            // As std: a guard taken while the thread is already panicking does not poison.
+            poisons: !std::thread::panicking(),
+            _not_send: PhantomData,
+        };
+        poison(guard, self.state.poisoned())
     }
 }
 
@@ -788,26 +669,141 @@ common!(RwLock);
 
 impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RwLock")
-            .field("name", &self.recorder.name())
-            .field("inner", &&self.inner)
-            .field("poisoned", &self.state.poisoned())
-            .finish()
+        let mut d = f.debug_struct("RwLock");
+        d.field("name", &self.recorder.name());
+        // Looked at under a shared hold, as std's `Debug` does (not counted).
+        let raw = self.recorder.rw();
+        if raw.try_lock_shared() {
+            // SAFETY: held shared until the unlock below.
+            d.field("data", &unsafe { &*self.inner.get() });
+            // SAFETY: taken just above.
+            unsafe { raw.unlock_shared() };
+        } else {
+            d.field("data", &format_args!("<locked>"));
+        }
+        d.field("poisoned", &self.state.poisoned()).finish()
     }
 }
 
-guard! {
-    /// Shared guard of an [`RwLock`].
-    RwLockReadGuard(RwLockReadGuard) of RwLock, LockMode::Shared, poisons false
+/// Shared guard of an [`RwLock`]; `Send`/`Sync` exactly as `std::sync::RwLockReadGuard`.
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct RwLockReadGuard<'a, T: ?Sized> {
+    lock: &'a RwLock<T>,
+    /// Set when this hold is timed.
+    since: Option<HoldStart>,
+    /// Not `Send`, as std's.
+    _not_send: PhantomData<*const ()>,
 }
 
-guard! {
-    /// Exclusive guard of an [`RwLock`].
-    RwLockWriteGuard(RwLockWriteGuard) of RwLock, LockMode::Exclusive, poisons true
+// SAFETY: sharing the guard shares `&T`, as std's `RwLockReadGuard`.
+unsafe impl<T: ?Sized + Sync> Sync for RwLockReadGuard<'_, T> {}
+
+impl<T: ?Sized> Drop for RwLockReadGuard<'_, T> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        let lock = self.lock;
+        // Counted while still held, so `lock.held` never over-reports.
+        lock.recorder.count_release(LockMode::Shared);
+        // SAFETY: this guard holds a shared lock, released once, here.
+        unsafe { lock.recorder.rw().unlock_shared() };
+        if let Some(since) = self.since {
+            read_hold_done(&lock.recorder, &lock.state, since);
+        }
+    }
+}
+
+/// A timed shared hold ended: records it, outside the critical section.
+#[cold]
+#[inline(never)]
+fn read_hold_done(recorder: &Recorder, state: &State, since: HoldStart) {
+    recorder.hold_done(LockMode::Shared, since, state.site());
+}
+
+/// Exclusive guard of an [`RwLock`]; `Send`/`Sync` exactly as `std::sync::RwLockWriteGuard`.
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct RwLockWriteGuard<'a, T: ?Sized> {
+    lock: &'a RwLock<T>,
+    /// Set when this hold is timed or had to wait.
+    since: Option<HoldStart>,
+    /// Whether a panic while it is held poisons the lock.
+    poisons: bool,
+    /// Not `Send`, as std's.
+    _not_send: PhantomData<*const ()>,
+}
+
+// SAFETY: sharing the guard shares `&T`, as std's `RwLockWriteGuard`.
+unsafe impl<T: ?Sized + Sync> Sync for RwLockWriteGuard<'_, T> {}
+
+impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        let lock = self.lock;
+        if let Some(since) = self.since {
+            write_release_rare(&lock.recorder, &lock.state, since, self.poisons);
+            return;
+        }
+        lock.recorder.write_released();
+        if self.poisons && std::thread::panicking() {
+            lock.state.poisoned.store(true, Relaxed);
+        }
+        // SAFETY: this guard holds the lock exclusively, released once, here.
+        unsafe { lock.recorder.rw().unlock_exclusive() };
+    }
+}
+
+/// The release of a timed exclusive hold or of one that waited: counts it, poisons as std,
+/// unlocks, then, outside the critical section, records the wait and the hold if timed.
+#[cold]
+#[inline(never)]
+fn write_release_rare(recorder: &Recorder, state: &State, since: HoldStart, poisons: bool) {
+    let site = state.site();
+    let waited = since.contended().then(|| state.kept_wait());
+    recorder.write_released();
+    if poisons && std::thread::panicking() {
+        state.poisoned.store(true, Relaxed);
+    }
+    // SAFETY: called once, from the write guard's drop, which holds the lock exclusively.
+    unsafe { recorder.rw().unlock_exclusive() };
+    if let (Some((start, holder)), Some(site)) = (waited, site) {
+        let secs = start.secs_until(since.at());
+        recorder.wait_done(LockMode::Exclusive, site, holder, secs, since.timed());
+    }
+    if since.timed() {
+        recorder.hold_done(LockMode::Exclusive, since, site);
+    }
+}
+
+impl<T: ?Sized> Deref for RwLockReadGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard holds the lock shared.
+        unsafe { &*self.lock.inner.get() }
+    }
+}
+
+impl<T: ?Sized> Deref for RwLockWriteGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard holds the lock exclusively.
+        unsafe { &*self.lock.inner.get() }
+    }
 }
 
 impl<T: ?Sized> DerefMut for RwLockWriteGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
-        &mut self.inner
+        // SAFETY: the guard holds the lock exclusively.
+        unsafe { &mut *self.lock.inner.get() }
+    }
+}
+
+impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLockReadGuard<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLockWriteGuard<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
     }
 }
