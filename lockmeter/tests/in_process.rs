@@ -476,6 +476,9 @@ fn racing_writers_and_readers_on_an_rwlock_are_counted_exactly() {
     let rec = Recorder::new();
     let sink = Sink::new(rec.meter());
     let l = Arc::new(RwLock::builder("racing").sink(sink).build(0u64));
+    // Held while the others start, until a writer is seen waiting: contention whatever the
+    // scheduler does (under a loaded test run the threads may otherwise never overlap).
+    let first = l.write().unwrap();
     let writers: Vec<_> = (0..4)
         .map(|_| {
             let l = Arc::clone(&l);
@@ -496,13 +499,19 @@ fn racing_writers_and_readers_on_an_rwlock_are_counted_exactly() {
             })
         })
         .collect();
+    let exclusive = [("lock.name", "racing"), ("lock.mode", "exclusive")];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while rec.snapshot().counter("lock.conflicts", &exclusive) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no writer waited");
+        std::thread::yield_now();
+    }
+    drop(first);
     for t in writers.into_iter().chain(readers) {
         t.join().unwrap();
     }
     assert_eq!(*l.read().unwrap(), 20_000);
     let s = rec.snapshot();
-    let exclusive = [("lock.name", "racing"), ("lock.mode", "exclusive")];
-    assert_eq!(s.counter("lock.acquisitions", &exclusive), 20_000);
+    assert_eq!(s.counter("lock.acquisitions", &exclusive), 20_001);
     let contended = s.counter(
         "lock.acquisitions",
         &[("lock.mode", "exclusive"), ("lock.contended", "true")],
