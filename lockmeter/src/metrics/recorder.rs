@@ -318,8 +318,8 @@ impl Recorder {
         }
     }
 
-    /// The hold after a `sync::Mutex` wait begins (the lock counted it; `timed`: the wait is in
-    /// the timing sample): reads the clock, the only work inside the critical section; the
+    /// The hold after a `sync::Mutex` or `RwLock` writer's wait begins (the lock counted it;
+    /// `timed`: the wait is in the timing sample): reads the clock, the only work inside the critical section; the
     /// guard records the wait after its release.
     #[cold]
     #[inline(never)]
@@ -339,27 +339,12 @@ impl Recorder {
         }
     }
 
-    #[cfg(feature = "tokio")]
-    /// An uncontended acquisition by the thread owning `slot` ([`shard::slot`]); returns the
-    /// start of the hold when this one is timed.
+    /// An uncontended acquisition in `mode` counted in this thread's shard (a `sync::RwLock`
+    /// reader: readers hold together, so no line of the lock's is theirs to write; a tokio
+    /// lock); returns the start of the hold if this one is timed.
     #[inline(always)]
-    pub(crate) fn acquired_uncontended_in(&self, slot: usize, mode: LockMode) -> Option<HoldStart> {
-        let n = shard::bump(&self.shards[slot], slot, shard::acquisitions(mode.idx(), 0));
-        if n & self.sample.load(Relaxed) == 0 {
-            self.sampled_start()
-        } else {
-            None
-        }
-    }
-
-    /// A `sync::RwLock` reader got the lock at once: counted in this thread's shard (readers
-    /// hold together, so no line of the lock's is theirs to write); returns the start of the
-    /// hold if this one is timed.
-    #[inline(always)]
-    pub(crate) fn read_acquired(&self) -> Option<HoldStart> {
-        let slot = shard::slot();
-        let n = shard::bump(&self.shards[slot], slot, shard::acquisitions(1, 0));
-        self.hold_numbered(n)
+    pub(crate) fn acquired_uncontended(&self, mode: LockMode) -> Option<HoldStart> {
+        self.hold_numbered(self.bump(shard::acquisitions(mode.idx(), 0)))
     }
 
     /// Counts a release (the hold, if timed, is recorded separately by [`Self::hold_done`], so
@@ -435,7 +420,7 @@ impl Recorder {
         holder: Option<Site>,
     ) -> Option<HoldStart> {
         let now = Ticks::now();
-        self.bump(shard::acquisitions(1, 1));
+        self.bump(shard::acquisitions(LockMode::Shared.idx(), 1));
         self.wait_done(
             LockMode::Shared,
             site,
@@ -469,16 +454,9 @@ impl Recorder {
         } else {
             0
         };
-        if weight != 0 {
-            if let Some(t) = self.profile.get(&self.name, &self.kind) {
-                t.add_wait(site, holder, secs, weight);
-            }
-        }
+        self.profile_wait(mode, site, holder, secs, weight);
         if timed {
             self.record_wait(mode, Outcome::Acquired, secs);
-        }
-        if secs >= self.thresholds.wait {
-            profile::slow_wait(&self.event_attrs_for(mode), site, holder, secs);
         }
     }
 
@@ -512,7 +490,6 @@ impl Recorder {
         }
     }
 
-    #[cfg(feature = "tokio")]
     /// The contended acquire ([`Self::contended_start`]) got the lock: counts it, reads the
     /// clock; returns the start of the hold if the wait is timed, and the wait in seconds (for
     /// the guard to record after its release, [`Self::wait_done`]).
@@ -578,8 +555,23 @@ impl Recorder {
     /// profile, and a `lock.slow_wait` event if it was slow.
     #[cold]
     pub(crate) fn waited(&self, mode: LockMode, site: Site, holder: Option<Site>, secs: f64) {
-        if let Some(t) = self.profile.get(&self.name, &self.kind) {
-            t.add_wait(site, holder, secs, 1);
+        self.profile_wait(mode, site, holder, secs, 1);
+    }
+
+    /// A wait standing for `weight` waits (0: none) into the profile, and a `lock.slow_wait`
+    /// event if it was slow (whatever its weight).
+    fn profile_wait(
+        &self,
+        mode: LockMode,
+        site: Site,
+        holder: Option<Site>,
+        secs: f64,
+        weight: u64,
+    ) {
+        if weight != 0 {
+            if let Some(t) = self.profile.get(&self.name, &self.kind) {
+                t.add_wait(site, holder, secs, weight);
+            }
         }
         if secs >= self.thresholds.wait {
             profile::slow_wait(&self.event_attrs_for(mode), site, holder, secs);

@@ -66,8 +66,6 @@ use std::time::Duration;
 
 use crate::clock::{HoldStart, Ticks};
 use crate::kind::LockMode;
-#[cfg(feature = "tokio")]
-use crate::metrics::shard;
 use crate::metrics::{Outcome, Recorder, Sink, Spec};
 use crate::profile::Site;
 
@@ -203,7 +201,7 @@ impl Hold<'_> {
 #[cfg(feature = "tokio")]
 #[inline]
 pub(crate) fn uncontended(recorder: &Recorder, mode: LockMode, site: Site) -> Hold<'_> {
-    let since = recorder.acquired_uncontended_in(shard::slot(), mode);
+    let since = recorder.acquired_uncontended(mode);
     Hold {
         recorder,
         mode,
@@ -461,7 +459,14 @@ impl<T: ?Sized> Drop for MutexGuard<'_, T> {
         // One branch for the rare cases (a timed hold, a hold that waited), released out of
         // line; inline, one atomic add that counts the hold and unlocks.
         if let Some(since) = self.since {
-            mutex_release_rare(&lock.recorder, &lock.state, since, self.poisons);
+            let raw = lock.recorder.raw();
+            exclusive_release_rare(&lock.recorder, &lock.state, since, self.poisons, || {
+                if since.contended() {
+                    raw.unlock_waited();
+                } else {
+                    raw.unlock();
+                }
+            });
             return;
         }
         if self.poisons && std::thread::panicking() {
@@ -471,22 +476,25 @@ impl<T: ?Sized> Drop for MutexGuard<'_, T> {
     }
 }
 
-/// The release of a timed hold or of one that waited: poisons as std, unlocks, then, outside
-/// the critical section, records the wait (profile, slow-wait event, histogram if timed) and
-/// the hold if timed.
+/// The release of a timed exclusive hold or of one that waited (a `Mutex`'s, an `RwLock`
+/// writer's): poisons as std, counts and unlocks (`unlock`), then, outside the critical
+/// section, records the wait (profile, slow-wait event, histogram if timed) and the hold if
+/// timed.
 #[cold]
 #[inline(never)]
-fn mutex_release_rare(recorder: &Recorder, state: &State, since: HoldStart, poisons: bool) {
+fn exclusive_release_rare(
+    recorder: &Recorder,
+    state: &State,
+    since: HoldStart,
+    poisons: bool,
+    unlock: impl FnOnce(),
+) {
     let site = state.site();
     let waited = (since.contended() && since.wait_measured()).then(|| state.kept_wait());
     if poisons && std::thread::panicking() {
         state.poisoned.store(true, Relaxed);
     }
-    if since.contended() {
-        recorder.raw().unlock_waited();
-    } else {
-        recorder.raw().unlock();
-    }
+    unlock();
     if let (Some((start, holder)), Some(site)) = (waited, site) {
         let secs = start.secs_until(since.at());
         recorder.wait_done(LockMode::Exclusive, site, holder, secs, since.timed());
@@ -566,7 +574,7 @@ impl<T: ?Sized> RwLock<T> {
     pub fn read(&self) -> LockResult<RwLockReadGuard<'_, T>> {
         let site = Location::caller();
         let since = if self.recorder.rw().try_lock_shared() {
-            self.recorder.read_acquired()
+            self.recorder.acquired_uncontended(LockMode::Shared)
         } else {
             self.read_contended(site)
         };
@@ -588,7 +596,7 @@ impl<T: ?Sized> RwLock<T> {
     pub fn try_read(&self) -> TryLockResult<RwLockReadGuard<'_, T>> {
         let site = Location::caller();
         if self.recorder.rw().try_lock_shared() {
-            Ok(self.read_guard(self.recorder.read_acquired(), site)?)
+            Ok(self.read_guard(self.recorder.acquired_uncontended(LockMode::Shared), site)?)
         } else {
             Err(self.would_block(LockMode::Shared))
         }
@@ -739,7 +747,12 @@ impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
     fn drop(&mut self) {
         let lock = self.lock;
         if let Some(since) = self.since {
-            write_release_rare(&lock.recorder, &lock.state, since, self.poisons);
+            let recorder = &lock.recorder;
+            exclusive_release_rare(recorder, &lock.state, since, self.poisons, || {
+                recorder.write_released();
+                // SAFETY: called once, from this guard's drop; it holds the lock exclusively.
+                unsafe { recorder.rw().unlock_exclusive() };
+            });
             return;
         }
         lock.recorder.write_released();
@@ -748,28 +761,6 @@ impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
         }
         // SAFETY: this guard holds the lock exclusively, released once, here.
         unsafe { lock.recorder.rw().unlock_exclusive() };
-    }
-}
-
-/// The release of a timed exclusive hold or of one that waited: counts it, poisons as std,
-/// unlocks, then, outside the critical section, records the wait and the hold if timed.
-#[cold]
-#[inline(never)]
-fn write_release_rare(recorder: &Recorder, state: &State, since: HoldStart, poisons: bool) {
-    let site = state.site();
-    let waited = since.contended().then(|| state.kept_wait());
-    recorder.write_released();
-    if poisons && std::thread::panicking() {
-        state.poisoned.store(true, Relaxed);
-    }
-    // SAFETY: called once, from the write guard's drop, which holds the lock exclusively.
-    unsafe { recorder.rw().unlock_exclusive() };
-    if let (Some((start, holder)), Some(site)) = (waited, site) {
-        let secs = start.secs_until(since.at());
-        recorder.wait_done(LockMode::Exclusive, site, holder, secs, since.timed());
-    }
-    if since.timed() {
-        recorder.hold_done(LockMode::Exclusive, since, site);
     }
 }
 
