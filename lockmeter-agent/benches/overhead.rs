@@ -12,7 +12,8 @@
 //! error. `LOCKMETER_RING_MIB=16` measures another ring size; the kernel side alone is
 //! measured by rebuilding the BPF program with `LOCKMETER_BPF_CFLAGS=-DLOCKMETER_BPF_NOOP`
 //! (the programs return at once: the tracepoint trampolines' cost) or
-//! `-DLOCKMETER_BPF_DISCARD` (records reserved and discarded: everything but the reader).
+//! `-DLOCKMETER_BPF_DISCARD` (events staged, batches never sent: everything but the ring and
+//! the reader).
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Write as _};

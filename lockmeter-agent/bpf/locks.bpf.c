@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 //
-// lockmeter agent: file lock calls host-wide, one ring-buffer event per call.
+// lockmeter agent: file lock calls host-wide, one event per call and per release.
 //
 // Hooks: three BTF tracepoints of fs/locks.c (tp_btf: typed arguments, no tracefs mount, no
 // syscall hooks, so other system calls on the host pay nothing):
@@ -14,6 +14,13 @@
 // Cost matters (every lock call on the host runs this): fields are read with direct loads
 // (BTF pointers, CO-RE relocated), not bpf_probe_read; state is kept only for calls that had
 // to wait, and the hash of waiting calls is looked at only while some call is waiting.
+//
+// Events are staged per CPU and sent to the ring buffer BATCH at a time: a ring reservation
+// (a spin lock, a header, the reader's cache lines) per event cost more than the rest of the
+// program. A staged event waits at most FLUSH_NS: the first event of a batch arms a timer
+// pinned to its CPU that sends whatever is staged (kernel 6.7+, BPF_F_TIMER_CPU_PIN). Where
+// that timer cannot run, every event goes to the ring at once, as before. Batches from
+// different CPUs reach user space out of order; it merges them by time.
 //
 // Kernel structures are declared here with only the fields used and preserve_access_index, so
 // the loader relocates every field offset against the running kernel's BTF (CO-RE); no
@@ -59,6 +66,10 @@ struct file {
 	struct inode *f_inode;
 } __attribute__((preserve_access_index));
 
+struct task_struct {
+	char comm[16];
+} __attribute__((preserve_access_index));
+
 struct file_lock_core {
 	void *flc_owner;
 	unsigned int flc_flags;
@@ -88,6 +99,17 @@ struct file_lock {
 #define OP_CALL 1    // a lock or unlock call: ts_start..ts_end is the time spent in it
 #define OP_RELEASE 2 // the kernel released a lock outside a lock call (close, exit)
 #define OP_NAME 3    // the path of an inode, leaf first (sent once per inode)
+#define OP_BATCH 4   // a batch header followed by n events of one CPU
+
+// Staging (see the top of the file).
+#define BATCH 32
+#define FLUSH_NS 10000000ULL  // a staged event is sent within ~10 ms
+#define RETRY_NS 1000000ULL   // the timer found its CPU writing the stage: again in 1 ms
+#define BPF_F_TIMER_CPU_PIN (1ULL << 1) // not in older uapi headers
+#define CLOCK_MONOTONIC 1
+#define TIMER_UNSET 0
+#define TIMER_OK 1
+#define TIMER_OFF 2 // no pinned timer here: events are sent one by one
 
 #define FLAG_CONFLICT 1 // the call found the lock taken (waited, or would have)
 #define FLAG_BLOCKING 2 // F_SETLKW / LOCK_EX without LOCK_NB
@@ -126,6 +148,31 @@ struct name_event {
 	u8 pad;
 	char comm[16];
 	char comps[MAX_DEPTH][NAME_LEN];
+};
+
+// A batch as sent: this header, then `n` struct event. The op byte sits where struct event
+// has its op (offset 44), so user space tells records apart by one byte.
+struct batch_hdr {
+	u64 gen;   // batches of one CPU, numbered from 1
+	u64 pad0[3];
+	u32 cpu;   // offset 32
+	u32 n;     // offset 36
+	u32 pad1;
+	u8 op;     // offset 44
+	u8 pad2[19];
+};
+
+struct stage {
+	struct batch_hdr h;
+	struct event ev[BATCH];
+	// Not sent:
+	u32 busy;  // a program is writing the stage (the timer, or a preempting program, backs off)
+	u8 timer;  // TIMER_UNSET, TIMER_OK, TIMER_OFF
+	u8 armed;  // the flush timer is pending
+};
+
+struct flusher {
+	struct bpf_timer t;
 };
 
 #ifndef RINGBUF_BYTES
@@ -173,6 +220,22 @@ struct {
 	__type(key, struct inode_key);
 	__type(value, u8);
 } named SEC(".maps");
+
+// Events of this CPU not yet sent.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, u32);
+	__type(value, struct stage);
+} stage SEC(".maps");
+
+// One flush timer per CPU, by CPU number (user space sets the size to the possible CPUs).
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1024);
+	__type(key, u32);
+	__type(value, struct flusher);
+} flushers SEC(".maps");
 
 // The last inode named on this CPU: a loop on one lock file skips the LRU lookup.
 struct {
@@ -251,14 +314,9 @@ static __always_inline u8 kind_of(unsigned int fl_flags)
 	return (fl_flags & FL_FLOCK) ? KIND_FLOCK : (fl_flags & FL_OFDLCK) ? KIND_OFD : KIND_POSIX;
 }
 
-static __always_inline void emit(u8 op, u32 dev, u64 ino, u32 gen, u64 owner,
+static __always_inline void fill(struct event *e, u8 op, u32 dev, u64 ino, u32 gen, u64 owner,
 				 unsigned int fl_flags, u8 type, u64 start, u64 now, u8 flags, int ret)
 {
-	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		count_drop();
-		return;
-	}
 	e->ts_start = start;
 	e->ts_end = now;
 	e->ino = ino;
@@ -272,10 +330,27 @@ static __always_inline void emit(u8 op, u32 dev, u64 ino, u32 gen, u64 owner,
 	if (ret == -EAGAIN || ret == -EACCES)
 		flags |= FLAG_CONFLICT;
 	e->flags = flags | ((fl_flags & FL_SLEEP) ? FLAG_BLOCKING : 0);
-	if (op == OP_CALL)
-		bpf_get_current_comm(e->comm, sizeof(e->comm));
-	else // releases are matched by owner; who released does not matter
+	if (op == OP_CALL) {
+		// Two loads from the task (a trusted BTF pointer) instead of a helper's string copy.
+		const u64 *comm = (const u64 *)bpf_get_current_task_btf()->comm;
+		u64 *to = (u64 *)e->comm;
+		to[0] = comm[0];
+		to[1] = comm[1];
+	} else // releases are matched by owner; who released does not matter
 		__builtin_memset(e->comm, 0, sizeof(e->comm));
+}
+
+// One event straight to the ring.
+static __always_inline void emit_now(u8 op, u32 dev, u64 ino, u32 gen, u64 owner,
+				     unsigned int fl_flags, u8 type, u64 start, u64 now, u8 flags,
+				     int ret)
+{
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count_drop();
+		return;
+	}
+	fill(e, op, dev, ino, gen, owner, fl_flags, type, start, now, flags, ret);
 #ifdef LOCKMETER_BPF_DISCARD
 	bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
 	return;
@@ -285,14 +360,105 @@ static __always_inline void emit(u8 op, u32 dev, u64 ino, u32 gen, u64 owner,
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
+// Sends the staged events of this CPU as one record.
+static __always_inline void flush(struct stage *s)
+{
+	u32 n = s->h.n;
+	if (n == 0)
+		return;
+	if (n > BATCH)
+		n = BATCH;
+#ifdef LOCKMETER_BPF_DISCARD
+	s->h.n = 0; // staged, never sent
+	return;
+#endif
+	s->h.gen += 1;
+	s->h.cpu = bpf_get_smp_processor_id(); // the stage's CPU: flushes run there
+	s->h.op = OP_BATCH;
+	s->h.n = n;
+	if (bpf_ringbuf_output(&events, s, sizeof(struct batch_hdr) + n * sizeof(struct event),
+			       BPF_RB_NO_WAKEUP))
+		count_drop();
+	s->h.n = 0;
+}
+
+static int flush_timer(void *map, u32 *key, struct flusher *f)
+{
+	u32 zero = 0;
+	struct stage *s = bpf_map_lookup_elem(&stage, &zero);
+	if (!s || *key != bpf_get_smp_processor_id())
+		return 0;
+	if (s->busy) {
+		bpf_timer_start(&f->t, RETRY_NS, BPF_F_TIMER_CPU_PIN);
+		return 0;
+	}
+	s->armed = 0;
+	flush(s);
+	return 0;
+}
+
+// Arms this CPU's flush timer; false where it cannot run (events then go out one by one).
+static __noinline int arm_timer(struct stage *s)
+{
+	u32 cpu = bpf_get_smp_processor_id();
+	struct flusher *f = bpf_map_lookup_elem(&flushers, &cpu);
+	if (!f)
+		return 0;
+	if (s->timer == TIMER_UNSET) {
+		long err = bpf_timer_init(&f->t, &flushers, CLOCK_MONOTONIC);
+		if (err && err != -16) // -EBUSY: initialised before (the stage outlives nothing, but be safe)
+			return 0;
+		if (bpf_timer_set_callback(&f->t, flush_timer))
+			return 0;
+		s->timer = TIMER_OK;
+	}
+	if (bpf_timer_start(&f->t, FLUSH_NS, BPF_F_TIMER_CPU_PIN))
+		return 0;
+	s->armed = 1;
+	return 1;
+}
+
+#define barrier() asm volatile("" ::: "memory")
+
+// One event: into this CPU's stage, or straight to the ring.
+static __always_inline void emit(u8 op, u32 dev, u64 ino, u32 gen, u64 owner,
+				 unsigned int fl_flags, u8 type, u64 start, u64 now, u8 flags, int ret)
+{
+	u32 zero = 0;
+	struct stage *s = bpf_map_lookup_elem(&stage, &zero);
+	if (!s || s->timer == TIMER_OFF || s->busy) {
+		emit_now(op, dev, ino, gen, owner, fl_flags, type, start, now, flags, ret);
+		return;
+	}
+	s->busy = 1;
+	barrier();
+	u32 n = s->h.n;
+	if (n >= BATCH) {
+		flush(s);
+		n = 0;
+	}
+	fill(&s->ev[n], op, dev, ino, gen, owner, fl_flags, type, start, now, flags, ret);
+	s->h.n = n + 1;
+	if (n + 1 == BATCH) {
+		flush(s);
+	} else if (!s->armed && !arm_timer(s)) {
+		s->timer = TIMER_OFF;
+		flush(s);
+	}
+	barrier();
+	s->busy = 0;
+}
+
 // The waiting call of this thread for this request, if any (and only looked up while some
 // call is waiting somewhere).
-static __always_inline struct inflight *waiting_call(u32 tid)
+// Sets *tid (the thread) only when it looks.
+static __always_inline struct inflight *waiting_call(u32 *tid)
 {
 	u64 *pending = counter(0);
 	if (!pending || *pending == 0)
 		return 0;
-	return bpf_map_lookup_elem(&calls, &tid);
+	*tid = (u32)bpf_get_current_pid_tgid();
+	return bpf_map_lookup_elem(&calls, tid);
 }
 
 static __always_inline void forget_call(u32 tid)
@@ -344,9 +510,11 @@ static __always_inline void on_attempt(struct inode *inode, struct file_lock *fl
 			     0);
 		return;
 	}
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	struct inflight *in = waiting_call(tid);
+	u32 tid = 0;
+	struct inflight *in = waiting_call(&tid);
 	if (ret == FILE_LOCK_DEFERRED) {
+		if (!tid)
+			tid = (u32)bpf_get_current_pid_tgid();
 		defer_call(tid, in, (u64)fl, now);
 		return;
 	}
@@ -402,8 +570,8 @@ int BPF_PROG(fcntl_setlk, struct inode *inode, struct file_lock *fl, int ret)
 			emit(OP_CALL, dev, ino, gen, owner, fl_flags, type, now, now, 0, ret);
 		return 0;
 	}
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	struct inflight *in = waiting_call(tid);
+	u32 tid = 0;
+	struct inflight *in = waiting_call(&tid);
 	u64 start = now;
 	u8 flags = 0;
 	if (in) {

@@ -1,9 +1,12 @@
 //! The kernel tracepoint source (feature `ebpf`): loads `bpf/locks.bpf.c` (compiled by clang
 //! in `build.rs`) with aya, attaches it to the `filelock` BTF tracepoints, and feeds the ring
-//! buffer's events to a [`TraceModel`] on a thread of its own.
+//! buffer's events, merged back into time order ([`Merge`]), to a [`TraceModel`] on a thread
+//! of its own.
 //!
-//! Needs root (or `CAP_BPF` + `CAP_PERFMON`), a kernel with BTF (`/sys/kernel/btf/vmlinux`)
-//! and BTF-typed tracepoints (5.5+). No tracefs mount is needed. Kernel structure offsets are
+//! Needs root (or `CAP_BPF` + `CAP_PERFMON`), a kernel with BTF (`/sys/kernel/btf/vmlinux`),
+//! BTF-typed tracepoints (5.5+) and BPF timers in tracing programs (5.15+); events are sent
+//! in per-CPU batches where timers can be pinned to a CPU (6.7+), one by one elsewhere. No
+//! tracefs mount is needed. Kernel structure offsets are
 //! relocated against the running kernel's BTF at load time (CO-RE).
 
 use std::sync::mpsc;
@@ -11,11 +14,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use aya::maps::{Array, MapData, RingBuf};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::programs::BtfTracePoint;
 use aya::{Btf, Ebpf, EbpfLoader};
 
-use crate::tracepoints::{parse_event, TraceModel, TraceStats};
+use crate::tracepoints::{Merge, TraceModel, TraceStats, BATCH_HEADER_SIZE, EVENT_SIZE};
 use crate::AgentError;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/locks.bpf.o"));
@@ -23,16 +26,52 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lo
 /// The tracepoints hooked, by program name (the same as the tracepoint's).
 pub const TRACEPOINTS: [&str; 3] = ["flock_lock_inode", "posix_lock_inode", "fcntl_setlk"];
 
+/// Events per CPU staged in the kernel before they go to the ring as one record.
+const BATCH: usize = 32;
+/// How old an event may be before it is applied: older than anything still staged in the
+/// kernel (a stage is sent within ~10 ms by a timer; a busy softirq can delay it).
+const HORIZON: Duration = Duration::from_millis(100);
+
+/// A CPU's stage as the kernel keeps it (`struct stage` in `bpf/locks.bpf.c`): a batch
+/// header, `BATCH` events, then fields that are not sent.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Stage([u8; BATCH_HEADER_SIZE + BATCH * EVENT_SIZE + 8]);
+
+// SAFETY: plain bytes, any bit pattern is valid.
+unsafe impl aya::Pod for Stage {}
+
+impl Stage {
+    fn gen(&self) -> u64 {
+        u64::from_ne_bytes(self.0[0..8].try_into().unwrap_or_default())
+    }
+    fn staged(&self) -> usize {
+        (u32::from_ne_bytes(self.0[36..40].try_into().unwrap_or_default()) as usize).min(BATCH)
+    }
+    fn events(&self) -> &[u8] {
+        &self.0[BATCH_HEADER_SIZE..BATCH_HEADER_SIZE + self.staged() * EVENT_SIZE]
+    }
+}
+
+/// Monotonic nanoseconds, the clock of the kernel's `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
+}
+
 /// Default ring buffer size: 8 MiB, drained every 50 ms (the kernel never wakes the reader).
 /// Draining in rare large batches keeps the reader off the ring's cache lines while lock
 /// calls write them (see `bpf/locks.bpf.c`); the ring holds what arrives in between. It is
 /// mapped into the agent, so it counts in its resident memory.
 pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 
-/// How often a ring of `bytes` is drained: often enough that ~2 million lock calls a second
-/// (72 bytes each) fit, between 10 and 100 ms.
+/// How often a ring of `bytes` is drained: often enough that 4 million events a second (lock
+/// calls and releases, 64 bytes each, and a 72-byte header per batch of 32) fit, between 10
+/// and 100 ms.
 pub fn drain_every(bytes: u32) -> Duration {
-    let ms = u64::from(bytes) / (72 * 2_000_000 / 1000);
+    let ms = u64::from(bytes) / (68 * 4_000_000 / 1000);
     Duration::from_millis(ms.clamp(10, 100))
 }
 
@@ -63,9 +102,11 @@ impl TracepointSource {
         }
         let drain = drain_every(ring_bytes);
         let btf = Btf::from_sys_fs().map_err(|e| bpf_err("reading /sys/kernel/btf/vmlinux", e))?;
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| bpf_err(what, e))?;
         let mut bpf = EbpfLoader::new()
             .btf(Some(&btf))
             .set_max_entries("events", ring_bytes)
+            .set_max_entries("flushers", u32::try_from(cpus).unwrap_or(u32::MAX))
             .load(OBJECT)
             .map_err(|e| bpf_err("loading the BPF object", e))?;
         for name in TRACEPOINTS {
@@ -89,6 +130,11 @@ impl TracepointSource {
                 .ok_or_else(|| bpf_err("counters", "map missing"))?,
         )
         .map_err(|e| bpf_err("counters", e))?;
+        let stage: PerCpuArray<MapData, Stage> = PerCpuArray::try_from(
+            bpf.take_map("stage")
+                .ok_or_else(|| bpf_err("stage", "map missing"))?,
+        )
+        .map_err(|e| bpf_err("stage", e))?;
         drop(btf);
         // Parsing the kernel's BTF (needed only to load) left ~15 MiB of free heap behind.
         crate::agent::release_free_heap();
@@ -98,7 +144,12 @@ impl TracepointSource {
         let thread = std::thread::Builder::new()
             .name("lockmeter-tracepoints".into())
             .spawn(move || {
-                reader(bpf, ring, counters, &mut model, &stop_rx, &stats2, drain);
+                let maps = Maps {
+                    ring,
+                    counters,
+                    stage,
+                };
+                reader(bpf, maps, &mut model, &stop_rx, &stats2, drain);
             })
             .map_err(|e| bpf_err("starting the reader thread", e))?;
         Ok(TracepointSource {
@@ -140,28 +191,39 @@ impl Drop for TracepointSource {
     }
 }
 
-fn reader(
-    bpf: Ebpf,
-    mut ring: RingBuf<MapData>,
+struct Maps {
+    ring: RingBuf<MapData>,
     counters: Array<MapData, u64>,
+    stage: PerCpuArray<MapData, Stage>,
+}
+
+fn drain_ring(ring: &mut RingBuf<MapData>, merge: &mut Merge, model: &mut TraceModel) {
+    while let Some(item) = ring.next() {
+        merge.record(&item, model);
+    }
+}
+
+fn reader(
+    mut bpf: Ebpf,
+    mut maps: Maps,
     model: &mut TraceModel,
     stop: &mpsc::Receiver<()>,
     stats: &Mutex<TraceStats>,
     drain: Duration,
 ) {
+    let mut merge = Merge::new();
     let mut last_dropped = 0u64;
     let mut last_check = Instant::now();
     loop {
-        while let Some(item) = ring.next() {
-            if let Some(e) = parse_event(&item) {
-                model.apply(&e);
-            }
-        }
+        // Everything that happened before the horizon is in the ring by now.
+        let horizon = monotonic_ns().saturating_sub(HORIZON.as_nanos() as u64);
+        drain_ring(&mut maps.ring, &mut merge, model);
+        merge.settle(horizon, model);
         *stats.lock().unwrap_or_else(PoisonError::into_inner) = model.stats();
         if last_check.elapsed() >= Duration::from_secs(1) {
             last_check = Instant::now();
             // counters[1]: events the kernel could not queue (ring buffer full).
-            if let Ok(total) = counters.get(&1, 0) {
+            if let Ok(total) = maps.counters.get(&1, 0) {
                 if total > last_dropped {
                     tracing::warn!(
                         lost = total - last_dropped,
@@ -173,17 +235,54 @@ fn reader(
         }
         match stop.recv_timeout(drain) {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            // Stopped: detach first, then take what was already sent.
+            // Stopped: detach, take what was sent and what is still staged, then free.
             _ => {
-                drop(bpf);
-                while let Some(item) = ring.next() {
-                    if let Some(e) = parse_event(&item) {
-                        model.apply(&e);
+                for name in TRACEPOINTS {
+                    if let Some(p) = bpf.program_mut(name) {
+                        let p: Result<&mut BtfTracePoint, _> = p.try_into();
+                        if let Ok(p) = p {
+                            if let Err(e) = p.unload() {
+                                tracing::warn!(program = name, error = %e, "detaching");
+                            }
+                        }
                     }
+                }
+                take_staged(&mut maps, &mut merge, model);
+                drop(bpf);
+                drain_ring(&mut maps.ring, &mut merge, model);
+                merge.finish(model);
+                if merge.late() > 0 {
+                    tracing::debug!(late = merge.late(), "events applied out of time order");
                 }
                 *stats.lock().unwrap_or_else(PoisonError::into_inner) = model.stats();
                 return;
             }
         }
+    }
+}
+
+/// With the programs detached, the CPUs' flush timers send what is staged within ~10 ms:
+/// drain until every stage is empty; past a deadline, read the stages directly (each batch
+/// is taken once, by its number, whichever way it comes).
+fn take_staged(maps: &mut Maps, merge: &mut Merge, model: &mut TraceModel) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        drain_ring(&mut maps.ring, merge, model);
+        let Ok(stages) = maps.stage.get(&0, 0) else {
+            return;
+        };
+        if stages.iter().all(|s| s.staged() == 0) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for (cpu, s) in stages.iter().enumerate() {
+                if s.staged() > 0 {
+                    let cpu = u32::try_from(cpu).unwrap_or(u32::MAX);
+                    merge.batch(cpu, s.gen() + 1, s.events());
+                }
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }

@@ -79,6 +79,11 @@ impl Dev {
             minor: dev & 0xf_ffff,
         }
     }
+
+    /// The kernel's internal `dev_t` (the inverse of [`from_kernel`](Self::from_kernel)).
+    pub fn to_kernel(self) -> u32 {
+        (self.major << 20) | (self.minor & 0xf_ffff)
+    }
 }
 
 impl fmt::Display for Dev {

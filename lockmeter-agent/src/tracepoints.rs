@@ -2,9 +2,12 @@
 //! and errors per lock call. This part is pure (no BPF): the loader in `ebpf` feeds it the
 //! kernel's events; tests feed it made-up ones.
 //!
-//! The kernel side (`bpf/locks.bpf.c`) hooks three `filelock` tracepoints and sends one event
+//! The kernel side (`bpf/locks.bpf.c`) hooks three `filelock` tracepoints and makes one event
 //! per lock call (its first attempt to its end), one per release (an explicit unlock, or the
-//! kernel's at close and exit), and the path of each inode the first time it is locked.
+//! kernel's at close and exit), and the path of each inode the first time it is locked. Call
+//! and release events are staged per CPU and arrive in batches, each CPU's in order but the
+//! CPUs' batches interleaved arbitrarily (a batch waits up to ~10 ms): [`Merge`] puts them
+//! back in time order before the model sees them.
 //! Holds are paired here by (device, inode, kind, owner): the owner is the open file
 //! description for `flock` and OFD locks and the process's file table for POSIX locks, exactly
 //! as the kernel decides what a release releases. A POSIX lock released in part (a sub-range)
@@ -37,6 +40,9 @@ pub const NAME_EVENT_SIZE: usize = EVENT_SIZE + MAX_DEPTH * NAME_LEN;
 const OP_CALL: u8 = 1;
 const OP_RELEASE: u8 = 2;
 const OP_NAME: u8 = 3;
+const OP_BATCH: u8 = 4;
+/// Size of a batch's header; its events follow it.
+pub const BATCH_HEADER_SIZE: usize = 64;
 const FLAG_CONFLICT: u8 = 1;
 const F_RDLCK: u8 = 0;
 const F_WRLCK: u8 = 1;
@@ -109,6 +115,32 @@ fn cstr(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
+impl CallEvent {
+    /// The kernel's layout of this event (`struct event` in `bpf/locks.bpf.c`), as a call
+    /// (`release` false) or a release: what [`parse_event`] reads. For tests and replay.
+    pub fn encode(&self, release: bool) -> [u8; EVENT_SIZE] {
+        let mut b = [0u8; EVENT_SIZE];
+        b[0..8].copy_from_slice(&self.ts_start.to_ne_bytes());
+        b[8..16].copy_from_slice(&self.ts_end.to_ne_bytes());
+        b[16..24].copy_from_slice(&self.ino.to_ne_bytes());
+        b[24..32].copy_from_slice(&self.owner.to_ne_bytes());
+        b[32..36].copy_from_slice(&self.dev.to_kernel().to_ne_bytes());
+        b[36..40].copy_from_slice(&self.gen.to_ne_bytes());
+        b[40..44].copy_from_slice(&self.ret.to_ne_bytes());
+        b[44] = if release { OP_RELEASE } else { OP_CALL };
+        b[45] = match self.kind {
+            Kind::Flock => 1,
+            Kind::Posix => 2,
+            Kind::Ofd => 3,
+            Kind::Lease => 0,
+        };
+        b[46] = self.lock_type;
+        b[47] = self.flags;
+        b[48..64].copy_from_slice(&self.comm);
+        b
+    }
+}
+
 /// Parses one ring-buffer record; `None` for anything malformed.
 pub fn parse_event(b: &[u8]) -> Option<Event> {
     if b.len() < EVENT_SIZE {
@@ -159,6 +191,120 @@ pub fn parse_event(b: &[u8]) -> Option<Event> {
         OP_CALL => Some(Event::Call(e)),
         OP_RELEASE => Some(Event::Release(e)),
         _ => None,
+    }
+}
+
+/// One ring-buffer record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// A single event.
+    Event(Event),
+    /// Events of one CPU, in the order they happened there.
+    Batch {
+        /// The CPU.
+        cpu: u32,
+        /// The batch's number among that CPU's (from 1).
+        gen: u64,
+        /// `EVENT_SIZE` bytes per event.
+        events: &'a [u8],
+    },
+}
+
+/// Parses one ring-buffer record; `None` for anything malformed.
+pub fn parse_record(b: &[u8]) -> Option<Record<'_>> {
+    if b.len() >= BATCH_HEADER_SIZE && b[44] == OP_BATCH {
+        let n = u32_at(b, 36)? as usize;
+        let events = b.get(BATCH_HEADER_SIZE..BATCH_HEADER_SIZE + n * EVENT_SIZE)?;
+        return Some(Record::Batch {
+            cpu: u32_at(b, 32)?,
+            gen: u64_at(b, 0)?,
+            events,
+        });
+    }
+    parse_event(b).map(Record::Event)
+}
+
+/// Puts the kernel's events back in time order and feeds them to a model.
+///
+/// Each CPU's events arrive in order, but a CPU's batch can arrive after a later event of
+/// another CPU (a thread that locked on one CPU and unlocked on another). Events are held
+/// until they are older than a horizon the caller chooses (older than anything still staged
+/// in the kernel), then applied sorted by time. Names are applied at once: they go to the
+/// ring directly, before the events that need them.
+#[derive(Debug, Default)]
+pub struct Merge {
+    pending: Vec<(u64, Event)>,
+    gens: FxHashMap<u32, u64>,
+    applied_to: u64,
+    late: u64,
+}
+
+impl Merge {
+    /// An empty merge.
+    pub fn new() -> Merge {
+        Merge::default()
+    }
+
+    /// Takes one ring-buffer record.
+    pub fn record(&mut self, b: &[u8], model: &mut TraceModel) {
+        match parse_record(b) {
+            Some(Record::Event(Event::Name(n))) => model.apply(&Event::Name(n)),
+            Some(Record::Event(e)) => self.push(e),
+            Some(Record::Batch { cpu, gen, events }) => self.batch(cpu, gen, events),
+            None => {}
+        }
+    }
+
+    /// Takes a batch (from the ring, or read from a CPU's stage): ignored when that CPU's
+    /// batch `gen` was taken before.
+    pub fn batch(&mut self, cpu: u32, gen: u64, events: &[u8]) {
+        let seen = self.gens.entry(cpu).or_insert(0);
+        if gen <= *seen {
+            return;
+        }
+        *seen = gen;
+        for b in events.chunks_exact(EVENT_SIZE) {
+            if let Some(e) = parse_event(b) {
+                self.push(e);
+            }
+        }
+    }
+
+    fn push(&mut self, e: Event) {
+        let ts = match &e {
+            Event::Call(c) | Event::Release(c) => c.ts_end,
+            Event::Name(_) => 0,
+        };
+        self.pending.push((ts, e));
+    }
+
+    /// Applies, in time order, the events that happened before `horizon` (monotonic ns).
+    pub fn settle(&mut self, horizon: u64, model: &mut TraceModel) {
+        // Stable: events of one time keep their arrival order (one CPU's order).
+        self.pending.sort_by_key(|(ts, _)| *ts);
+        let n = self.pending.partition_point(|(ts, _)| *ts <= horizon);
+        for (ts, e) in self.pending.drain(..n) {
+            if ts < self.applied_to {
+                self.late += 1;
+            }
+            model.apply(&e);
+        }
+        self.applied_to = self.applied_to.max(horizon.min(u64::MAX - 1));
+    }
+
+    /// Applies everything held.
+    pub fn finish(&mut self, model: &mut TraceModel) {
+        self.settle(u64::MAX, model);
+    }
+
+    /// Events held, not yet applied.
+    pub fn held(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Events that arrived after the horizon had passed them (applied out of order).
+    pub fn late(&self) -> u64 {
+        self.late
     }
 }
 

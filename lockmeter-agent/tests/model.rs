@@ -13,7 +13,8 @@ use lockmeter_agent::model::Tracker;
 use lockmeter_agent::proclocks::{Dev, Kind, RawLock};
 use lockmeter_agent::scan::{HostLock, Proc, Snapshot, Waiter};
 use lockmeter_agent::tracepoints::{
-    parse_event, CallEvent, Event, NameEvent, TraceModel, EVENT_SIZE,
+    parse_event, parse_record, CallEvent, Event, Merge, NameEvent, Record, TraceModel,
+    BATCH_HEADER_SIZE, EVENT_SIZE,
 };
 use lockmeter_testkit::Recorder;
 
@@ -247,6 +248,66 @@ fn tracepoint_events_become_exact_waits_holds_and_conflicts() {
     );
     let st = m.stats();
     assert_eq!((st.holds, st.unmatched_releases), (2, 1));
+}
+
+/// A batch record as the kernel sends it: header, then the events.
+fn batch(cpu: u32, gen: u64, events: &[Event]) -> Vec<u8> {
+    let mut b = vec![0u8; BATCH_HEADER_SIZE];
+    b[0..8].copy_from_slice(&gen.to_ne_bytes());
+    b[32..36].copy_from_slice(&cpu.to_ne_bytes());
+    b[36..40].copy_from_slice(&(events.len() as u32).to_ne_bytes());
+    b[44] = 4;
+    for e in events {
+        match e {
+            Event::Call(c) => b.extend(c.encode(false)),
+            Event::Release(c) => b.extend(c.encode(true)),
+            Event::Name(_) => unreachable!(),
+        }
+    }
+    b
+}
+
+/// The kernel stages events per CPU: a thread that locked on CPU 0 and unlocked on CPU 1 can
+/// have its release arrive first. The merge applies them in time order, once each.
+#[test]
+fn batches_from_several_cpus_are_merged_in_time_order_once() {
+    let rec = Recorder::new();
+    let metrics = Arc::new(AgentMetrics::new(&rec.meter()));
+    let mut m = TraceModel::new(metrics, LabelRules::default(), 100, "/proc");
+    m.apply(&Event::Name(NameEvent {
+        dev: DEV,
+        ino: 7,
+        components: vec!["x.lock".into(), "tmp".into()],
+        truncated: false,
+        gen: 0,
+        tgid: u32::MAX,
+    }));
+    let ms = 1_000_000;
+    let mut merge = Merge::new();
+    let cpu1 = batch(1, 1, &[release(Kind::Flock, 0xA, 5 * ms)]);
+    let cpu0 = batch(0, 1, &[call(Kind::Flock, 1, 0xA, ms, ms, 0, 0)]);
+    assert!(matches!(
+        parse_record(&cpu0),
+        Some(Record::Batch { cpu: 0, gen: 1, .. })
+    ));
+    merge.record(&cpu1, &mut m);
+    merge.record(&cpu0, &mut m);
+    merge.record(&cpu0, &mut m); // the same batch again (read from the stage, then the ring)
+    let later = batch(1, 2, &[call(Kind::Flock, 1, 0xB, 20 * ms, 20 * ms, 0, 0)]);
+    merge.record(&later, &mut m);
+    merge.settle(10 * ms, &mut m);
+    assert_eq!(merge.held(), 1, "the event after the horizon waits");
+    let st = m.stats();
+    assert_eq!((st.calls, st.holds, st.unmatched_releases), (1, 1, 0));
+    merge.finish(&mut m);
+    assert_eq!(m.stats().calls, 2);
+    assert_eq!(merge.late(), 0);
+    let s = rec.snapshot();
+    let name = ("lock.name", "/tmp/x.lock");
+    assert_eq!(s.counter("lock.acquisitions", &[name]), 2);
+    assert_eq!(s.hist_count("lock.duration", &[name]), 1);
+    // A truncated batch is not one.
+    assert_eq!(parse_record(&cpu1[..cpu1.len() - 1]), None);
 }
 
 #[test]
