@@ -71,7 +71,7 @@ struct Series {
 
 impl AgentMetrics {
     /// Creates the instruments on `meter` (use the `lockmeter` scope, as
-    /// [`lockmeter::telemetry::Telemetry::meter`] gives it).
+    /// `lockmeter::telemetry::Telemetry::meter` gives it).
     pub fn new(meter: &Meter) -> AgentMetrics {
         let gauges: Arc<Mutex<Vec<Series>>> = Arc::new(Mutex::new(vec![Series::default()]));
         let read = |g: &Arc<Mutex<Vec<Series>>>, f: &mut dyn FnMut(&Series)| {
