@@ -87,16 +87,29 @@ fn main() {
         println!("  {k}: {v}");
     }
     let provider = install_global_sdk();
+    // `cargo bench --bench sync -- PART...` runs only those parts (uncontended, contended,
+    // tokio); all by default.
+    let parts: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let part = |p: &str| parts.is_empty() || parts.iter().any(|a| a == p);
 
-    uncontended(rounds, iters);
-    contended(
-        if quick { 1 } else { 21 },
-        if quick { 2_000 } else { 300_000 },
-    );
-    tokio_contended(
-        if quick { 1 } else { 15 },
-        if quick { 1_000 } else { 50_000 },
-    );
+    if part("uncontended") {
+        uncontended(rounds, iters);
+    }
+    if part("contended") {
+        contended(
+            if quick { 1 } else { 21 },
+            if quick { 2_000 } else { 300_000 },
+        );
+    }
+    if part("tokio") {
+        tokio_contended(
+            if quick { 1 } else { 15 },
+            if quick { 1_000 } else { 50_000 },
+        );
+    }
     provider.force_flush().unwrap();
 }
 
