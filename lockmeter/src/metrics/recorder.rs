@@ -28,6 +28,7 @@ use crate::clock::{HoldStart, Ticks};
 use crate::kind::LockMode;
 use crate::profile::{self, EventAttrs, ProfileSlot, Site, Thresholds};
 use crate::sync::raw::RawMutex;
+use crate::sync::raw_rw::RawRwLock;
 
 /// A lock bound to the global provider re-checks which provider is installed every this many
 /// timed acquisitions (every one while the provider is the no-op one).
@@ -68,33 +69,13 @@ pub(crate) struct Recorder {
 /// The lock itself of a [`crate::sync::Mutex`] or [`crate::sync::RwLock`] (unused by other
 /// locks): on a line of its own (it is the line the lock's holders hand to each other), at a
 /// fixed address, so the collection reads its counts there.
+#[derive(Default)]
 #[repr(align(128))]
 struct Held {
     raw: RawMutex,
-    /// The lock itself of a [`crate::sync::RwLock`] (unused by other locks).
-    rw: parking_lot::RawRwLock,
-    /// The `RwLock`'s exclusive holds, counted by the writer while it holds the lock, on the
-    /// lock's own line: [uncontended, contended, released].
-    writes: [AtomicU64; 3],
-}
-
-impl Default for Held {
-    fn default() -> Held {
-        Held {
-            raw: RawMutex::default(),
-            rw: <parking_lot::RawRwLock as lock_api::RawRwLock>::INIT,
-            writes: Default::default(),
-        }
-    }
-}
-
-/// Adds one to `c`, a counter only the holder of an exclusive lock writes; returns the old
-/// value.
-#[inline(always)]
-fn bump_held(c: &AtomicU64) -> u64 {
-    let n = c.load(Relaxed);
-    c.store(n.wrapping_add(1), Relaxed);
-    n
+    /// The lock itself of a [`crate::sync::RwLock`], which counts its holds (unused by other
+    /// locks).
+    rw: RawRwLock,
 }
 
 /// Who is waiting, and where the last holder that released while someone waited acquired
@@ -148,12 +129,6 @@ pub(crate) struct WaitStart {
 }
 
 impl WaitStart {
-    /// When the wait started.
-    #[inline]
-    pub(crate) fn at(self) -> Ticks {
-        self.at
-    }
-
     /// Whether the wait is in the timing sample.
     #[inline]
     pub(crate) fn timed(self) -> bool {
@@ -250,6 +225,7 @@ impl Recorder {
     /// All counts of this lock now.
     pub(crate) fn totals(&self) -> Totals {
         let mut t = Totals::default();
+        let h = &self.held;
         for m in 0..2 {
             for c in 0..2 {
                 t.acquisitions[m][c] = self.total(shard::acquisitions(m, c));
@@ -258,7 +234,6 @@ impl Recorder {
             t.conflicts[m] = self.total(shard::conflicts(m));
         }
         let x = LockMode::Exclusive.idx();
-        let h = &self.held;
         // A `sync::Mutex`: every hold that waited had one conflict.
         let c = h.raw.counts();
         let uncontended = c.acquisitions.wrapping_sub(c.waited);
@@ -267,38 +242,26 @@ impl Recorder {
         t.conflicts[x] = t.conflicts[x].wrapping_add(c.waited);
         let done = c.acquisitions.wrapping_sub(u64::from(c.held));
         t.releases[x] = t.releases[x].wrapping_add(done);
-        // A `sync::RwLock`'s writers.
-        for c in 0..2 {
-            let n = h.writes[c].load(Relaxed);
-            t.acquisitions[x][c] = t.acquisitions[x][c].wrapping_add(n);
+        // A `sync::RwLock`: its word counts every hold and every hold that waited (the
+        // conflicts are counted in the shards when the waits begin).
+        let rw = h.rw.counts();
+        let sh = LockMode::Shared.idx();
+        let pairs = [
+            (sh, rw.shared, rw.shared_waited, rw.readers),
+            (x, rw.exclusive, rw.exclusive_waited, u64::from(rw.writer)),
+        ];
+        for (m, all, waited, held) in pairs {
+            t.acquisitions[m][0] = t.acquisitions[m][0].wrapping_add(all.wrapping_sub(waited));
+            t.acquisitions[m][1] = t.acquisitions[m][1].wrapping_add(waited);
+            t.releases[m] = t.releases[m].wrapping_add(all.wrapping_sub(held));
         }
-        t.releases[x] = t.releases[x].wrapping_add(h.writes[2].load(Relaxed));
         t
     }
 
     /// The raw lock of a `sync::RwLock` recording here (unused by other locks).
     #[inline(always)]
-    pub(crate) fn rw(&self) -> &parking_lot::RawRwLock {
+    pub(crate) fn rw(&self) -> &RawRwLock {
         &self.held.rw
-    }
-
-    /// A `sync::RwLock` writer got the lock at once: counts it on the lock's line; returns the
-    /// start of the hold if this one is timed.
-    #[inline(always)]
-    pub(crate) fn write_acquired(&self) -> Option<HoldStart> {
-        self.hold_numbered(bump_held(&self.held.writes[0]))
-    }
-
-    /// A `sync::RwLock` writer got the lock after waiting: counts it on the lock's line.
-    #[inline]
-    pub(crate) fn write_acquired_contended(&self) {
-        bump_held(&self.held.writes[1]);
-    }
-
-    /// A `sync::RwLock` writer releases (counted while it still holds the lock).
-    #[inline(always)]
-    pub(crate) fn write_released(&self) {
-        bump_held(&self.held.writes[2]);
     }
 
     /// The raw lock of a `sync::Mutex` recording here (unused by other locks).
@@ -408,9 +371,27 @@ impl Recorder {
         }
     }
 
+    /// A `sync::RwLock` reader or writer found the lock taken and waits: counts the conflict
+    /// now (a stuck waiter shows at once; the lock counts the hold that waited when it gets
+    /// it); returns whether the wait is in the timing sample.
+    #[cold]
+    pub(crate) fn waiting(&self, mode: LockMode) -> bool {
+        self.sampled(self.bump(shard::conflicts(mode.idx())))
+    }
+
+    /// A `sync::RwLock` reader starts waiting (after [`Self::waiting`]): the wait is measured
+    /// from here.
+    #[cold]
+    pub(crate) fn read_wait_start(&self, timed: bool) -> WaitStart {
+        WaitStart {
+            timed,
+            at: Ticks::now(),
+        }
+    }
+
     /// A `sync::RwLock` reader got the lock after waiting since `w`, the last holder having
-    /// acquired at `holder`: counts it and records the wait at once (other readers are not held
-    /// up by it); returns the start of the hold if the wait is timed.
+    /// acquired at `holder`: records the wait at once (other readers are not held up by it);
+    /// returns the start of the hold if the wait is timed.
     #[cold]
     #[inline(never)]
     pub(crate) fn read_acquired_contended(
@@ -420,7 +401,6 @@ impl Recorder {
         holder: Option<Site>,
     ) -> Option<HoldStart> {
         let now = Ticks::now();
-        self.bump(shard::acquisitions(LockMode::Shared.idx(), 1));
         self.wait_done(
             LockMode::Shared,
             site,

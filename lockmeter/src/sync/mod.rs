@@ -54,7 +54,6 @@
 //! the lock drops the guard during unwinding: the release is counted and, as with std, the lock
 //! is poisoned.
 
-use lock_api::RawRwLock as _;
 use std::cell::UnsafeCell;
 use std::fmt;
 use std::marker::PhantomData;
@@ -70,6 +69,7 @@ use crate::metrics::{Outcome, Recorder, Sink, Spec};
 use crate::profile::Site;
 
 pub(crate) mod raw;
+pub(crate) mod raw_rw;
 
 /// Default timing sample of the in-process wrappers (`sync`, `tokio`): 1 in this many
 /// acquisitions, plus the first after each metrics collection, records wait and hold times;
@@ -573,19 +573,21 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn read(&self) -> LockResult<RwLockReadGuard<'_, T>> {
         let site = Location::caller();
-        let since = if self.recorder.rw().try_lock_shared() {
-            self.recorder.acquired_uncontended(LockMode::Shared)
-        } else {
-            self.read_contended(site)
+        let since = match self.recorder.rw().try_read() {
+            Some(n) => self.recorder.hold_numbered(n),
+            None => self.read_contended(site),
         };
         self.read_guard(since, site)
     }
 
+    /// The lock was taken (or a writer waits): count the conflict, wait, measured from here,
+    /// and record the wait at once (the lock counts the hold that waited).
     #[cold]
     #[inline(never)]
     fn read_contended(&self, site: Site) -> Option<HoldStart> {
-        let w = self.recorder.contended_start(LockMode::Shared);
-        self.recorder.rw().lock_shared();
+        let timed = self.recorder.waiting(LockMode::Shared);
+        let w = self.recorder.read_wait_start(timed);
+        self.recorder.rw().read_slow(|| {});
         self.recorder
             .read_acquired_contended(w, site, self.state.site())
     }
@@ -595,8 +597,8 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn try_read(&self) -> TryLockResult<RwLockReadGuard<'_, T>> {
         let site = Location::caller();
-        if self.recorder.rw().try_lock_shared() {
-            Ok(self.read_guard(self.recorder.acquired_uncontended(LockMode::Shared), site)?)
+        if let Some(n) = self.recorder.rw().try_read() {
+            Ok(self.read_guard(self.recorder.hold_numbered(n), site)?)
         } else {
             Err(self.would_block(LockMode::Shared))
         }
@@ -622,25 +624,33 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn write(&self) -> LockResult<RwLockWriteGuard<'_, T>> {
         let site = Location::caller();
-        let since = if self.recorder.rw().try_lock_exclusive() {
-            self.recorder.write_acquired()
-        } else {
-            Some(self.write_contended())
+        let since = match self.recorder.rw().try_write() {
+            Some(n) => self.recorder.hold_numbered(n),
+            None => Some(self.write_contended()),
         };
         self.write_guard(since, site)
     }
 
-    /// The lock was taken: wait for it (the clock read before, outside anyone's critical
-    /// section), count the hold on the lock's line, and keep the wait and the site it waited
-    /// for for the release to record.
+    /// The lock was taken: wait for it, as `Mutex::lock` does (the conflict is counted now,
+    /// the hold that waited by the lock when it gets it; a wait in the timing sample is measured from here, any other from its first park, one
+    /// that only spun not at all), and keep a measured wait and the site it waited for for
+    /// the release to record.
     #[cold]
     #[inline(never)]
     fn write_contended(&self) -> HoldStart {
-        let w = self.recorder.contended_start(LockMode::Exclusive);
-        self.recorder.rw().lock_exclusive();
-        self.recorder.write_acquired_contended();
-        self.state.keep_wait(w.at(), self.state.site());
-        self.recorder.waited_hold(w.timed())
+        let raw = self.recorder.rw();
+        let timed = self.recorder.waiting(LockMode::Exclusive);
+        let mut start = timed.then(Ticks::now);
+        raw.write_slow(|| {
+            start.get_or_insert_with(Ticks::now);
+        });
+        match start {
+            Some(start) => {
+                self.state.keep_wait(start, self.state.site());
+                self.recorder.waited_hold(timed)
+            }
+            None => HoldStart::contended_unmeasured(),
+        }
     }
 
     /// Exclusive access without blocking.
@@ -648,8 +658,8 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn try_write(&self) -> TryLockResult<RwLockWriteGuard<'_, T>> {
         let site = Location::caller();
-        if self.recorder.rw().try_lock_exclusive() {
-            Ok(self.write_guard(self.recorder.write_acquired(), site)?)
+        if let Some(n) = self.recorder.rw().try_write() {
+            Ok(self.write_guard(self.recorder.hold_numbered(n), site)?)
         } else {
             Err(self.would_block(LockMode::Exclusive))
         }
@@ -679,13 +689,12 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("RwLock");
         d.field("name", &self.recorder.name());
-        // Looked at under a shared hold, as std's `Debug` does (not counted).
+        // Looked at under a shared hold, as std's `Debug` does (a real, counted hold).
         let raw = self.recorder.rw();
-        if raw.try_lock_shared() {
+        if raw.try_read().is_some() {
             // SAFETY: held shared until the unlock below.
             d.field("data", &unsafe { &*self.inner.get() });
-            // SAFETY: taken just above.
-            unsafe { raw.unlock_shared() };
+            raw.unlock_read();
         } else {
             d.field("data", &format_args!("<locked>"));
         }
@@ -710,10 +719,8 @@ impl<T: ?Sized> Drop for RwLockReadGuard<'_, T> {
     #[inline(always)]
     fn drop(&mut self) {
         let lock = self.lock;
-        // Counted while still held, so `lock.held` never over-reports.
-        lock.recorder.count_release(LockMode::Shared);
-        // SAFETY: this guard holds a shared lock, released once, here.
-        unsafe { lock.recorder.rw().unlock_shared() };
+        // One atomic add that counts the hold and releases it.
+        lock.recorder.rw().unlock_read();
         if let Some(since) = self.since {
             read_hold_done(&lock.recorder, &lock.state, since);
         }
@@ -747,20 +754,21 @@ impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
     fn drop(&mut self) {
         let lock = self.lock;
         if let Some(since) = self.since {
-            let recorder = &lock.recorder;
-            exclusive_release_rare(recorder, &lock.state, since, self.poisons, || {
-                recorder.write_released();
-                // SAFETY: called once, from this guard's drop; it holds the lock exclusively.
-                unsafe { recorder.rw().unlock_exclusive() };
+            let raw = lock.recorder.rw();
+            exclusive_release_rare(&lock.recorder, &lock.state, since, self.poisons, || {
+                if since.contended() {
+                    raw.unlock_write_waited();
+                } else {
+                    raw.unlock_write();
+                }
             });
             return;
         }
-        lock.recorder.write_released();
         if self.poisons && std::thread::panicking() {
             lock.state.poisoned.store(true, Relaxed);
         }
-        // SAFETY: this guard holds the lock exclusively, released once, here.
-        unsafe { lock.recorder.rw().unlock_exclusive() };
+        // One atomic add that counts the hold and releases it.
+        lock.recorder.rw().unlock_write();
     }
 }
 

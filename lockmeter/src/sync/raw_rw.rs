@@ -1,0 +1,558 @@
+//! The raw lock under [`super::RwLock`]: one word that is the lock and also counts its holds,
+//! as [`super::raw::RawMutex`] does for the `Mutex`. A reader takes the lock with one
+//! compare-and-swap and releases it with one atomic add that also counts the hold; a writer
+//! the same. Nothing else is written inside a critical section, so waiters spinning on the
+//! word never make the holder miss its cache line twice.
+//!
+//! The word, from bit 0: `WRITER` (held exclusively), `PARKED` (someone may be parked),
+//! `WRITER_WAITING` (a writer is parked, or was woken and is retrying: new readers stay out,
+//! so a stream of readers cannot starve writers), `WAITED` (the current exclusive hold
+//! waited), `BUSY` (a writer that waited is moving its hold into [`RawRwLock::waited`]);
+//! then the number of readers holding it (14 bits), and three counters of 15 bits: completed
+//! shared holds, completed exclusive holds, and shared holds that waited (counted by the same
+//! compare-and-swap that takes the hold, so the two shared counts are always read together). A
+//! counter that reaches half its range is moved into a 64-bit base by the operation that got
+//! it there, so the fields never overflow and the counts stay exact.
+//!
+//! Waiters spin a little, then park in `parking_lot_core`'s parking lot, keyed by the lock's
+//! address. A release that finds someone parked wakes one parked writer if there is one,
+//! otherwise every parked reader. Writers may take a free lock ahead of a woken waiter
+//! (unfair, as std's futex locks are); readers may not while a writer waits.
+
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use parking_lot_core::{FilterOp, ParkToken, SpinWait, UnparkResult, DEFAULT_UNPARK_TOKEN};
+
+const WRITER: u64 = 1;
+const PARKED: u64 = 1 << 1;
+const WRITER_WAITING: u64 = 1 << 2;
+const WAITED: u64 = 1 << 3;
+const BUSY: u64 = 1 << 4;
+
+const READERS_SHIFT: u32 = 5;
+const READER_BITS: u32 = 14;
+const ONE_READER: u64 = 1 << READERS_SHIFT;
+const READERS_MASK: u64 = ((1 << READER_BITS) - 1) << READERS_SHIFT;
+/// Readers beyond this many at once wait for one to leave.
+const MAX_READERS: u64 = (1 << READER_BITS) - 1;
+
+const FIELD_BITS: u32 = 15;
+const FIELD_MASK: u64 = (1 << FIELD_BITS) - 1;
+/// The counters' positions: completed shared holds, completed exclusive holds, shared holds
+/// that waited (also the index of each one's base).
+const SHARED_DONE: usize = 0;
+const EXCL_DONE: usize = 1;
+const READ_WAITED: usize = 2;
+const FIELD_SHIFT: [u32; 3] = [
+    READERS_SHIFT + READER_BITS,
+    READERS_SHIFT + READER_BITS + FIELD_BITS,
+    READERS_SHIFT + READER_BITS + 2 * FIELD_BITS,
+];
+const ONE_SHARED_DONE: u64 = 1 << FIELD_SHIFT[SHARED_DONE];
+const ONE_EXCL_DONE: u64 = 1 << FIELD_SHIFT[EXCL_DONE];
+const ONE_READ_WAITED: u64 = 1 << FIELD_SHIFT[READ_WAITED];
+/// A counter that reaches this is moved into its base.
+const HALF: u64 = 1 << (FIELD_BITS - 1);
+
+const _: () = assert!(FIELD_SHIFT[READ_WAITED] + FIELD_BITS == 64);
+
+const READER_TOKEN: ParkToken = ParkToken(0);
+const WRITER_TOKEN: ParkToken = ParkToken(1);
+
+/// See the [module docs](self). Lives at a fixed address (in the lock's recorder, on the
+/// heap) so that the metrics collection can read its counts and the parking lot can key on it.
+#[derive(Debug, Default)]
+pub(crate) struct RawRwLock {
+    word: AtomicU64,
+    /// Completed exclusive holds that waited; written only by such a holder, before it unlocks.
+    waited: AtomicU64,
+    /// The counters' values moved out of the word.
+    base: [AtomicU64; 3],
+    /// Moves into `base` in progress, and moves completed: readers of the counts retry while
+    /// either says one overlapped their reads.
+    moving: AtomicU32,
+    moved: AtomicU32,
+}
+
+/// What the word says, read consistently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RwCounts {
+    /// Shared holds begun (completed ones and the current ones).
+    pub(crate) shared: u64,
+    /// Exclusive holds begun.
+    pub(crate) exclusive: u64,
+    /// Of those, exclusive holds that had to wait.
+    pub(crate) exclusive_waited: u64,
+    /// Shared holds that had to wait.
+    pub(crate) shared_waited: u64,
+    /// Readers holding it now.
+    pub(crate) readers: u64,
+    /// Whether a writer holds it now.
+    pub(crate) writer: bool,
+}
+
+#[inline(always)]
+fn readers(s: u64) -> u64 {
+    (s & READERS_MASK) >> READERS_SHIFT
+}
+
+#[inline(always)]
+fn field(s: u64, i: usize) -> u64 {
+    (s >> FIELD_SHIFT[i]) & FIELD_MASK
+}
+
+impl RawRwLock {
+    /// Takes a shared hold if no writer holds or waits for the lock; returns a number for
+    /// the timing sample (the completed shared holds, as the hold found them: readers at the
+    /// same moment may draw the same one).
+    #[inline(always)]
+    pub(crate) fn try_read(&self) -> Option<u64> {
+        let mut s = self.word.load(Relaxed);
+        loop {
+            if s & (WRITER | WRITER_WAITING) != 0 || readers(s) == MAX_READERS {
+                return None;
+            }
+            match self
+                .word
+                .compare_exchange_weak(s, s + ONE_READER, Acquire, Relaxed)
+            {
+                Ok(_) => return Some(field(s, SHARED_DONE)),
+                Err(now) => s = now,
+            }
+        }
+    }
+
+    /// Blocks until a shared hold is taken (after [`Self::try_read`] failed): spins a little,
+    /// then parks until a release wakes it. `before_park` runs before each park. The hold is
+    /// counted as one that waited by the compare-and-swap that takes it.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn read_slow(&self, mut before_park: impl FnMut()) {
+        let mut spin = SpinWait::new();
+        let mut s = self.word.load(Relaxed);
+        loop {
+            if s & (WRITER | WRITER_WAITING) == 0 && readers(s) < MAX_READERS {
+                match self.word.compare_exchange_weak(
+                    s,
+                    s + ONE_READER + ONE_READ_WAITED,
+                    Acquire,
+                    Relaxed,
+                ) {
+                    Ok(_) => {
+                        if field(s, READ_WAITED) == HALF - 1 {
+                            self.move_field(READ_WAITED);
+                        }
+                        return;
+                    }
+                    Err(now) => s = now,
+                }
+                continue;
+            }
+            if s & PARKED == 0 && spin.spin() {
+                s = self.word.load(Relaxed);
+                continue;
+            }
+            if s & PARKED == 0 {
+                if let Err(now) = self
+                    .word
+                    .compare_exchange_weak(s, s | PARKED, Relaxed, Relaxed)
+                {
+                    s = now;
+                    continue;
+                }
+            }
+            before_park();
+            self.park(READER_TOKEN, |s| {
+                s & (WRITER | WRITER_WAITING) != 0 && s & PARKED != 0
+            });
+            spin.reset();
+            s = self.word.load(Relaxed);
+        }
+    }
+
+    /// Releases a shared hold: one atomic add that counts it and drops the reader.
+    #[inline(always)]
+    pub(crate) fn unlock_read(&self) {
+        let old = self
+            .word
+            .fetch_add(ONE_SHARED_DONE.wrapping_sub(ONE_READER), Release);
+        if field(old, SHARED_DONE) == HALF - 1 {
+            self.move_field(SHARED_DONE);
+        }
+        if readers(old) == 1 && old & (PARKED | WRITER_WAITING) != 0 {
+            self.wake();
+        }
+    }
+
+    /// Takes the lock exclusively if nobody holds it; returns the number of exclusive holds
+    /// completed before this one.
+    #[inline(always)]
+    pub(crate) fn try_write(&self) -> Option<u64> {
+        // One `lock bts`: only the writer bit of the old value is looked at (a compare-and-swap
+        // loop if the whole value were). Readers that hold it are then seen on the line this
+        // core owns, and none can join meanwhile; if there are any, the bit is given back.
+        if self.word.fetch_or(WRITER, Acquire) & WRITER != 0 {
+            return None;
+        }
+        let s = self.word.load(Relaxed);
+        if s & READERS_MASK != 0 {
+            self.untake_write();
+            return None;
+        }
+        Some(field(s, EXCL_DONE))
+    }
+
+    /// A [`Self::try_write`] that set the writer bit while readers held the lock gives it
+    /// back; a reader that parked meanwhile (it saw the bit) is woken.
+    #[cold]
+    #[inline(never)]
+    fn untake_write(&self) {
+        let old = self.word.fetch_and(!WRITER, Release);
+        if old & PARKED != 0 {
+            self.wake();
+        }
+    }
+
+    /// Blocks until the lock is taken exclusively (after [`Self::try_write`] failed). The
+    /// hold is marked as one that waited: release it with [`Self::unlock_write_waited`].
+    /// `before_park` runs before each park (a wait that only spun never calls it).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn write_slow(&self, mut before_park: impl FnMut()) {
+        let mut spin = SpinWait::new();
+        let mut s = self.word.load(Relaxed);
+        loop {
+            if s & (WRITER | READERS_MASK) == 0 {
+                // Taken: readers are kept out by `WRITER` now, and a writer still parked is
+                // woken by this one's release (which sets `WRITER_WAITING` again then).
+                let next = (s | WRITER | WAITED) & !WRITER_WAITING;
+                match self.word.compare_exchange_weak(s, next, Acquire, Relaxed) {
+                    Ok(_) => return,
+                    Err(now) => s = now,
+                }
+                continue;
+            }
+            if s & PARKED == 0 && spin.spin() {
+                s = self.word.load(Relaxed);
+                continue;
+            }
+            if s & (PARKED | WRITER_WAITING) != PARKED | WRITER_WAITING {
+                if let Err(now) = self.word.compare_exchange_weak(
+                    s,
+                    s | PARKED | WRITER_WAITING,
+                    Relaxed,
+                    Relaxed,
+                ) {
+                    s = now;
+                    continue;
+                }
+            }
+            before_park();
+            self.park(WRITER_TOKEN, |s| {
+                s & (WRITER | READERS_MASK) != 0 && s & PARKED != 0
+            });
+            spin.reset();
+            s = self.word.load(Relaxed);
+        }
+    }
+
+    /// Releases an exclusive hold taken by [`Self::try_write`]: one atomic add that counts
+    /// it and unlocks.
+    #[inline(always)]
+    pub(crate) fn unlock_write(&self) {
+        let old = self
+            .word
+            .fetch_add(ONE_EXCL_DONE.wrapping_sub(WRITER), Release);
+        self.after_write_release(old);
+    }
+
+    /// Releases an exclusive hold taken by [`Self::write_slow`]: counts it as one that waited,
+    /// then unlocks (readers of [`Self::counts`] retry while the two are out of step).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn unlock_write_waited(&self) {
+        self.word.fetch_or(BUSY, Relaxed);
+        // Only this holder writes it: a plain increment, published before the unlock.
+        self.waited
+            .store(self.waited.load(Relaxed).wrapping_add(1), Release);
+        let old = self
+            .word
+            .fetch_add(ONE_EXCL_DONE.wrapping_sub(WRITER | WAITED | BUSY), Release);
+        self.after_write_release(old);
+    }
+
+    #[inline(always)]
+    fn after_write_release(&self, old: u64) {
+        if field(old, EXCL_DONE) == HALF - 1 {
+            self.move_field(EXCL_DONE);
+        }
+        if old & (PARKED | WRITER_WAITING) != 0 {
+            self.wake();
+        }
+    }
+
+    /// Moves `HALF` from counter `i` in the word into `base[i]`; done by the operation that
+    /// brought the counter to `HALF` (once per half range).
+    #[cold]
+    #[inline(never)]
+    fn move_field(&self, i: usize) {
+        self.moving.fetch_add(1, SeqCst);
+        self.base[i].fetch_add(HALF, SeqCst);
+        self.word.fetch_sub(HALF << FIELD_SHIFT[i], SeqCst);
+        self.moved.fetch_add(1, SeqCst);
+        self.moving.fetch_sub(1, SeqCst);
+    }
+
+    fn park(&self, token: ParkToken, blocked: impl Fn(u64) -> bool) {
+        // SAFETY: the key is this lock's address, which no other parking lot user keys on
+        // (the lock lives in its own heap allocation); `validate` and the callbacks neither
+        // panic nor call into the parking lot.
+        unsafe {
+            parking_lot_core::park(
+                self.key(),
+                || blocked(self.word.load(Relaxed)),
+                || {},
+                |_, _| {},
+                token,
+                None,
+            );
+        }
+    }
+
+    /// Someone is parked (or a writer waits) and the lock was just freed: wakes one parked
+    /// writer if there is one (readers stay out: `WRITER_WAITING` stays set), otherwise every
+    /// parked reader (and clears the bits no parked thread needs any more).
+    #[cold]
+    #[inline(never)]
+    fn wake(&self) {
+        let mut writer = false;
+        // SAFETY: as in `park`; the callbacks run under the parking lot's bucket lock and only
+        // touch the word.
+        let r = unsafe {
+            parking_lot_core::unpark_filter(
+                self.key(),
+                |t| {
+                    if t == WRITER_TOKEN && !writer {
+                        writer = true;
+                        FilterOp::Unpark
+                    } else if writer {
+                        FilterOp::Stop
+                    } else {
+                        FilterOp::Skip
+                    }
+                },
+                |r: UnparkResult| {
+                    if r.unparked_threads > 0 {
+                        // A writer was woken: readers stay out until it has had its turn.
+                        if !r.have_more_threads {
+                            self.word.fetch_and(!PARKED, Relaxed);
+                        }
+                        self.word.fetch_or(WRITER_WAITING, Relaxed);
+                    }
+                    DEFAULT_UNPARK_TOKEN
+                },
+            )
+        };
+        if r.unparked_threads > 0 {
+            return;
+        }
+        // No writer parked: every parked reader goes.
+        // SAFETY: as above.
+        unsafe {
+            parking_lot_core::unpark_filter(
+                self.key(),
+                |t| {
+                    if t == READER_TOKEN {
+                        FilterOp::Unpark
+                    } else {
+                        FilterOp::Skip
+                    }
+                },
+                |r: UnparkResult| {
+                    if !r.have_more_threads {
+                        self.word.fetch_and(!(PARKED | WRITER_WAITING), Relaxed);
+                    }
+                    DEFAULT_UNPARK_TOKEN
+                },
+            );
+        }
+    }
+
+    fn key(&self) -> usize {
+        std::ptr::from_ref(self).addr()
+    }
+
+    /// The counts, read consistently: retried while a writer that waited is between counting
+    /// its hold and unlocking, or while completed holds move out of the word.
+    pub(crate) fn counts(&self) -> RwCounts {
+        loop {
+            let moved = self.moved.load(SeqCst);
+            if self.moving.load(SeqCst) != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let w1 = self.waited.load(SeqCst);
+            let base = [0, 1, 2].map(|i| self.base[i].load(SeqCst));
+            let s = self.word.load(SeqCst);
+            let w2 = self.waited.load(SeqCst);
+            if w1 != w2
+                || s & BUSY != 0
+                || self.moving.load(SeqCst) != 0
+                || self.moved.load(SeqCst) != moved
+            {
+                std::hint::spin_loop();
+                continue;
+            }
+            let r = readers(s);
+            // The writer bit beside readers is a failed `try_write` about to give it back.
+            let writer = s & WRITER != 0 && r == 0;
+            let count = |i: usize| base[i].wrapping_add(field(s, i));
+            return RwCounts {
+                shared: count(SHARED_DONE).wrapping_add(r),
+                exclusive: count(EXCL_DONE).wrapping_add(u64::from(writer)),
+                exclusive_waited: w1.wrapping_add(u64::from(s & WAITED != 0)),
+                shared_waited: count(READ_WAITED),
+                readers: r,
+                writer,
+            };
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    #[test]
+    fn counts_follow_shared_and_exclusive_holds() {
+        let l = RawRwLock::default();
+        assert!(l.try_read().is_some() && l.try_read().is_some());
+        assert!(l.try_write().is_none());
+        let c = l.counts();
+        assert_eq!(
+            (c.shared, c.readers, c.exclusive, c.writer),
+            (2, 2, 0, false)
+        );
+        l.unlock_read();
+        l.unlock_read();
+        assert_eq!(l.try_write(), Some(0));
+        assert!(l.try_read().is_none() && l.try_write().is_none());
+        l.unlock_write();
+        l.write_slow(|| {});
+        let c = l.counts();
+        assert_eq!(
+            (
+                c.shared,
+                c.readers,
+                c.exclusive,
+                c.exclusive_waited,
+                c.writer
+            ),
+            (2, 0, 2, 1, true)
+        );
+        l.unlock_write_waited();
+        let c = l.counts();
+        assert_eq!((c.exclusive, c.exclusive_waited, c.writer), (2, 1, false));
+        l.read_slow(|| {});
+        let c = l.counts();
+        assert_eq!((c.shared, c.shared_waited, c.readers), (3, 1, 1));
+        l.unlock_read();
+    }
+
+    /// More than a field's range of holds: the counts stay exact across the moves into the
+    /// bases.
+    #[test]
+    fn counts_stay_exact_past_the_fields_range() {
+        let l = RawRwLock::default();
+        let n = (1u64 << FIELD_BITS) * 2 + 7;
+        for _ in 0..n {
+            assert!(l.try_read().is_some());
+            l.unlock_read();
+            l.read_slow(|| {});
+            l.unlock_read();
+            assert!(l.try_write().is_some());
+            l.unlock_write();
+        }
+        let c = l.counts();
+        assert_eq!((c.shared, c.shared_waited, c.exclusive), (2 * n, n, n));
+    }
+
+    /// Writers and readers on four threads, some made to wait: writers exclude everyone,
+    /// readers exclude writers, and every hold is counted.
+    #[test]
+    fn threads_exclude_each_other_and_are_counted() {
+        struct Shared {
+            l: RawRwLock,
+            value: std::cell::UnsafeCell<u64>,
+            writing: AtomicBool,
+        }
+        // SAFETY: `value` is written only under an exclusive hold, read under a shared one.
+        unsafe impl Sync for Shared {}
+        let s = Arc::new(Shared {
+            l: RawRwLock::default(),
+            value: std::cell::UnsafeCell::new(0),
+            writing: AtomicBool::new(false),
+        });
+        let per = 20_000u64;
+        let waited = Arc::new(AtomicU64::new(0));
+        let waited_reads = Arc::new(AtomicU64::new(0));
+        let ts: Vec<_> = (0..4)
+            .map(|t| {
+                let (s, waited, waited_reads) = (
+                    Arc::clone(&s),
+                    Arc::clone(&waited),
+                    Arc::clone(&waited_reads),
+                );
+                std::thread::spawn(move || {
+                    for i in 0..per {
+                        if (i + t) % 3 == 0 {
+                            let w = if s.l.try_write().is_some() {
+                                false
+                            } else {
+                                s.l.write_slow(|| {});
+                                true
+                            };
+                            assert!(!s.writing.swap(true, Relaxed));
+                            // SAFETY: held exclusively.
+                            unsafe { *s.value.get() += 1 };
+                            s.writing.store(false, Relaxed);
+                            if w {
+                                waited.fetch_add(1, Relaxed);
+                                s.l.unlock_write_waited();
+                            } else {
+                                s.l.unlock_write();
+                            }
+                        } else {
+                            if s.l.try_read().is_none() {
+                                waited_reads.fetch_add(1, Relaxed);
+                                s.l.read_slow(|| {});
+                            }
+                            assert!(!s.writing.load(Relaxed));
+                            // SAFETY: held shared.
+                            let _ = unsafe { *s.value.get() };
+                            s.l.unlock_read();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in ts {
+            t.join().unwrap();
+        }
+        let writes: u64 = (0..4u64)
+            .map(|t| (0..per).filter(|i| (i + t) % 3 == 0).count() as u64)
+            .sum();
+        // SAFETY: all threads joined.
+        assert_eq!(unsafe { *s.value.get() }, writes);
+        let c = s.l.counts();
+        assert_eq!(c.exclusive, writes);
+        assert_eq!(c.shared, 4 * per - writes);
+        assert_eq!(c.exclusive_waited, waited.load(Relaxed));
+        assert_eq!(c.shared_waited, waited_reads.load(Relaxed));
+        assert_eq!((c.readers, c.writer), (0, false));
+    }
+}
