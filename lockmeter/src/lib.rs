@@ -34,7 +34,8 @@
 //!
 //! - [`sync::Mutex`] / [`sync::RwLock`] and (feature `tokio`) `tokio::Mutex` / `tokio::RwLock`:
 //!   drop-ins for the std and tokio locks, same API, same schema (`lock.kind = mutex`, ...);
-//!   the `sync` ones keep std's poisoning on `parking_lot`'s faster lock.
+//!   the `sync` ones keep std's poisoning on lockmeter's own raw locks, whose words count their
+//!   holds.
 //! - [`LockMeter`]: the schema for any other lock call (a `parking_lot` lock, Redis `SET NX`,
 //!   an advisory lock), through an [`Attempt`] and a [`Hold`].
 //! - [`fs`]: where a lock file lives and whether locks there exclude host-wide, across

@@ -469,8 +469,8 @@ fn a_handed_off_hold_counts_the_acquisition_but_no_hold_time() {
     );
 }
 
-/// Writers counted on the lock's own line (while they hold it) and readers in thread shards:
-/// with four writers and two readers racing, every acquisition and every conflict is counted.
+/// Holds counted by the lock's word, conflicts in thread shards when the waits begin: with four
+/// writers and two readers racing, every acquisition and every conflict is counted.
 #[test]
 fn racing_writers_and_readers_on_an_rwlock_are_counted_exactly() {
     let rec = Recorder::new();

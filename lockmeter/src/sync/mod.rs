@@ -11,19 +11,20 @@
 //! assert_eq!(cache.lock().unwrap().len(), 1);
 //! ```
 //!
-//! The locks underneath: `Mutex` sits on lockmeter's own raw lock (`sync/raw.rs` in the
-//! source: one 64-bit word that is the lock and also counts its holds, with waiters parked in
-//! `parking_lot_core`'s parking lot, the one `parking_lot`'s locks use); `RwLock` sits on
-//! `parking_lot::RwLock`. std's cannot be built on: it offers no way to wait for a lock found
-//! taken without another compare-and-swap. What you see is std's: `lock`/`try_lock`/`read`/
+//! The locks underneath are lockmeter's own raw locks (`sync/raw.rs` and `sync/raw_rw.rs` in
+//! the source): each one 64-bit word that is the lock and also counts its holds (an `RwLock`'s
+//! word also counts its readers and the shared holds that waited), with waiters parked in
+//! `parking_lot_core`'s parking lot, the one `parking_lot`'s locks use. std's cannot be built
+//! on: it offers no way to wait for a lock found taken without another compare-and-swap. What you see is std's: `lock`/`try_lock`/`read`/
 //! `write` return `LockResult`/`TryLockResult`, a panic while holding a `Mutex` or a `RwLock`
 //! write guard poisons the lock, `is_poisoned`/`clear_poison`/`into_inner`/`get_mut` behave as
 //! std's, and `Send`/`Sync` bounds are std's. What differs: waiters spin with back-off before
 //! parking. `Mutex` is unfair as std's futex mutex is (a released lock goes to whichever
-//! thread takes it first, the woken waiter or a newcomer); `RwLock` is parking_lot's,
-//! *eventually fair* (about every 0.5 ms a release hands the lock to a waiter). As with std, a
-//! thread that locks a mutex it already holds deadlocks, and a recursive `read` may deadlock if
-//! a writer is waiting.
+//! thread takes it first, the woken waiter or a newcomer); `RwLock` prefers writers: while a
+//! writer is parked, new readers wait, and a release wakes a parked writer before any parked
+//! reader (writers may still take a free lock ahead of a woken one). As with std, a thread
+//! that locks a mutex it already holds deadlocks, and a recursive `read` may deadlock if a
+//! writer is waiting.
 //!
 //! Cost model. `Mutex`, uncontended: the lock word's own atomic operations (one `lock bts` to
 //! take it, one atomic add to count the hold and release it), a load of the sampling mask, and
@@ -32,9 +33,11 @@
 //! marked on the word when the lock is taken; a wait in the timing sample is measured from its
 //! start, any other from its first park (a wait that only spun, a few microseconds at most,
 //! reads no clock); everything else (the profile, a slow-wait event, histograms) is done by the
-//! guard after the release, outside the critical section. `RwLock`: the lock's try, then a
-//! plain load and store into this thread's shard of the lock's counters (see
-//! [`crate::metrics`]); a try found taken is followed by parking_lot's blocking acquire.
+//! guard after the release, outside the critical section. `RwLock`: the same for writers
+//! (one `lock bts`, one atomic add); a reader takes it with one compare-and-swap and releases
+//! it with one atomic add that counts the hold; a reader that finds it taken counts the
+//! conflict in this thread's shard of the lock's counters (see [`crate::metrics`]) and is
+//! timed from there.
 //! Timing (two clock reads and two histogram records) is done for 1 in `sample_every`
 //! acquisitions (default 64, a power of two; [`MutexBuilder::sample_every`]) plus the first
 //! after each metrics collection, chosen without regard to durations, among uncontended and
@@ -528,7 +531,7 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
 // ---- RwLock -------------------------------------------------------------------------------
 
 /// An instrumented reader-writer lock with `std::sync::RwLock`'s API and poisoning (on
-/// parking_lot's raw lock, see the [module docs](self)): `read` is `lock.mode = shared`,
+/// lockmeter's own raw lock, see the [module docs](self)): `read` is `lock.mode = shared`,
 /// `write` exclusive. `Send`/`Sync` exactly when std's is.
 pub struct RwLock<T: ?Sized> {
     /// Holds the raw lock, beside the writers' counts (the collection reads them there).

@@ -463,6 +463,58 @@ mod tests {
         l.unlock_read();
     }
 
+    /// Waits until `flag` is set (a thread is about to park), failing after 10 s.
+    fn until(flag: &AtomicBool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !flag.load(Relaxed) {
+            assert!(std::time::Instant::now() < deadline, "never parked");
+            std::thread::yield_now();
+        }
+    }
+
+    /// A writer that parks behind a reader keeps new readers out and is woken by the last
+    /// reader's release; readers parked behind a writer are woken by its release.
+    #[test]
+    fn parked_waiters_are_woken_and_a_waiting_writer_keeps_readers_out() {
+        let l = Arc::new(RawRwLock::default());
+        assert!(l.try_read().is_some());
+        let parked = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (l, parked) = (Arc::clone(&l), Arc::clone(&parked));
+            std::thread::spawn(move || {
+                assert!(l.try_write().is_none(), "a reader holds it");
+                l.write_slow(|| parked.store(true, Relaxed));
+                l.unlock_write_waited();
+            })
+        };
+        until(&parked);
+        assert!(
+            l.try_read().is_none(),
+            "a parked writer keeps new readers out"
+        );
+        l.unlock_read();
+        writer.join().unwrap();
+
+        assert!(l.try_write().is_some());
+        let parked = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (l, parked) = (Arc::clone(&l), Arc::clone(&parked));
+            std::thread::spawn(move || {
+                l.read_slow(|| parked.store(true, Relaxed));
+                l.unlock_read();
+            })
+        };
+        until(&parked);
+        l.unlock_write();
+        reader.join().unwrap();
+        let c = l.counts();
+        assert_eq!(
+            (c.shared, c.shared_waited, c.exclusive, c.exclusive_waited),
+            (2, 1, 2, 1)
+        );
+        assert_eq!((c.readers, c.writer), (0, false));
+    }
+
     /// More than a field's range of holds: the counts stay exact across the moves into the
     /// bases.
     #[test]
@@ -497,17 +549,20 @@ mod tests {
             value: std::cell::UnsafeCell::new(0),
             writing: AtomicBool::new(false),
         });
-        let per = 20_000u64;
+        let per = 200_000u64;
+        let start = Arc::new(std::sync::Barrier::new(4));
         let waited = Arc::new(AtomicU64::new(0));
         let waited_reads = Arc::new(AtomicU64::new(0));
         let ts: Vec<_> = (0..4)
             .map(|t| {
-                let (s, waited, waited_reads) = (
+                let (s, waited, waited_reads, start) = (
                     Arc::clone(&s),
                     Arc::clone(&waited),
                     Arc::clone(&waited_reads),
+                    Arc::clone(&start),
                 );
                 std::thread::spawn(move || {
+                    start.wait();
                     for i in 0..per {
                         if (i + t) % 3 == 0 {
                             let w = if s.l.try_write().is_some() {
