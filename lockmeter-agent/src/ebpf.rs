@@ -108,7 +108,13 @@ impl TracepointSource {
             .set_max_entries("events", ring_bytes)
             .set_max_entries("flushers", u32::try_from(cpus).unwrap_or(u32::MAX))
             .load(OBJECT)
-            .map_err(|e| bpf_err("loading the BPF object", e))?;
+            .map_err(|e| {
+                bpf_err(
+                    "loading the BPF object (needs root, or CAP_BPF and CAP_PERFMON, and a \
+                     kernel with BTF and BPF timers, 5.15 or later)",
+                    e,
+                )
+            })?;
         for name in TRACEPOINTS {
             let prog: &mut BtfTracePoint = bpf
                 .program_mut(name)
