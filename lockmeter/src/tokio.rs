@@ -90,7 +90,7 @@ where
     };
     let g = wait.await;
     waiting.done = true;
-    let (since, secs) = recorder.contended_acquired(mode, start);
+    let (since, end) = recorder.contended_acquired(mode, start);
     let waited_for = holder.get();
     holder.acquired_at(site);
     (
@@ -100,7 +100,7 @@ where
             mode,
             since,
             site,
-            waited: Some((secs, waited_for, start.timed())),
+            waited: Some((start, end, waited_for)),
         },
     )
 }

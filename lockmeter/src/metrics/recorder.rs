@@ -129,6 +129,12 @@ pub(crate) struct WaitStart {
 }
 
 impl WaitStart {
+    /// Seconds from the start of the wait to `end`.
+    #[inline]
+    pub(crate) fn secs_until(self, end: Ticks) -> f64 {
+        self.at.secs_until(end)
+    }
+
     /// Whether the wait is in the timing sample.
     #[inline]
     pub(crate) fn timed(self) -> bool {
@@ -470,23 +476,20 @@ impl Recorder {
         }
     }
 
-    /// The contended acquire ([`Self::contended_start`]) got the lock: counts it, reads the
-    /// clock; returns the start of the hold if the wait is timed, and the wait in seconds (for
-    /// the guard to record after its release, [`Self::wait_done`]).
+    /// The contended acquire ([`Self::contended_start`]) got the lock: counts it and reads
+    /// the clock, nothing more inside the critical section; returns the start of the hold if
+    /// the wait is timed, and the wait's end (for the guard to turn into seconds and record
+    /// after its release, [`Self::wait_done`]).
     #[cfg(feature = "tokio")]
-    #[cold]
-    #[inline(never)]
+    #[inline]
     pub(crate) fn contended_acquired(
         &self,
         mode: LockMode,
         w: WaitStart,
-    ) -> (Option<HoldStart>, f64) {
+    ) -> (Option<HoldStart>, Ticks) {
         self.bump(shard::acquisitions(mode.idx(), 1));
         let now = Ticks::now();
-        (
-            w.timed.then(|| HoldStart::new(now, true)),
-            w.at.secs_until(now),
-        )
+        (w.timed.then(|| HoldStart::new(now, true)), now)
     }
 
     /// A waiter got the lock: no longer waiting; where the holder that released it acquired.

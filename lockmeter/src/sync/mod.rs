@@ -172,9 +172,10 @@ pub(crate) struct Hold<'a> {
     pub(crate) since: Option<HoldStart>,
     /// Where it was acquired.
     pub(crate) site: Site,
-    /// The wait before it, if it had to wait: seconds, the site of the hold it waited for, and
-    /// whether the wait is timed; recorded after the release.
-    pub(crate) waited: Option<(f64, Option<Site>, bool)>,
+    /// The wait before it, if it had to wait: its start (and whether it is timed), its end,
+    /// and the site of the hold it waited for; turned into seconds and recorded after the
+    /// release.
+    pub(crate) waited: Option<(crate::metrics::WaitStart, Ticks, Option<Site>)>,
 }
 
 #[cfg(feature = "tokio")]
@@ -189,9 +190,10 @@ impl Hold<'_> {
     /// the hold if timed, outside the critical section.
     #[inline]
     pub(crate) fn released(&self) {
-        if let Some((secs, holder, timed)) = self.waited {
+        if let Some((start, end, holder)) = self.waited {
+            let secs = start.secs_until(end);
             self.recorder
-                .wait_done(self.mode, self.site, holder, secs, timed);
+                .wait_done(self.mode, self.site, holder, secs, start.timed());
         }
         if let Some(t) = self.since {
             self.recorder.hold_done(self.mode, t, Some(self.site));
