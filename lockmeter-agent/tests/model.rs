@@ -185,9 +185,8 @@ fn release(kind: Kind, owner: u64, at: u64) -> Event {
     }
 }
 
-#[test]
-fn tracepoint_events_become_exact_waits_holds_and_conflicts() {
-    let rec = Recorder::new();
+/// A tracepoint model recording into `rec` that knows inode 7 as `/tmp/x.lock`.
+fn model_with_x_lock(rec: &Recorder) -> TraceModel {
     let metrics = Arc::new(AgentMetrics::new(&rec.meter()));
     let mut m = TraceModel::new(metrics, LabelRules::default(), 100, "/proc");
     m.apply(&Event::Name(NameEvent {
@@ -198,6 +197,13 @@ fn tracepoint_events_become_exact_waits_holds_and_conflicts() {
         gen: 0,
         tgid: u32::MAX,
     }));
+    m
+}
+
+#[test]
+fn tracepoint_events_become_exact_waits_holds_and_conflicts() {
+    let rec = Recorder::new();
+    let mut m = model_with_x_lock(&rec);
     let ms = 1_000_000;
     // Two uncontended cycles by owner A; a would-block attempt by B; B waits 5 ms and gets it.
     m.apply(&call(Kind::Flock, 1, 0xA, 0, 1000, 0, 0));
@@ -272,16 +278,7 @@ fn batch(cpu: u32, gen: u64, events: &[Event]) -> Vec<u8> {
 #[test]
 fn batches_from_several_cpus_are_merged_in_time_order_once() {
     let rec = Recorder::new();
-    let metrics = Arc::new(AgentMetrics::new(&rec.meter()));
-    let mut m = TraceModel::new(metrics, LabelRules::default(), 100, "/proc");
-    m.apply(&Event::Name(NameEvent {
-        dev: DEV,
-        ino: 7,
-        components: vec!["x.lock".into(), "tmp".into()],
-        truncated: false,
-        gen: 0,
-        tgid: u32::MAX,
-    }));
+    let mut m = model_with_x_lock(&rec);
     let ms = 1_000_000;
     let mut merge = Merge::new();
     let cpu1 = batch(1, 1, &[release(Kind::Flock, 0xA, 5 * ms)]);

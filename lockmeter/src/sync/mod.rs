@@ -375,27 +375,16 @@ impl<T: ?Sized> Mutex<T> {
         self.guard(since, site)
     }
 
-    /// The lock was taken: wait for it. A wait in the timing sample is measured from here; any
-    /// other from its first park (the spinning before is a few microseconds at most), and one
-    /// that only spun is not measured at all: no clock is read, nothing is kept. A measured
-    /// wait is kept, with the site it waited for (read before this acquisition overwrites it),
-    /// for the release to record.
+    /// The lock was taken: wait for it (measured as [`exclusive_wait`] says; the lock counts
+    /// the wait, and a collection the conflict with it).
     #[cold]
     #[inline(never)]
     fn lock_contended(&self) -> HoldStart {
         let raw = self.recorder.raw();
         let timed = self.recorder.sampled(raw.completed());
-        let mut start = timed.then(Ticks::now);
-        raw.lock_slow(|| {
-            start.get_or_insert_with(Ticks::now);
-        });
-        match start {
-            Some(start) => {
-                self.state.keep_wait(start, self.state.site());
-                self.recorder.waited_hold(timed)
-            }
-            None => HoldStart::contended_unmeasured(),
-        }
+        exclusive_wait(&self.recorder, &self.state, timed, |before_park| {
+            raw.lock_slow(before_park);
+        })
     }
 
     /// Tries to acquire without blocking; `WouldBlock` is counted as a conflict.
@@ -478,6 +467,31 @@ impl<T: ?Sized> Drop for MutexGuard<'_, T> {
             lock.state.poisoned.store(true, Relaxed);
         }
         lock.recorder.raw().unlock();
+    }
+}
+
+/// An exclusive wait (a `Mutex`'s, an `RwLock` writer's) through `slow`, which blocks until
+/// the lock is taken and calls the function it is given before each park: a wait in the timing
+/// sample (`timed`) is measured from here, any other from its first park, and one that only
+/// spun is not measured at all (no clock read, nothing kept). A measured wait is kept, with the
+/// site it waited for (read before this acquisition overwrites it), for the release to record.
+#[inline(always)]
+fn exclusive_wait(
+    recorder: &Recorder,
+    state: &State,
+    timed: bool,
+    slow: impl FnOnce(&mut dyn FnMut()),
+) -> HoldStart {
+    let mut start = timed.then(Ticks::now);
+    slow(&mut || {
+        start.get_or_insert_with(Ticks::now);
+    });
+    match start {
+        Some(start) => {
+            state.keep_wait(start, state.site());
+            recorder.waited_hold(timed)
+        }
+        None => HoldStart::contended_unmeasured(),
     }
 }
 
@@ -645,17 +659,9 @@ impl<T: ?Sized> RwLock<T> {
     fn write_contended(&self) -> HoldStart {
         let raw = self.recorder.rw();
         let timed = self.recorder.waiting(LockMode::Exclusive);
-        let mut start = timed.then(Ticks::now);
-        raw.write_slow(|| {
-            start.get_or_insert_with(Ticks::now);
-        });
-        match start {
-            Some(start) => {
-                self.state.keep_wait(start, self.state.site());
-                self.recorder.waited_hold(timed)
-            }
-            None => HoldStart::contended_unmeasured(),
-        }
+        exclusive_wait(&self.recorder, &self.state, timed, |before_park| {
+            raw.write_slow(before_park);
+        })
     }
 
     /// Exclusive access without blocking.

@@ -13,10 +13,13 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
-use parking_lot_core::{SpinWait, UnparkResult, DEFAULT_PARK_TOKEN, DEFAULT_UNPARK_TOKEN};
+use parking_lot_core::{
+    ParkToken, SpinWait, UnparkResult, DEFAULT_PARK_TOKEN, DEFAULT_UNPARK_TOKEN,
+};
 
 const LOCKED: u64 = 1;
-const PARKED: u64 = 2;
+/// Someone may be parked: the same bit in [`super::raw_rw`]'s word.
+pub(super) const PARKED: u64 = 2;
 const WAITED: u64 = 4;
 const BUSY: u64 = 8;
 const ONE: u64 = 16;
@@ -67,51 +70,19 @@ impl RawMutex {
     /// that only spun never calls it).
     #[cold]
     #[inline(never)]
-    pub(crate) fn lock_slow(&self, mut before_park: impl FnMut()) {
-        let mut spin = SpinWait::new();
-        let mut s = self.word.load(Relaxed);
-        loop {
-            if s & LOCKED == 0 {
-                match self
-                    .word
-                    .compare_exchange_weak(s, s | LOCKED | WAITED, Acquire, Relaxed)
-                {
-                    Ok(_) => return,
-                    Err(now) => s = now,
-                }
-                continue;
-            }
-            // Nobody parked yet: spin (with back-off, then yields) a few times.
-            if s & PARKED == 0 && spin.spin() {
-                s = self.word.load(Relaxed);
-                continue;
-            }
-            if s & PARKED == 0 {
-                if let Err(now) = self
-                    .word
-                    .compare_exchange_weak(s, s | PARKED, Relaxed, Relaxed)
-                {
-                    s = now;
-                    continue;
-                }
-            }
-            before_park();
-            // SAFETY: the key is this lock's address, which no other parking lot user keys on
-            // (the lock lives in its own heap allocation); `validate` and the callbacks neither
-            // panic nor call into the parking lot.
-            unsafe {
-                parking_lot_core::park(
-                    self.key(),
-                    || self.word.load(Relaxed) & (LOCKED | PARKED) == LOCKED | PARKED,
-                    || {},
-                    |_, _| {},
-                    DEFAULT_PARK_TOKEN,
-                    None,
-                );
-            }
-            spin.reset();
-            s = self.word.load(Relaxed);
-        }
+    pub(crate) fn lock_slow(&self, before_park: impl FnMut()) {
+        wait(
+            &self.word,
+            self.key(),
+            Waiter {
+                ready: |s| s & LOCKED == 0,
+                take: |s| s | LOCKED | WAITED,
+                park_bits: PARKED,
+                token: DEFAULT_PARK_TOKEN,
+                blocked: |s| s & (LOCKED | PARKED) == LOCKED | PARKED,
+            },
+            before_park,
+        );
     }
 
     /// Releases a hold taken by [`Self::try_lock`]: one atomic add that counts the hold and
@@ -143,7 +114,7 @@ impl RawMutex {
     #[cold]
     #[inline(never)]
     fn wake(&self) {
-        // SAFETY: as in `lock_slow`; the callback runs under the parking lot's bucket lock and
+        // SAFETY: the key is this lock's address (see `wait`); the callback runs under the parking lot's bucket lock and
         // only touches the word.
         unsafe {
             parking_lot_core::unpark_one(self.key(), |r: UnparkResult| {
@@ -176,6 +147,75 @@ impl RawMutex {
             }
             std::hint::spin_loop();
         }
+    }
+}
+
+/// How a waiter of one of the raw locks waits (`PARKED`, bit 1, means the same in both).
+pub(super) struct Waiter<R, T, B> {
+    /// Whether the lock can be taken from this state.
+    pub(super) ready: R,
+    /// The state after taking it.
+    pub(super) take: T,
+    /// Set before parking (with `PARKED`, whatever else tells releasers who waits).
+    pub(super) park_bits: u64,
+    /// Who parks (releasers may choose whom to wake by it).
+    pub(super) token: ParkToken,
+    /// Whether, in this state, sleeping is still right (checked under the parking lot's lock).
+    pub(super) blocked: B,
+}
+
+/// The wait both raw locks share: spin a little (with back-off, then yields) while nobody is
+/// parked, then mark the word and park until a release wakes it, and try again. Returns the
+/// state the taking compare-and-swap replaced. `before_park` runs before each park (a wait
+/// that only spun never calls it).
+#[inline(always)]
+pub(super) fn wait<R, T, B>(
+    word: &AtomicU64,
+    key: usize,
+    w: Waiter<R, T, B>,
+    mut before_park: impl FnMut(),
+) -> u64
+where
+    R: Fn(u64) -> bool,
+    T: Fn(u64) -> u64,
+    B: Fn(u64) -> bool,
+{
+    let mut spin = SpinWait::new();
+    let mut s = word.load(Relaxed);
+    loop {
+        if (w.ready)(s) {
+            match word.compare_exchange_weak(s, (w.take)(s), Acquire, Relaxed) {
+                Ok(old) => return old,
+                Err(now) => s = now,
+            }
+            continue;
+        }
+        if s & PARKED == 0 && spin.spin() {
+            s = word.load(Relaxed);
+            continue;
+        }
+        if s & w.park_bits != w.park_bits {
+            if let Err(now) = word.compare_exchange_weak(s, s | w.park_bits, Relaxed, Relaxed) {
+                s = now;
+                continue;
+            }
+        }
+        before_park();
+        // SAFETY: the key is the lock's address, which no other parking lot user keys on (the
+        // lock lives in its own heap allocation); `validate` and the callbacks neither panic
+        // nor call into the parking lot.
+        unsafe {
+            parking_lot_core::park(
+                key,
+                || (w.blocked)(word.load(Relaxed)),
+                || {},
+                |_, _| {},
+                w.token,
+                None,
+            );
+        }
+        spin.reset();
+        s = word.load(Relaxed);
     }
 }
 

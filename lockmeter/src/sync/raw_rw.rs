@@ -22,10 +22,11 @@
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
-use parking_lot_core::{FilterOp, ParkToken, SpinWait, UnparkResult, DEFAULT_UNPARK_TOKEN};
+use parking_lot_core::{FilterOp, ParkToken, UnparkResult, DEFAULT_UNPARK_TOKEN};
+
+use super::raw::{wait, Waiter, PARKED};
 
 const WRITER: u64 = 1;
-const PARKED: u64 = 1 << 1;
 const WRITER_WAITING: u64 = 1 << 2;
 const WAITED: u64 = 1 << 3;
 const BUSY: u64 = 1 << 4;
@@ -128,46 +129,21 @@ impl RawRwLock {
     /// counted as one that waited by the compare-and-swap that takes it.
     #[cold]
     #[inline(never)]
-    pub(crate) fn read_slow(&self, mut before_park: impl FnMut()) {
-        let mut spin = SpinWait::new();
-        let mut s = self.word.load(Relaxed);
-        loop {
-            if s & (WRITER | WRITER_WAITING) == 0 && readers(s) < MAX_READERS {
-                match self.word.compare_exchange_weak(
-                    s,
-                    s + ONE_READER + ONE_READ_WAITED,
-                    Acquire,
-                    Relaxed,
-                ) {
-                    Ok(_) => {
-                        if field(s, READ_WAITED) == HALF - 1 {
-                            self.move_field(READ_WAITED);
-                        }
-                        return;
-                    }
-                    Err(now) => s = now,
-                }
-                continue;
-            }
-            if s & PARKED == 0 && spin.spin() {
-                s = self.word.load(Relaxed);
-                continue;
-            }
-            if s & PARKED == 0 {
-                if let Err(now) = self
-                    .word
-                    .compare_exchange_weak(s, s | PARKED, Relaxed, Relaxed)
-                {
-                    s = now;
-                    continue;
-                }
-            }
-            before_park();
-            self.park(READER_TOKEN, |s| {
-                s & (WRITER | WRITER_WAITING) != 0 && s & PARKED != 0
-            });
-            spin.reset();
-            s = self.word.load(Relaxed);
+    pub(crate) fn read_slow(&self, before_park: impl FnMut()) {
+        let old = wait(
+            &self.word,
+            self.key(),
+            Waiter {
+                ready: |s| s & (WRITER | WRITER_WAITING) == 0 && readers(s) < MAX_READERS,
+                take: |s| s + ONE_READER + ONE_READ_WAITED,
+                park_bits: PARKED,
+                token: READER_TOKEN,
+                blocked: |s| s & (WRITER | WRITER_WAITING) != 0 && s & PARKED != 0,
+            },
+            before_park,
+        );
+        if field(old, READ_WAITED) == HALF - 1 {
+            self.move_field(READ_WAITED);
         }
     }
 
@@ -219,42 +195,21 @@ impl RawRwLock {
     /// `before_park` runs before each park (a wait that only spun never calls it).
     #[cold]
     #[inline(never)]
-    pub(crate) fn write_slow(&self, mut before_park: impl FnMut()) {
-        let mut spin = SpinWait::new();
-        let mut s = self.word.load(Relaxed);
-        loop {
-            if s & (WRITER | READERS_MASK) == 0 {
-                // Taken: readers are kept out by `WRITER` now, and a writer still parked is
-                // woken by this one's release (which sets `WRITER_WAITING` again then).
-                let next = (s | WRITER | WAITED) & !WRITER_WAITING;
-                match self.word.compare_exchange_weak(s, next, Acquire, Relaxed) {
-                    Ok(_) => return,
-                    Err(now) => s = now,
-                }
-                continue;
-            }
-            if s & PARKED == 0 && spin.spin() {
-                s = self.word.load(Relaxed);
-                continue;
-            }
-            if s & (PARKED | WRITER_WAITING) != PARKED | WRITER_WAITING {
-                if let Err(now) = self.word.compare_exchange_weak(
-                    s,
-                    s | PARKED | WRITER_WAITING,
-                    Relaxed,
-                    Relaxed,
-                ) {
-                    s = now;
-                    continue;
-                }
-            }
-            before_park();
-            self.park(WRITER_TOKEN, |s| {
-                s & (WRITER | READERS_MASK) != 0 && s & PARKED != 0
-            });
-            spin.reset();
-            s = self.word.load(Relaxed);
-        }
+    pub(crate) fn write_slow(&self, before_park: impl FnMut()) {
+        wait(
+            &self.word,
+            self.key(),
+            Waiter {
+                ready: |s| s & (WRITER | READERS_MASK) == 0,
+                // Readers are kept out by `WRITER` once it is taken, and a writer still parked
+                // is woken by this one's release (which sets `WRITER_WAITING` again then).
+                take: |s| (s | WRITER | WAITED) & !WRITER_WAITING,
+                park_bits: PARKED | WRITER_WAITING,
+                token: WRITER_TOKEN,
+                blocked: |s| s & (WRITER | READERS_MASK) != 0 && s & PARKED != 0,
+            },
+            before_park,
+        );
     }
 
     /// Releases an exclusive hold taken by [`Self::try_write`]: one atomic add that counts
@@ -304,22 +259,6 @@ impl RawRwLock {
         self.moving.fetch_sub(1, SeqCst);
     }
 
-    fn park(&self, token: ParkToken, blocked: impl Fn(u64) -> bool) {
-        // SAFETY: the key is this lock's address, which no other parking lot user keys on
-        // (the lock lives in its own heap allocation); `validate` and the callbacks neither
-        // panic nor call into the parking lot.
-        unsafe {
-            parking_lot_core::park(
-                self.key(),
-                || blocked(self.word.load(Relaxed)),
-                || {},
-                |_, _| {},
-                token,
-                None,
-            );
-        }
-    }
-
     /// Someone is parked (or a writer waits) and the lock was just freed: wakes one parked
     /// writer if there is one (readers stay out: `WRITER_WAITING` stays set), otherwise every
     /// parked reader (and clears the bits no parked thread needs any more).
@@ -327,7 +266,7 @@ impl RawRwLock {
     #[inline(never)]
     fn wake(&self) {
         let mut writer = false;
-        // SAFETY: as in `park`; the callbacks run under the parking lot's bucket lock and only
+        // SAFETY: the key is this lock's address (see `raw::wait`); the callbacks run under the parking lot's bucket lock and only
         // touch the word.
         let r = unsafe {
             parking_lot_core::unpark_filter(
