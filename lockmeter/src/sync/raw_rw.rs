@@ -454,6 +454,108 @@ mod tests {
         assert_eq!((c.readers, c.writer), (0, false));
     }
 
+    /// Eight threads on however many cores, holds that yield inside so that waiters park:
+    /// nobody is lost asleep (the test would hang), writers exclude everyone, every hold is
+    /// counted, and a collection reading all the while sees every count only grow.
+    /// `LOCKMETER_STRESS_OPS=200000 cargo test --release -p lockmeter --lib parking_stress` runs
+    /// it longer (a few seconds) after changing the lock.
+    #[test]
+    fn parking_stress() {
+        struct Shared {
+            l: RawRwLock,
+            writing: AtomicBool,
+            readers: AtomicU64,
+        }
+        let s = Arc::new(Shared {
+            l: RawRwLock::default(),
+            writing: AtomicBool::new(false),
+            readers: AtomicU64::new(0),
+        });
+        let per: u64 = std::env::var("LOCKMETER_STRESS_OPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
+        let parks = Arc::new(AtomicU64::new(0));
+        let ts: Vec<_> = (0..8u64)
+            .map(|t| {
+                let (s, parks) = (Arc::clone(&s), Arc::clone(&parks));
+                std::thread::spawn(move || {
+                    for i in 0..per {
+                        let slow = (i * 7 + t) % 10 == 0;
+                        if (i + t) % 4 == 0 {
+                            let w = s.l.try_write().is_none();
+                            if w {
+                                s.l.write_slow(|| {
+                                    parks.fetch_add(1, Relaxed);
+                                });
+                            }
+                            assert!(!s.writing.swap(true, Relaxed));
+                            assert_eq!(s.readers.load(Relaxed), 0);
+                            if slow {
+                                std::thread::yield_now();
+                            }
+                            s.writing.store(false, Relaxed);
+                            if w {
+                                s.l.unlock_write_waited();
+                            } else {
+                                s.l.unlock_write();
+                            }
+                        } else {
+                            if s.l.try_read().is_none() {
+                                s.l.read_slow(|| {
+                                    parks.fetch_add(1, Relaxed);
+                                });
+                            }
+                            s.readers.fetch_add(1, Relaxed);
+                            assert!(!s.writing.load(Relaxed));
+                            if slow {
+                                std::thread::yield_now();
+                            }
+                            s.readers.fetch_sub(1, Relaxed);
+                            s.l.unlock_read();
+                        }
+                    }
+                })
+            })
+            .collect();
+        // A collection's reads, all the while: every count only ever grows.
+        let done = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (s, done) = (Arc::clone(&s), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let mut last = s.l.counts();
+                let mut reads = 0u64;
+                while !done.load(Relaxed) {
+                    let c = s.l.counts();
+                    let grew = |a: u64, b: u64| b >= a;
+                    assert!(
+                        grew(last.shared - last.readers, c.shared - c.readers)
+                            && grew(last.shared, c.shared)
+                            && grew(last.exclusive, c.exclusive)
+                            && grew(last.shared_waited, c.shared_waited)
+                            && grew(last.exclusive_waited, c.exclusive_waited),
+                        "{last:?} then {c:?}"
+                    );
+                    last = c;
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for t in ts {
+            t.join().unwrap();
+        }
+        done.store(true, Relaxed);
+        assert!(reader.join().unwrap() > 0);
+        let c = s.l.counts();
+        assert_eq!(c.shared + c.exclusive, 8 * per);
+        assert_eq!((c.readers, c.writer), (0, false));
+        assert!(
+            parks.load(Relaxed) > 0,
+            "nobody parked: not the stress it is meant to be"
+        );
+    }
+
     /// More than a field's range of holds: the counts stay exact across the moves into the
     /// bases.
     #[test]
