@@ -362,37 +362,25 @@ impl Recorder {
         }
     }
 
-    /// A try found the lock taken and the caller will wait (a `sync::RwLock` or a tokio lock):
-    /// counts the conflict (those waiters do not give up; a cancelled tokio wait is recorded as
-    /// such), reads the clock outside any critical section, and decides whether this wait is
-    /// timed (1 in N conflicts, the same rate as uncontended acquisitions, so the histograms'
-    /// mix stays unbiased).
+    /// A try found the lock taken and the caller will wait (a `sync::RwLock` reader or a tokio
+    /// lock): [`Self::waiting`], then reads the clock outside any critical section.
     #[cold]
     #[inline(never)]
     pub(crate) fn contended_start(&self, mode: LockMode) -> WaitStart {
-        let n = self.bump(shard::conflicts(mode.idx()));
         WaitStart {
-            timed: self.sampled(n),
+            timed: self.waiting(mode),
             at: Ticks::now(),
         }
     }
 
-    /// A `sync::RwLock` reader or writer found the lock taken and waits: counts the conflict
-    /// now (a stuck waiter shows at once; the lock counts the hold that waited when it gets
-    /// it); returns whether the wait is in the timing sample.
+    /// A try found the lock taken and the caller will wait: counts the conflict now (those
+    /// waiters do not give up, so a stuck one shows at once; a cancelled tokio wait is recorded
+    /// as such) and decides whether this wait is timed (1 in N conflicts, the same rate as
+    /// uncontended acquisitions, so the histograms' mix stays unbiased). A `sync::RwLock`
+    /// writer calls it alone: it reads the clock only if the wait is timed or parks.
     #[cold]
     pub(crate) fn waiting(&self, mode: LockMode) -> bool {
         self.sampled(self.bump(shard::conflicts(mode.idx())))
-    }
-
-    /// A `sync::RwLock` reader starts waiting (after [`Self::waiting`]): the wait is measured
-    /// from here.
-    #[cold]
-    pub(crate) fn read_wait_start(&self, timed: bool) -> WaitStart {
-        WaitStart {
-            timed,
-            at: Ticks::now(),
-        }
     }
 
     /// A `sync::RwLock` reader got the lock after waiting since `w`, the last holder having

@@ -604,8 +604,7 @@ impl<T: ?Sized> RwLock<T> {
     #[cold]
     #[inline(never)]
     fn read_contended(&self, site: Site) -> Option<HoldStart> {
-        let timed = self.recorder.waiting(LockMode::Shared);
-        let w = self.recorder.read_wait_start(timed);
+        let w = self.recorder.contended_start(LockMode::Shared);
         self.recorder.rw().read_slow(|| {});
         self.recorder
             .read_acquired_contended(w, site, self.state.site())
