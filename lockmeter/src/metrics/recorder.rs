@@ -128,6 +128,7 @@ pub(crate) struct WaitStart {
     timed: bool,
 }
 
+#[cfg(feature = "tokio")]
 impl WaitStart {
     /// Seconds from the start of the wait to `end`.
     #[inline]
@@ -308,9 +309,9 @@ impl Recorder {
         }
     }
 
-    /// An uncontended acquisition in `mode` counted in this thread's shard (a `sync::RwLock`
-    /// reader: readers hold together, so no line of the lock's is theirs to write; a tokio
-    /// lock); returns the start of the hold if this one is timed.
+    /// An uncontended acquisition of a tokio lock in `mode`, counted in this thread's shard;
+    /// returns the start of the hold if this one is timed.
+    #[cfg(feature = "tokio")]
     #[inline(always)]
     pub(crate) fn acquired_uncontended(&self, mode: LockMode) -> Option<HoldStart> {
         self.hold_numbered(self.bump(shard::acquisitions(mode.idx(), 0)))
