@@ -406,7 +406,7 @@ static __noinline int arm_timer(struct stage *s)
 		return 0;
 	if (s->timer == TIMER_UNSET) {
 		long err = bpf_timer_init(&f->t, &flushers, CLOCK_MONOTONIC);
-		if (err && err != -16) // -EBUSY: initialised before (the stage outlives nothing, but be safe)
+		if (err && err != -16) // -EBUSY: this CPU's timer was initialised already
 			return 0;
 		if (bpf_timer_set_callback(&f->t, flush_timer))
 			return 0;

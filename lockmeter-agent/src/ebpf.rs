@@ -6,8 +6,8 @@
 //! Needs root (or `CAP_BPF` + `CAP_PERFMON`), a kernel with BTF (`/sys/kernel/btf/vmlinux`),
 //! BTF-typed tracepoints (5.5+) and BPF timers in tracing programs (5.15+); events are sent
 //! in per-CPU batches where timers can be pinned to a CPU (6.7+), one by one elsewhere. No
-//! tracefs mount is needed. Kernel structure offsets are
-//! relocated against the running kernel's BTF at load time (CO-RE).
+//! tracefs mount is needed. Kernel structure offsets are relocated against the running
+//! kernel's BTF at load time (CO-RE).
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -61,7 +61,8 @@ fn monotonic_ns() -> u64 {
         .saturating_add(t.tv_nsec as u64)
 }
 
-/// Default ring buffer size: 8 MiB, drained every 50 ms (the kernel never wakes the reader).
+/// Default ring buffer size: 8 MiB, drained every ~30 ms ([`drain_every`]; the kernel never
+/// wakes the reader).
 /// Draining in rare large batches keeps the reader off the ring's cache lines while lock
 /// calls write them (see `bpf/locks.bpf.c`); the ring holds what arrives in between. It is
 /// mapped into the agent, so it counts in its resident memory.

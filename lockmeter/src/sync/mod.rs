@@ -15,16 +15,16 @@
 //! the source): each one 64-bit word that is the lock and also counts its holds (an `RwLock`'s
 //! word also counts its readers and the shared holds that waited), with waiters parked in
 //! `parking_lot_core`'s parking lot, the one `parking_lot`'s locks use. std's cannot be built
-//! on: it offers no way to wait for a lock found taken without another compare-and-swap. What you see is std's: `lock`/`try_lock`/`read`/
-//! `write` return `LockResult`/`TryLockResult`, a panic while holding a `Mutex` or a `RwLock`
-//! write guard poisons the lock, `is_poisoned`/`clear_poison`/`into_inner`/`get_mut` behave as
-//! std's, and `Send`/`Sync` bounds are std's. What differs: waiters spin with back-off before
-//! parking. `Mutex` is unfair as std's futex mutex is (a released lock goes to whichever
-//! thread takes it first, the woken waiter or a newcomer); `RwLock` prefers writers: while a
-//! writer is parked, new readers wait, and a release wakes a parked writer before any parked
-//! reader (writers may still take a free lock ahead of a woken one). As with std, a thread
-//! that locks a mutex it already holds deadlocks, and a recursive `read` may deadlock if a
-//! writer is waiting.
+//! on: it offers no way to wait for a lock found taken without another compare-and-swap.
+//! What you see is std's: `lock`/`try_lock`/`read`/`write` return `LockResult`/
+//! `TryLockResult`, a panic while holding a `Mutex` or a `RwLock` write guard poisons the lock,
+//! `is_poisoned`/`clear_poison`/`into_inner`/`get_mut` behave as std's, and `Send`/`Sync`
+//! bounds are std's. What differs: waiters spin with back-off before parking. `Mutex` is
+//! unfair as std's futex mutex is (a released lock goes to whichever thread takes it first,
+//! the woken waiter or a newcomer); `RwLock` prefers writers: while a writer is parked, new
+//! readers wait, and a release wakes a parked writer before any parked reader (writers may
+//! still take a free lock ahead of a woken one). As with std, a thread that locks a mutex it
+//! already holds deadlocks, and a recursive `read` may deadlock if a writer is waiting.
 //!
 //! Cost model. `Mutex`, uncontended: the lock word's own atomic operations (one `lock bts` to
 //! take it, one atomic add to count the hold and release it), a load of the sampling mask, and
@@ -550,7 +550,7 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
 /// lockmeter's own raw lock, see the [module docs](self)): `read` is `lock.mode = shared`,
 /// `write` exclusive. `Send`/`Sync` exactly when std's is.
 pub struct RwLock<T: ?Sized> {
-    /// Holds the raw lock, beside the writers' counts (the collection reads them there).
+    /// Holds the raw lock, whose word counts the holds (the collection reads them there).
     recorder: Arc<Recorder>,
     state: State,
     inner: UnsafeCell<T>,
@@ -649,10 +649,8 @@ impl<T: ?Sized> RwLock<T> {
         self.write_guard(since, site)
     }
 
-    /// The lock was taken: wait for it, as `Mutex::lock` does (the conflict is counted now,
-    /// the hold that waited by the lock when it gets it; a wait in the timing sample is measured from here, any other from its first park, one
-    /// that only spun not at all), and keep a measured wait and the site it waited for for
-    /// the release to record.
+    /// The lock was taken: wait for it as `Mutex::lock` does ([`exclusive_wait`]); the
+    /// conflict is counted now, the hold that waited by the lock when it gets it.
     #[cold]
     #[inline(never)]
     fn write_contended(&self) -> HoldStart {

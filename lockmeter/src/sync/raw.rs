@@ -114,8 +114,8 @@ impl RawMutex {
     #[cold]
     #[inline(never)]
     fn wake(&self) {
-        // SAFETY: the key is this lock's address (see `wait`); the callback runs under the parking lot's bucket lock and
-        // only touches the word.
+        // SAFETY: the key is this lock's address (see `wait`); the callback runs under the
+        // parking lot's bucket lock and only touches the word.
         unsafe {
             parking_lot_core::unpark_one(self.key(), |r: UnparkResult| {
                 if !r.have_more_threads {

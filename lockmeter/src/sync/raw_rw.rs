@@ -1,8 +1,8 @@
 //! The raw lock under [`super::RwLock`]: one word that is the lock and also counts its holds,
 //! as [`super::raw::RawMutex`] does for the `Mutex`. A reader takes the lock with one
-//! compare-and-swap and releases it with one atomic add that also counts the hold; a writer
-//! the same. Nothing else is written inside a critical section, so waiters spinning on the
-//! word never make the holder miss its cache line twice.
+//! compare-and-swap, a writer with one `lock bts`; each releases it with one atomic add that
+//! also counts the hold. Nothing else is written inside a critical section, so waiters
+//! spinning on the word never make the holder miss its cache line twice.
 //!
 //! The word, from bit 0: `WRITER` (held exclusively), `PARKED` (someone may be parked),
 //! `WRITER_WAITING` (a writer is parked, or was woken and is retrying: new readers stay out,
@@ -266,8 +266,8 @@ impl RawRwLock {
     #[inline(never)]
     fn wake(&self) {
         let mut writer = false;
-        // SAFETY: the key is this lock's address (see `raw::wait`); the callbacks run under the parking lot's bucket lock and only
-        // touch the word.
+        // SAFETY: the key is this lock's address (see `raw::wait`); the callbacks run under the
+        // parking lot's bucket lock and only touch the word.
         let r = unsafe {
             parking_lot_core::unpark_filter(
                 self.key(),
