@@ -6,7 +6,8 @@
 //! per-round-median ratios; the parent prints every launch, then the median and the worst
 //! launch of each ratio. Targets: `FileLock` lock+unlock ≤ 1.10× raw `flock` (verify off) and
 //! ≤ 1.10× raw + `stat` (default) in the median launch, ≤ 1.20× in the worst, in both
-//! configurations; `sync::Mutex` ≤ 3× `std::sync::Mutex`.
+//! configurations; `sync::Mutex` ≤ 3× `std::sync::Mutex`. `sync::Mutex` and `sync::RwLock`
+//! against parking_lot's locks are printed for #17's 1.10× (not a target of this bench).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::BTreeMap;
@@ -20,7 +21,7 @@ use rustix::fs::FlockOperation;
 const CHILD: &str = "LOCKMETER_BENCH_CHILD";
 
 /// The variants, in the order they are timed in each round.
-const VARIANTS: [&str; 7] = [
+const VARIANTS: [&str; 11] = [
     "raw flock EX+UN",
     "raw flock EX+UN + lstat",
     "FileLock verify_inode(false)",
@@ -28,14 +29,26 @@ const VARIANTS: [&str; 7] = [
     "std::sync::Mutex",
     "parking_lot::Mutex",
     "lockmeter::sync::Mutex",
+    "parking_lot::RwLock read",
+    "lockmeter::sync::RwLock read",
+    "parking_lot::RwLock write",
+    "lockmeter::sync::RwLock write",
 ];
 
 /// Ratios reported: (name, numerator variant, denominator variant, target median, target worst).
-const RATIOS: [(&str, usize, usize, f64, f64); 4] = [
+const RATIOS: [(&str, usize, usize, f64, f64); 6] = [
     ("FileLock verify off / raw flock", 2, 0, 1.10, 1.20),
     ("FileLock default / (raw + lstat)", 3, 1, 1.10, 1.20),
     ("sync::Mutex / std::sync::Mutex", 6, 4, 3.0, 3.0),
     ("sync::Mutex / parking_lot::Mutex", 6, 5, f64::NAN, f64::NAN),
+    ("sync::RwLock read / parking_lot", 8, 7, f64::NAN, f64::NAN),
+    (
+        "sync::RwLock write / parking_lot",
+        10,
+        9,
+        f64::NAN,
+        f64::NAN,
+    ),
 ];
 
 fn main() {
@@ -157,6 +170,8 @@ fn child(config: &str) {
     let std_m = std::sync::Mutex::new(0u64);
     let pl_m = parking_lot::Mutex::new(0u64);
     let lm_m = lockmeter::sync::Mutex::named("bench", 0u64);
+    let pl_rw = parking_lot::RwLock::new(0u64);
+    let lm_rw = lockmeter::sync::RwLock::named("bench-rw", 0u64);
 
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); RATIOS.len()];
@@ -187,6 +202,18 @@ fn child(config: &str) {
             }),
             ns_per_op(iters * 20, || {
                 *lm_m.lock().unwrap() += 1;
+            }),
+            ns_per_op(iters * 20, || {
+                std::hint::black_box(*pl_rw.read());
+            }),
+            ns_per_op(iters * 20, || {
+                std::hint::black_box(*lm_rw.read().unwrap());
+            }),
+            ns_per_op(iters * 20, || {
+                *pl_rw.write() += 1;
+            }),
+            ns_per_op(iters * 20, || {
+                *lm_rw.write().unwrap() += 1;
             }),
         ];
         for (v, x) in ns.iter_mut().zip(round) {
