@@ -524,3 +524,56 @@ fn racing_writers_and_readers_on_an_rwlock_are_counted_exactly() {
     );
     assert_eq!(s.updown("lock.held", &[("lock.name", "racing")]), 0);
 }
+
+/// The counts live in the lock's heap block, beside the value, and the collection reads them
+/// there: a lock moved after it was used keeps counting into the same series, and a lock
+/// consumed by `into_inner` or dropped leaves its counts behind, held or not.
+#[test]
+fn moved_consumed_and_dropped_locks_keep_their_counts() {
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let acquisitions = |name: &str| {
+        rec.snapshot()
+            .counter("lock.acquisitions", &[("lock.name", name)])
+    };
+    let held = |name: &str| rec.snapshot().updown("lock.held", &[("lock.name", name)]);
+
+    let m = Mutex::builder("moved").sink(sink.clone()).build(vec![1u8]);
+    m.lock().unwrap().push(2);
+    let mut boxed = vec![Box::new(m)]; // moved twice: into the box, the box into the vector
+    boxed[0].lock().unwrap().push(3);
+    let moved = boxed.pop().unwrap();
+    assert_eq!(acquisitions("moved"), 2);
+    assert_eq!(*moved.try_lock().unwrap(), [1, 2, 3]);
+    assert_eq!(acquisitions("moved"), 3);
+    assert_eq!(moved.into_inner().unwrap(), [1, 2, 3]);
+    assert_eq!(acquisitions("moved"), 3, "kept after into_inner");
+    assert_eq!(held("moved"), 0);
+
+    let l = RwLock::builder("dropped")
+        .sink(sink.clone())
+        .build(String::new());
+    l.write().unwrap().push('x');
+    let read = l.read().unwrap();
+    assert_eq!(held("dropped"), 1);
+    drop(read);
+    let l = std::thread::spawn(move || {
+        // Moved to another thread, used and dropped there.
+        assert_eq!(*l.read().unwrap(), "x");
+        drop(l);
+    });
+    l.join().unwrap();
+    let s = rec.snapshot();
+    let mode = |m: &str| {
+        s.counter(
+            "lock.acquisitions",
+            &[("lock.name", "dropped"), ("lock.mode", m)],
+        )
+    };
+    assert_eq!(
+        (mode("exclusive"), mode("shared")),
+        (1, 2),
+        "kept after drop"
+    );
+    assert_eq!(held("dropped"), 0);
+}

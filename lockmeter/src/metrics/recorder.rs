@@ -40,14 +40,17 @@ pub(crate) const PROFILE_EVERY_WAIT_FROM: f64 = 50e-6;
 
 /// The recording state of one lock. See the [module docs](self).
 ///
-/// Memory: ~1.3 KB per lock (one 128-byte counter shard per thread slot), allocated once.
+/// Memory: ~1.5 KB per lock (one 128-byte counter shard per thread slot, and lines of their own
+/// for what every acquisition reads), allocated once.
 pub(crate) struct Recorder {
     shards: [Shard; shard::SHARDS],
     /// Time 1 in `sample_mask + 1` acquisitions (a power of two).
     sample_mask: u64,
     /// The mask in use: `sample_mask`, or 0 after a collection (time the next acquisition
     /// whatever its number; the timed acquisition puts the mask back). One load decides.
-    sample: AtomicU64,
+    /// On a line of its own: read by every acquisition on every thread, so nothing written
+    /// more often than once per collection may share its line.
+    sample: Line<AtomicU64>,
     name: String,
     /// `lock.name`, `lock.kind` and the extra attributes, for binding and rare events.
     base: Vec<KeyValue>,
@@ -55,27 +58,102 @@ pub(crate) struct Recorder {
     series: Arc<Series>,
     bound: ArcSwap<Bound>,
     /// Timed acquisitions until the next look at the global provider.
-    checks: AtomicU32,
+    checks: Line<AtomicU32>,
     /// `lock.kind`, and `fs.type` for file locks (slow-lock events).
     kind: String,
     fs_type: Option<&'static str>,
     thresholds: Thresholds,
     profile: ProfileSlot,
     contention: Contention,
-    /// The raw lock of a `sync::Mutex` (its word counts its holds), on a line of its own.
-    held: Held,
+    /// The word of a `sync::Mutex` or `sync::RwLock`, which counts the lock's holds.
+    word: std::sync::Mutex<Word>,
+    /// An exclusive in-process hold that waited: its wait's start and the site it waited for,
+    /// kept by the holder for its release to record (written only by that holder).
+    kept: Kept,
 }
 
-/// The lock itself of a [`crate::sync::Mutex`] or [`crate::sync::RwLock`] (unused by other
-/// locks): on a line of its own (it is the line the lock's holders hand to each other), at a
-/// fixed address, so the collection reads its counts there.
-#[derive(Default)]
+/// Where the counts kept by an in-process lock's own word are. The word lives in the lock's
+/// heap block, beside the value (so a hold hands one cache line from core to core); the lock
+/// attaches it at construction and, when dropped, detaches it, leaving its final counts.
+/// Collections read it under the mutex around this, so never after the block is freed.
+#[derive(Debug, Default)]
+enum Word {
+    /// Not an in-process lock, or not attached yet.
+    #[default]
+    None,
+    Mutex(std::ptr::NonNull<RawMutex>),
+    RwLock(std::ptr::NonNull<RawRwLock>),
+    /// Detached: the word's last counts.
+    Gone(Totals),
+}
+
+// SAFETY: the pointers are only dereferenced (shared, for atomic loads) under the recorder's
+// `word` mutex while the lock they belong to is alive: it detaches under that mutex before its
+// block is freed.
+unsafe impl Send for Word {}
+
+/// An in-process lock's word, for [`Recorder::attach`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum WordRef {
+    Mutex(std::ptr::NonNull<RawMutex>),
+    RwLock(std::ptr::NonNull<RawRwLock>),
+}
+
+impl Word {
+    /// The counts the word holds, as the schema counts them.
+    fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        let x = LockMode::Exclusive.idx();
+        match self {
+            Word::None => {}
+            Word::Gone(g) => t = *g,
+            Word::Mutex(p) => {
+                // SAFETY: attached, so alive (see `Word`).
+                let c = unsafe { p.as_ref() }.counts();
+                // A `sync::Mutex`: every hold that waited had one conflict.
+                t.acquisitions[x] = [c.acquisitions.wrapping_sub(c.waited), c.waited];
+                t.conflicts[x] = c.waited;
+                t.releases[x] = c.acquisitions.wrapping_sub(u64::from(c.held));
+            }
+            Word::RwLock(p) => {
+                // SAFETY: as above.
+                let rw = unsafe { p.as_ref() }.counts();
+                // Every hold and every hold that waited (the conflicts are counted in the
+                // shards when the waits begin).
+                let sh = LockMode::Shared.idx();
+                let pairs = [
+                    (sh, rw.shared, rw.shared_waited, rw.readers),
+                    (x, rw.exclusive, rw.exclusive_waited, u64::from(rw.writer)),
+                ];
+                for (m, all, waited, held) in pairs {
+                    t.acquisitions[m] = [all.wrapping_sub(waited), waited];
+                    t.releases[m] = all.wrapping_sub(held);
+                }
+            }
+        }
+        t
+    }
+}
+
+/// A value on a cache-line pair of its own (x86's adjacent-line prefetch pairs 64-byte lines).
+#[derive(Debug, Default)]
 #[repr(align(128))]
-struct Held {
-    raw: RawMutex,
-    /// The lock itself of a [`crate::sync::RwLock`], which counts its holds (unused by other
-    /// locks).
-    rw: RawRwLock,
+struct Line<T>(T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    #[inline(always)]
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// See [`Recorder::kept`].
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Kept {
+    wait_start: AtomicU64,
+    waited_for: AtomicPtr<std::panic::Location<'static>>,
 }
 
 /// Who is waiting, and where the last holder that released while someone waited acquired
@@ -189,19 +267,20 @@ impl Recorder {
             shards: Default::default(),
             sample_mask,
             // The first acquisition is timed anyway (number 0).
-            sample: AtomicU64::new(sample_mask),
+            sample: Line(AtomicU64::new(sample_mask)),
             name: spec.name.to_owned(),
             base,
             bound: ArcSwap::from_pointee(Bound::new(spec.sink.instruments())),
             sink: spec.sink.clone(),
             series,
-            checks: AtomicU32::new(GLOBAL_CHECK_EVERY),
+            checks: Line(AtomicU32::new(GLOBAL_CHECK_EVERY)),
             kind: spec.kind.to_owned(),
             fs_type: spec.fs_type,
             thresholds: Thresholds::new(spec.slow_wait, spec.slow_hold),
             profile: ProfileSlot::default(),
             contention: Contention::default(),
-            held: Held::default(),
+            word: std::sync::Mutex::default(),
+            kept: Kept::default(),
         });
         r.series.join(Arc::downgrade(&r));
         r
@@ -232,7 +311,6 @@ impl Recorder {
     /// All counts of this lock now.
     pub(crate) fn totals(&self) -> Totals {
         let mut t = Totals::default();
-        let h = &self.held;
         for m in 0..2 {
             for c in 0..2 {
                 t.acquisitions[m][c] = self.total(shard::acquisitions(m, c));
@@ -240,41 +318,50 @@ impl Recorder {
             t.releases[m] = self.total(shard::releases(m));
             t.conflicts[m] = self.total(shard::conflicts(m));
         }
-        let x = LockMode::Exclusive.idx();
-        // A `sync::Mutex`: every hold that waited had one conflict.
-        let c = h.raw.counts();
-        let uncontended = c.acquisitions.wrapping_sub(c.waited);
-        t.acquisitions[x][0] = t.acquisitions[x][0].wrapping_add(uncontended);
-        t.acquisitions[x][1] = t.acquisitions[x][1].wrapping_add(c.waited);
-        t.conflicts[x] = t.conflicts[x].wrapping_add(c.waited);
-        let done = c.acquisitions.wrapping_sub(u64::from(c.held));
-        t.releases[x] = t.releases[x].wrapping_add(done);
-        // A `sync::RwLock`: its word counts every hold and every hold that waited (the
-        // conflicts are counted in the shards when the waits begin).
-        let rw = h.rw.counts();
-        let sh = LockMode::Shared.idx();
-        let pairs = [
-            (sh, rw.shared, rw.shared_waited, rw.readers),
-            (x, rw.exclusive, rw.exclusive_waited, u64::from(rw.writer)),
-        ];
-        for (m, all, waited, held) in pairs {
-            t.acquisitions[m][0] = t.acquisitions[m][0].wrapping_add(all.wrapping_sub(waited));
-            t.acquisitions[m][1] = t.acquisitions[m][1].wrapping_add(waited);
-            t.releases[m] = t.releases[m].wrapping_add(all.wrapping_sub(held));
-        }
+        t.add(&self.word_lock().totals());
         t
     }
 
-    /// The raw lock of a `sync::RwLock` recording here (unused by other locks).
-    #[inline(always)]
-    pub(crate) fn rw(&self) -> &RawRwLock {
-        &self.held.rw
+    fn word_lock(&self) -> std::sync::MutexGuard<'_, Word> {
+        // Nothing panics while it is held; a poisoned one is as good.
+        self.word
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The raw lock of a `sync::Mutex` recording here (unused by other locks).
-    #[inline(always)]
-    pub(crate) fn raw(&self) -> &RawMutex {
-        &self.held.raw
+    /// A `sync::Mutex` or `sync::RwLock` records here and keeps counts in `word`.
+    ///
+    /// # Safety
+    ///
+    /// `word` stays valid until [`Self::detach`] is called (by the lock's drop).
+    pub(crate) unsafe fn attach(&self, word: WordRef) {
+        *self.word_lock() = match word {
+            WordRef::Mutex(p) => Word::Mutex(p),
+            WordRef::RwLock(p) => Word::RwLock(p),
+        };
+    }
+
+    /// The lock whose word is attached goes away: keeps its last counts.
+    pub(crate) fn detach(&self) {
+        let mut w = self.word_lock();
+        *w = Word::Gone(w.totals());
+    }
+
+    /// The kept wait of an exclusive in-process hold (see [`Self::kept`]).
+    #[cold]
+    pub(crate) fn keep_wait(&self, start: Ticks, holder: Option<Site>) {
+        self.kept.wait_start.store(start.raw(), Relaxed);
+        let p: *const std::panic::Location<'static> = holder.map_or(std::ptr::null(), |h| h);
+        self.kept.waited_for.store(p.cast_mut(), Relaxed);
+    }
+
+    /// The wait kept by [`Self::keep_wait`], read by the same holder before it releases.
+    #[cold]
+    pub(crate) fn kept_wait(&self) -> (Ticks, Option<Site>) {
+        let start = Ticks::from_raw(self.kept.wait_start.load(Relaxed));
+        // SAFETY: only `&'static Location` pointers or null are stored (`keep_wait`).
+        let holder = unsafe { self.kept.waited_for.load(Relaxed).cast_const().as_ref() };
+        (start, holder)
     }
 
     /// Whether the hold numbered `n` (counted by the lock itself) is timed; returns its start
@@ -289,8 +376,8 @@ impl Recorder {
     }
 
     /// The hold after a `sync::Mutex` or `RwLock` writer's wait begins (the lock counted it;
-    /// `timed`: the wait is in the timing sample): reads the clock, the only work inside the critical section; the
-    /// guard records the wait after its release.
+    /// `timed`: the wait is in the timing sample): reads the clock, the only work inside the
+    /// critical section; the guard records the wait after its release.
     #[cold]
     #[inline(never)]
     pub(crate) fn waited_hold(&self, timed: bool) -> HoldStart {
@@ -352,12 +439,13 @@ impl Recorder {
     #[inline(never)]
     pub(crate) fn hold_done(&self, mode: LockMode, since: HoldStart, site: Option<Site>) {
         let held = since.at().elapsed_secs();
+        let b = self.bound();
         if !since.contended() {
             // The wait of a timed uncontended acquisition, recorded here rather than inside
             // the critical section.
-            self.record_wait(mode, Outcome::Acquired, 0.0);
+            self.record_wait_in(&b, mode, Outcome::Acquired, 0.0);
         }
-        self.record_hold(mode, since.contended(), held);
+        self.record_hold_in(&b, mode, since.contended(), held);
         if let Some(site) = site {
             self.held(mode, site, held);
         }
@@ -644,7 +732,11 @@ impl Recorder {
     /// Records a hold time.
     #[inline]
     pub(crate) fn record_hold(&self, mode: LockMode, contended: bool, secs: f64) {
-        let b = self.bound();
+        self.record_hold_in(&self.bound(), mode, contended, secs);
+    }
+
+    #[inline]
+    fn record_hold_in(&self, b: &Bound, mode: LockMode, contended: bool, secs: f64) {
         b.duration[mode.idx()][usize::from(contended)]
             .get_or_init(|| {
                 b.instruments
@@ -657,7 +749,11 @@ impl Recorder {
     /// Records the wait of an acquire call with its outcome.
     #[inline]
     pub(crate) fn record_wait(&self, mode: LockMode, outcome: Outcome, secs: f64) {
-        let b = self.bound();
+        self.record_wait_in(&self.bound(), mode, outcome, secs);
+    }
+
+    #[inline]
+    fn record_wait_in(&self, b: &Bound, mode: LockMode, outcome: Outcome, secs: f64) {
         b.wait[mode.idx()][outcome as usize]
             .get_or_init(|| {
                 b.instruments

@@ -47,7 +47,7 @@ pub(crate) struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, o: &Totals) {
+    pub(crate) fn add(&mut self, o: &Totals) {
         for m in 0..2 {
             for c in 0..2 {
                 self.acquisitions[m][c] =

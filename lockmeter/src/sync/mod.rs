@@ -23,8 +23,10 @@
 //! unfair as std's futex mutex is (a released lock goes to whichever thread takes it first,
 //! the woken waiter or a newcomer); `RwLock` prefers writers: while a writer is parked, new
 //! readers wait, and a release wakes a parked writer before any parked reader (writers may
-//! still take a free lock ahead of a woken one). As with std, a thread that locks a mutex it
-//! already holds deadlocks, and a recursive `read` may deadlock if a writer is waiting.
+//! still take a free lock ahead of a woken one). The value lives in the lock's heap block (see
+//! Memory below), so a `Mutex<dyn Trait>` or `Mutex<[T]>` cannot be made by unsizing, as std's
+//! can. As with std, a thread that locks a mutex it already holds deadlocks, and a recursive
+//! `read` may deadlock if a writer is waiting.
 //!
 //! Cost model. `Mutex`, uncontended: the lock word's own atomic operations (one `lock bts` to
 //! take it, one atomic add to count the hold and release it), a load of the sampling mask, and
@@ -43,8 +45,13 @@
 //! after each metrics collection, chosen without regard to durations, among uncontended and
 //! contended ones alike, so the histograms' quantiles are unbiased estimates and locks taken
 //! less often than metrics are collected are timed every time. The records are made after the
-//! release. Memory: a lock's recorder takes ~1.5 KB (one 128-byte counter shard per thread slot
-//! and the mutex word's line), allocated once at construction. `lock_acquisitions_total`,
+//! release. Memory: two allocations at construction, the lock's recorder (~1.5 KB: one
+//! 128-byte counter shard per thread slot, and lines of their own for what every acquisition
+//! reads) and its block: the raw lock, the poison flag and the last holder's site, then the value,
+//! from a 64-byte boundary (a `Mutex`'s value starts 32 bytes in, an `RwLock`'s 96: its word
+//! starts the block's second line, after fields a collection reads), so that a small value
+//! shares the lock word's line as it does in std's and `parking_lot`'s locks and a hold hands
+//! one line from core to core. `lock_acquisitions_total`,
 //! `lock_conflicts_total` and `lock_held` are exact: every acquisition and every contended wait
 //! is counted, and the SDK reads them when it collects. `sample_every(1)` times every
 //! acquisition. An uncontended timed acquisition, and a `try_*` that found the lock taken,
@@ -62,17 +69,21 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::panic::Location;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::Relaxed};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering::Relaxed};
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 use std::time::Duration;
 
 use crate::clock::{HoldStart, Ticks};
 use crate::kind::LockMode;
-use crate::metrics::{Outcome, Recorder, Sink, Spec};
+use crate::metrics::{Outcome, Recorder, Sink, Spec, WordRef};
 use crate::profile::Site;
 
 pub(crate) mod raw;
 pub(crate) mod raw_rw;
+
+use raw::RawMutex;
+use raw_rw::RawRwLock;
 
 /// Default timing sample of the in-process wrappers (`sync`, `tokio`): 1 in this many
 /// acquisitions, plus the first after each metrics collection, records wait and hold times;
@@ -228,17 +239,13 @@ fn poison<G>(g: G, poisoned: bool) -> LockResult<G> {
 
 /// What sits beside the lock word: std's poison flag (std's own is private), set when a
 /// `Mutex` guard or an `RwLock` write guard is dropped by a thread that started panicking while
-/// holding it; the call site of the latest acquisition, which the next waiter to get the lock
-/// reads as the site whose hold it waited for (the lock profile's "caused" column); and, for an
-/// exclusive hold that had to wait, that wait's start and the site it waited for, recorded by
-/// the guard after the release. Written by holders, on the line the lock word brings along.
+/// holding it; and the call site of the latest acquisition, which the next waiter to get the
+/// lock reads as the site whose hold it waited for (the lock profile's "caused" column).
+/// Written by holders, on the line the lock word brings along.
 #[derive(Debug, Default)]
-#[repr(align(8))]
 struct State {
     poisoned: AtomicBool,
     site: AtomicPtr<Location<'static>>,
-    wait_start: AtomicU64,
-    waited_for: AtomicPtr<Location<'static>>,
 }
 
 impl State {
@@ -263,27 +270,75 @@ impl State {
         // SAFETY: only `&'static Location` pointers are stored (`acquired_at`).
         unsafe { self.site.load(Relaxed).cast_const().as_ref() }
     }
+}
 
-    /// An exclusive holder that waited keeps its wait for its release to record.
-    #[cold]
-    fn keep_wait(&self, start: Ticks, holder: Option<Site>) {
-        self.wait_start.store(start.raw(), Relaxed);
-        let p: *const Location<'static> = holder.map_or(std::ptr::null(), |h| h);
-        self.waited_for.store(p.cast_mut(), Relaxed);
-    }
+/// A lock's heap block: its raw lock (the word that is the lock and counts its holds), the
+/// state beside it and the value, so that for a small value a hold hands one cache line from
+/// core to core, as `parking_lot`'s and std's locks do. On the heap so that the word stays at
+/// one address, where the metrics collection reads its counts (the recorder is told where at
+/// construction, and told to keep the last counts before the block is freed) and the parking
+/// lot keys its waiters.
+#[repr(C, align(64))]
+struct Block<R, T: ?Sized> {
+    raw: R,
+    state: State,
+    value: UnsafeCell<T>,
+}
 
-    /// The wait kept by [`Self::keep_wait`], read by the same holder before it releases.
-    #[cold]
-    fn kept_wait(&self) -> (Ticks, Option<Site>) {
-        let start = Ticks::from_raw(self.wait_start.load(Relaxed));
-        // SAFETY: only `&'static Location` pointers or null are stored (`keep_wait`).
-        let holder = unsafe { self.waited_for.load(Relaxed).cast_const().as_ref() };
-        (start, holder)
+// The offsets the module docs give: a small value shares the word's line.
+const _: () = assert!(std::mem::offset_of!(Block<RawMutex, u64>, value) == 32);
+const _: () = assert!(std::mem::offset_of!(Block<RawRwLock, u64>, value) == 96);
+
+/// The owning pointer to a lock's [`Block`]: allocated by [`Self::new`], freed by
+/// [`Self::free`] or taken apart by [`Self::take_value`] (the lock's drop or `into_inner`,
+/// after detaching the word from the recorder). A raw pointer rather than a `Box`: the recorder
+/// reads the word through its own pointer while the lock is moved around.
+struct Owned<R, T: ?Sized>(NonNull<Block<R, T>>);
+
+impl<R, T> Owned<R, T> {
+    fn new(raw: R, value: T) -> Self {
+        let b = Box::new(Block {
+            raw,
+            state: State::default(),
+            value: UnsafeCell::new(value),
+        });
+        Owned(NonNull::from(Box::leak(b)))
     }
 }
 
-/// Generates what both lock types share: the `WouldBlock` path, poisoning and unlocked access
-/// (`inner`: the value's `UnsafeCell`).
+impl<R, T: ?Sized> Owned<R, T> {
+    #[inline(always)]
+    fn get(&self) -> &Block<R, T> {
+        // SAFETY: allocated by `new`, freed only by `free`/`take_value`, which consume it.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// Frees the block, dropping the value.
+    ///
+    /// # Safety
+    ///
+    /// Nothing uses the block afterwards (the recorder has been detached).
+    unsafe fn free(&mut self) {
+        // SAFETY: allocated by `Box` in `new`; the caller does not use it again.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
+}
+
+impl<R, T> Owned<R, T> {
+    /// Frees the block, returning the value.
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::free`].
+    unsafe fn take_value(&mut self) -> T {
+        // SAFETY: as `free`.
+        let b = unsafe { Box::from_raw(self.0.as_ptr()) };
+        b.value.into_inner()
+    }
+}
+
+/// Generates what both lock types share: the `WouldBlock` path, poisoning, unlocked access, and
+/// the drop that detaches the word from the recorder before freeing the block.
 macro_rules! common {
     ($lock:ident) => {
         impl<T: ?Sized> $lock<T> {
@@ -294,28 +349,49 @@ macro_rules! common {
                 TryLockError::WouldBlock
             }
 
+            #[inline(always)]
+            fn state(&self) -> &State {
+                &self.block.get().state
+            }
+
             /// Whether the lock is poisoned (a holder panicked), as std's.
             pub fn is_poisoned(&self) -> bool {
-                self.state.poisoned()
+                self.state().poisoned()
             }
 
             /// Clears the poisoned state, as std's.
             pub fn clear_poison(&self) {
-                self.state.poisoned.store(false, Relaxed);
+                self.state().poisoned.store(false, Relaxed);
             }
 
             /// Mutable access without locking (an error if poisoned, as std).
             pub fn get_mut(&mut self) -> LockResult<&mut T> {
-                let poisoned = self.state.poisoned();
-                poison(self.inner.get_mut(), poisoned)
+                let poisoned = self.state().poisoned();
+                // SAFETY: `&mut self`: no guard and no other reference to the value exists.
+                poison(unsafe { &mut *self.block.get().value.get() }, poisoned)
             }
         }
 
         impl<T> $lock<T> {
             /// Consumes the lock, returning the value (an error if poisoned, as std).
             pub fn into_inner(self) -> LockResult<T> {
-                let poisoned = self.state.poisoned();
-                poison(self.inner.into_inner(), poisoned)
+                let poisoned = self.state().poisoned();
+                let mut this = std::mem::ManuallyDrop::new(self);
+                this.recorder.detach();
+                // SAFETY: detached, and `this` is not used again (its drop does not run); the
+                // recorder is moved out once.
+                let (value, recorder) =
+                    unsafe { (this.block.take_value(), std::ptr::read(&this.recorder)) };
+                drop(recorder);
+                poison(value, poisoned)
+            }
+        }
+
+        impl<T: ?Sized> Drop for $lock<T> {
+            fn drop(&mut self) {
+                self.recorder.detach();
+                // SAFETY: detached; the block is not used again.
+                unsafe { self.block.free() };
             }
         }
     };
@@ -328,8 +404,8 @@ macro_rules! common {
 pub struct Mutex<T: ?Sized> {
     /// Holds the raw lock (its word counts the holds; the collection reads it there).
     recorder: Arc<Recorder>,
-    state: State,
-    inner: UnsafeCell<T>,
+    /// The raw lock, the state beside it and the value.
+    block: Owned<RawMutex, T>,
 }
 
 // SAFETY: as std's `Mutex`: the lock hands out access to the value to one thread at a time, so
@@ -340,10 +416,12 @@ unsafe impl<T: ?Sized + Send> Sync for Mutex<T> {}
 
 builder! {
     /// Builder for a [`Mutex`]; see [`Mutex::builder`].
-    MutexBuilder => Mutex, |o, value| Mutex {
-        recorder: o.recorder("mutex"),
-        state: State::default(),
-        inner: UnsafeCell::new(value),
+    MutexBuilder => Mutex, |o, value| {
+        let recorder = o.recorder("mutex");
+        let block = Owned::new(RawMutex::default(), value);
+        // SAFETY: the lock's drop (or `into_inner`) detaches it before freeing the block.
+        unsafe { recorder.attach(WordRef::Mutex(NonNull::from(&block.get().raw))) };
+        Mutex { recorder, block }
     }
 }
 
@@ -363,12 +441,17 @@ impl Mutex<()> {
 }
 
 impl<T: ?Sized> Mutex<T> {
+    #[inline(always)]
+    fn raw(&self) -> &RawMutex {
+        &self.block.get().raw
+    }
+
     /// Acquires the mutex, blocking; poisoned as std's is after a panic while held.
     #[inline(always)]
     #[track_caller]
     pub fn lock(&self) -> LockResult<MutexGuard<'_, T>> {
         let site = Location::caller();
-        let since = match self.recorder.raw().try_lock() {
+        let since = match self.raw().try_lock() {
             Some(n) => self.recorder.hold_numbered(n),
             None => Some(self.lock_contended()),
         };
@@ -380,9 +463,9 @@ impl<T: ?Sized> Mutex<T> {
     #[cold]
     #[inline(never)]
     fn lock_contended(&self) -> HoldStart {
-        let raw = self.recorder.raw();
+        let raw = self.raw();
         let timed = self.recorder.sampled(raw.completed());
-        exclusive_wait(&self.recorder, &self.state, timed, |before_park| {
+        exclusive_wait(&self.recorder, self.state(), timed, |before_park| {
             raw.lock_slow(before_park);
         })
     }
@@ -392,7 +475,7 @@ impl<T: ?Sized> Mutex<T> {
     #[track_caller]
     pub fn try_lock(&self) -> TryLockResult<MutexGuard<'_, T>> {
         let site = Location::caller();
-        match self.recorder.raw().try_lock() {
+        match self.raw().try_lock() {
             Some(n) => Ok(self.guard(self.recorder.hold_numbered(n), site)?),
             None => Err(self.would_block(LockMode::Exclusive)),
         }
@@ -400,7 +483,7 @@ impl<T: ?Sized> Mutex<T> {
 
     #[inline(always)]
     fn guard(&self, since: Option<HoldStart>, site: Site) -> LockResult<MutexGuard<'_, T>> {
-        self.state.acquired_at(site);
+        self.state().acquired_at(site);
         let guard = MutexGuard {
             lock: self,
             since,
@@ -408,7 +491,7 @@ impl<T: ?Sized> Mutex<T> {
             poisons: !std::thread::panicking(),
             _not_send: PhantomData,
         };
-        poison(guard, self.state.poisoned())
+        poison(guard, self.state().poisoned())
     }
 }
 
@@ -419,15 +502,15 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
         let mut d = f.debug_struct("Mutex");
         d.field("name", &self.recorder.name());
         // Looked at under the lock, as std's `Debug` does (a real, counted hold).
-        let raw = self.recorder.raw();
+        let raw = self.raw();
         if raw.try_lock().is_some() {
             // SAFETY: held until the unlock below.
-            d.field("data", &unsafe { &*self.inner.get() });
+            d.field("data", &unsafe { &*self.block.get().value.get() });
             raw.unlock();
         } else {
             d.field("data", &format_args!("<locked>"));
         }
-        d.field("poisoned", &self.state.poisoned()).finish()
+        d.field("poisoned", &self.state().poisoned()).finish()
     }
 }
 
@@ -453,8 +536,8 @@ impl<T: ?Sized> Drop for MutexGuard<'_, T> {
         // One branch for the rare cases (a timed hold, a hold that waited), released out of
         // line; inline, one atomic add that counts the hold and unlocks.
         if let Some(since) = self.since {
-            let raw = lock.recorder.raw();
-            exclusive_release_rare(&lock.recorder, &lock.state, since, self.poisons, || {
+            let raw = lock.raw();
+            exclusive_release_rare(&lock.recorder, lock.state(), since, self.poisons, || {
                 if since.contended() {
                     raw.unlock_waited();
                 } else {
@@ -464,9 +547,9 @@ impl<T: ?Sized> Drop for MutexGuard<'_, T> {
             return;
         }
         if self.poisons && std::thread::panicking() {
-            lock.state.poisoned.store(true, Relaxed);
+            lock.state().poisoned.store(true, Relaxed);
         }
-        lock.recorder.raw().unlock();
+        lock.raw().unlock();
     }
 }
 
@@ -488,7 +571,7 @@ fn exclusive_wait(
     });
     match start {
         Some(start) => {
-            state.keep_wait(start, state.site());
+            recorder.keep_wait(start, state.site());
             recorder.waited_hold(timed)
         }
         None => HoldStart::contended_unmeasured(),
@@ -509,7 +592,7 @@ fn exclusive_release_rare(
     unlock: impl FnOnce(),
 ) {
     let site = state.site();
-    let waited = (since.contended() && since.wait_measured()).then(|| state.kept_wait());
+    let waited = (since.contended() && since.wait_measured()).then(|| recorder.kept_wait());
     if poisons && std::thread::panicking() {
         state.poisoned.store(true, Relaxed);
     }
@@ -527,14 +610,14 @@ impl<T: ?Sized> Deref for MutexGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
         // SAFETY: the guard holds the lock.
-        unsafe { &*self.lock.inner.get() }
+        unsafe { &*self.lock.block.get().value.get() }
     }
 }
 
 impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: the guard holds the lock exclusively.
-        unsafe { &mut *self.lock.inner.get() }
+        unsafe { &mut *self.lock.block.get().value.get() }
     }
 }
 
@@ -552,8 +635,8 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
 pub struct RwLock<T: ?Sized> {
     /// Holds the raw lock, whose word counts the holds (the collection reads them there).
     recorder: Arc<Recorder>,
-    state: State,
-    inner: UnsafeCell<T>,
+    /// The raw lock, the state beside it and the value.
+    block: Owned<RawRwLock, T>,
 }
 
 // SAFETY: as std's `RwLock`: sending it sends the value; sharing it hands `&T` to several
@@ -564,10 +647,12 @@ unsafe impl<T: ?Sized + Send + Sync> Sync for RwLock<T> {}
 
 builder! {
     /// Builder for an [`RwLock`]; see [`RwLock::builder`].
-    RwLockBuilder => RwLock, |o, value| RwLock {
-        recorder: o.recorder("rwlock"),
-        state: State::default(),
-        inner: UnsafeCell::new(value),
+    RwLockBuilder => RwLock, |o, value| {
+        let recorder = o.recorder("rwlock");
+        let block = Owned::new(RawRwLock::default(), value);
+        // SAFETY: the lock's drop (or `into_inner`) detaches it before freeing the block.
+        unsafe { recorder.attach(WordRef::RwLock(NonNull::from(&block.get().raw))) };
+        RwLock { recorder, block }
     }
 }
 
@@ -587,12 +672,17 @@ impl RwLock<()> {
 }
 
 impl<T: ?Sized> RwLock<T> {
+    #[inline(always)]
+    fn raw(&self) -> &RawRwLock {
+        &self.block.get().raw
+    }
+
     /// Shared access, blocking (an error if poisoned, as std; readers never poison).
     #[inline(always)]
     #[track_caller]
     pub fn read(&self) -> LockResult<RwLockReadGuard<'_, T>> {
         let site = Location::caller();
-        let since = match self.recorder.rw().try_read() {
+        let since = match self.raw().try_read() {
             Some(n) => self.recorder.hold_numbered(n),
             None => self.read_contended(site),
         };
@@ -605,9 +695,9 @@ impl<T: ?Sized> RwLock<T> {
     #[inline(never)]
     fn read_contended(&self, site: Site) -> Option<HoldStart> {
         let w = self.recorder.contended_start(LockMode::Shared);
-        self.recorder.rw().read_slow(|| {});
+        self.raw().read_slow(|| {});
         self.recorder
-            .read_acquired_contended(w, site, self.state.site())
+            .read_acquired_contended(w, site, self.state().site())
     }
 
     /// Shared access without blocking.
@@ -615,7 +705,7 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn try_read(&self) -> TryLockResult<RwLockReadGuard<'_, T>> {
         let site = Location::caller();
-        if let Some(n) = self.recorder.rw().try_read() {
+        if let Some(n) = self.raw().try_read() {
             Ok(self.read_guard(self.recorder.hold_numbered(n), site)?)
         } else {
             Err(self.would_block(LockMode::Shared))
@@ -628,13 +718,13 @@ impl<T: ?Sized> RwLock<T> {
         since: Option<HoldStart>,
         site: Site,
     ) -> LockResult<RwLockReadGuard<'_, T>> {
-        self.state.acquired_at(site);
+        self.state().acquired_at(site);
         let guard = RwLockReadGuard {
             lock: self,
             since,
             _not_send: PhantomData,
         };
-        poison(guard, self.state.poisoned())
+        poison(guard, self.state().poisoned())
     }
 
     /// Exclusive access, blocking; poisoned as std's is after a panic while held.
@@ -642,7 +732,7 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn write(&self) -> LockResult<RwLockWriteGuard<'_, T>> {
         let site = Location::caller();
-        let since = match self.recorder.rw().try_write() {
+        let since = match self.raw().try_write() {
             Some(n) => self.recorder.hold_numbered(n),
             None => Some(self.write_contended()),
         };
@@ -654,9 +744,9 @@ impl<T: ?Sized> RwLock<T> {
     #[cold]
     #[inline(never)]
     fn write_contended(&self) -> HoldStart {
-        let raw = self.recorder.rw();
+        let raw = self.raw();
         let timed = self.recorder.waiting(LockMode::Exclusive);
-        exclusive_wait(&self.recorder, &self.state, timed, |before_park| {
+        exclusive_wait(&self.recorder, self.state(), timed, |before_park| {
             raw.write_slow(before_park);
         })
     }
@@ -666,7 +756,7 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn try_write(&self) -> TryLockResult<RwLockWriteGuard<'_, T>> {
         let site = Location::caller();
-        if let Some(n) = self.recorder.rw().try_write() {
+        if let Some(n) = self.raw().try_write() {
             Ok(self.write_guard(self.recorder.hold_numbered(n), site)?)
         } else {
             Err(self.would_block(LockMode::Exclusive))
@@ -679,7 +769,7 @@ impl<T: ?Sized> RwLock<T> {
         since: Option<HoldStart>,
         site: Site,
     ) -> LockResult<RwLockWriteGuard<'_, T>> {
-        self.state.acquired_at(site);
+        self.state().acquired_at(site);
         let guard = RwLockWriteGuard {
             lock: self,
             since,
@@ -687,7 +777,7 @@ impl<T: ?Sized> RwLock<T> {
             poisons: !std::thread::panicking(),
             _not_send: PhantomData,
         };
-        poison(guard, self.state.poisoned())
+        poison(guard, self.state().poisoned())
     }
 }
 
@@ -698,15 +788,15 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
         let mut d = f.debug_struct("RwLock");
         d.field("name", &self.recorder.name());
         // Looked at under a shared hold, as std's `Debug` does (a real, counted hold).
-        let raw = self.recorder.rw();
+        let raw = self.raw();
         if raw.try_read().is_some() {
             // SAFETY: held shared until the unlock below.
-            d.field("data", &unsafe { &*self.inner.get() });
+            d.field("data", &unsafe { &*self.block.get().value.get() });
             raw.unlock_read();
         } else {
             d.field("data", &format_args!("<locked>"));
         }
-        d.field("poisoned", &self.state.poisoned()).finish()
+        d.field("poisoned", &self.state().poisoned()).finish()
     }
 }
 
@@ -728,9 +818,9 @@ impl<T: ?Sized> Drop for RwLockReadGuard<'_, T> {
     fn drop(&mut self) {
         let lock = self.lock;
         // One atomic add that counts the hold and releases it.
-        lock.recorder.rw().unlock_read();
+        lock.raw().unlock_read();
         if let Some(since) = self.since {
-            read_hold_done(&lock.recorder, &lock.state, since);
+            read_hold_done(&lock.recorder, lock.state(), since);
         }
     }
 }
@@ -762,8 +852,8 @@ impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
     fn drop(&mut self) {
         let lock = self.lock;
         if let Some(since) = self.since {
-            let raw = lock.recorder.rw();
-            exclusive_release_rare(&lock.recorder, &lock.state, since, self.poisons, || {
+            let raw = lock.raw();
+            exclusive_release_rare(&lock.recorder, lock.state(), since, self.poisons, || {
                 if since.contended() {
                     raw.unlock_write_waited();
                 } else {
@@ -773,10 +863,10 @@ impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
             return;
         }
         if self.poisons && std::thread::panicking() {
-            lock.state.poisoned.store(true, Relaxed);
+            lock.state().poisoned.store(true, Relaxed);
         }
         // One atomic add that counts the hold and releases it.
-        lock.recorder.rw().unlock_write();
+        lock.raw().unlock_write();
     }
 }
 
@@ -784,7 +874,7 @@ impl<T: ?Sized> Deref for RwLockReadGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
         // SAFETY: the guard holds the lock shared.
-        unsafe { &*self.lock.inner.get() }
+        unsafe { &*self.lock.block.get().value.get() }
     }
 }
 
@@ -792,14 +882,14 @@ impl<T: ?Sized> Deref for RwLockWriteGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
         // SAFETY: the guard holds the lock exclusively.
-        unsafe { &*self.lock.inner.get() }
+        unsafe { &*self.lock.block.get().value.get() }
     }
 }
 
 impl<T: ?Sized> DerefMut for RwLockWriteGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: the guard holds the lock exclusively.
-        unsafe { &mut *self.lock.inner.get() }
+        unsafe { &mut *self.lock.block.get().value.get() }
     }
 }
 

@@ -24,8 +24,9 @@ const WAITED: u64 = 4;
 const BUSY: u64 = 8;
 const ONE: u64 = 16;
 
-/// See the [module docs](self). Lives at a fixed address (in the lock's recorder, on the
-/// heap) so that the metrics collection can read its counts and the parking lot can key on it.
+/// See the [module docs](self). Lives at a fixed address (at the start of the lock's heap
+/// block, before the value) so that the metrics collection can read its counts and the parking
+/// lot can key on it.
 #[derive(Debug, Default)]
 pub(crate) struct RawMutex {
     word: AtomicU64,

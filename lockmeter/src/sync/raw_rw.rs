@@ -61,20 +61,28 @@ const _: () = assert!(FIELD_SHIFT[READ_WAITED] + FIELD_BITS == 64);
 const READER_TOKEN: ParkToken = ParkToken(0);
 const WRITER_TOKEN: ParkToken = ParkToken(1);
 
-/// See the [module docs](self). Lives at a fixed address (in the lock's recorder, on the
-/// heap) so that the metrics collection can read its counts and the parking lot can key on it.
+/// See the [module docs](self). Lives at a fixed address (at the start of the lock's heap
+/// block, before the value) so that the metrics collection can read its counts and the parking
+/// lot can key on it.
 #[derive(Debug, Default)]
+#[repr(C)]
 pub(crate) struct RawRwLock {
-    word: AtomicU64,
-    /// Completed exclusive holds that waited; written only by such a holder, before it unlocks.
-    waited: AtomicU64,
     /// The counters' values moved out of the word.
     base: [AtomicU64; 3],
     /// Moves into `base` in progress, and moves completed: readers of the counts retry while
     /// either says one overlapped their reads.
     moving: AtomicU32,
     moved: AtomicU32,
+    /// Puts the word at the start of the next cache line of the lock's (64-aligned) block,
+    /// with the state and the value after it: the line the holders hand to each other.
+    _line: [u8; 32],
+    word: AtomicU64,
+    /// Completed exclusive holds that waited; written only by such a holder, before it unlocks
+    /// (on the word's line: the holders hand it over anyway).
+    waited: AtomicU64,
 }
+
+const _: () = assert!(std::mem::offset_of!(RawRwLock, word) == 64);
 
 /// What the word says, read consistently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
