@@ -171,6 +171,10 @@ fn checked_body(bytes: &[u8]) -> Option<&[u8]> {
             .map_or(bytes.len(), |i| start + i);
         let line = &bytes[start..end];
         if let Some(hex) = line.strip_prefix(b"sum=") {
+            // Exactly as written (`{:016x}`): lowercase only, or a flipped case would pass.
+            if !hex.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+                return None;
+            }
             let want = u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
             return (hex.len() == 16 && end < bytes.len() && fnv1a64(&bytes[..start]) == want)
                 .then_some(&bytes[..start]);
