@@ -20,7 +20,7 @@ mod sink;
 
 #[cfg(feature = "tokio")]
 pub(crate) use recorder::WaitStart;
-pub(crate) use recorder::{Recorder, Spec, WordRef};
+pub(crate) use recorder::{Recorder, Spec, Word};
 pub use schema::{
     instruments, keys, names, DetectedAt, InstrumentSpec, LostReason, MigrationKind, Outcome,
     DEFAULT_BOUNDARIES, SCOPE,

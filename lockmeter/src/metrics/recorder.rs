@@ -77,7 +77,7 @@ pub(crate) struct Recorder {
 /// attaches it at construction and, when dropped, detaches it, leaving its final counts.
 /// Collections read it under the mutex around this, so never after the block is freed.
 #[derive(Debug, Default)]
-enum Word {
+pub(crate) enum Word {
     /// Not an in-process lock, or not attached yet.
     #[default]
     None,
@@ -91,13 +91,6 @@ enum Word {
 // `word` mutex while the lock they belong to is alive: it detaches under that mutex before its
 // block is freed.
 unsafe impl Send for Word {}
-
-/// An in-process lock's word, for [`Recorder::attach`].
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum WordRef {
-    Mutex(std::ptr::NonNull<RawMutex>),
-    RwLock(std::ptr::NonNull<RawRwLock>),
-}
 
 impl Word {
     /// The counts the word holds, as the schema counts them.
@@ -333,12 +326,10 @@ impl Recorder {
     ///
     /// # Safety
     ///
-    /// `word` stays valid until [`Self::detach`] is called (by the lock's drop).
-    pub(crate) unsafe fn attach(&self, word: WordRef) {
-        *self.word_lock() = match word {
-            WordRef::Mutex(p) => Word::Mutex(p),
-            WordRef::RwLock(p) => Word::RwLock(p),
-        };
+    /// The raw lock `word` points to stays valid until [`Self::detach`] is called (by the
+    /// lock's drop).
+    pub(crate) unsafe fn attach(&self, word: Word) {
+        *self.word_lock() = word;
     }
 
     /// The lock whose word is attached goes away: keeps its last counts.

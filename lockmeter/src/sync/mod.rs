@@ -76,7 +76,7 @@ use std::time::Duration;
 
 use crate::clock::{HoldStart, Ticks};
 use crate::kind::LockMode;
-use crate::metrics::{Outcome, Recorder, Sink, Spec, WordRef};
+use crate::metrics::{Outcome, Recorder, Sink, Spec, Word};
 use crate::profile::Site;
 
 pub(crate) mod raw;
@@ -289,28 +289,40 @@ struct Block<R, T: ?Sized> {
 const _: () = assert!(std::mem::offset_of!(Block<RawMutex, u64>, value) == 32);
 const _: () = assert!(std::mem::offset_of!(Block<RawRwLock, u64>, value) == 96);
 
-/// The owning pointer to a lock's [`Block`]: allocated by [`Self::new`], freed by
+/// The owning pointer to a lock's [`Block`]: allocated by [`Self::attached`], freed by
 /// [`Self::free`] or taken apart by [`Self::take_value`] (the lock's drop or `into_inner`,
 /// after detaching the word from the recorder). A raw pointer rather than a `Box`: the recorder
 /// reads the word through its own pointer while the lock is moved around.
 struct Owned<R, T: ?Sized>(NonNull<Block<R, T>>);
 
 impl<R, T> Owned<R, T> {
-    fn new(raw: R, value: T) -> Self {
+    /// A block of `raw` and `value`, its word attached to `recorder` (as `word` says).
+    fn attached(recorder: &Recorder, raw: R, value: T, word: fn(NonNull<R>) -> Word) -> Self {
         let b = Box::new(Block {
             raw,
             state: State::default(),
             value: UnsafeCell::new(value),
         });
-        Owned(NonNull::from(Box::leak(b)))
+        let block = Owned(NonNull::from(Box::leak(b)));
+        // SAFETY: the lock that owns the block detaches the recorder before freeing it (its
+        // drop, or `into_inner`).
+        unsafe { recorder.attach(word(NonNull::from(&block.get().raw))) };
+        block
     }
 }
 
 impl<R, T: ?Sized> Owned<R, T> {
     #[inline(always)]
     fn get(&self) -> &Block<R, T> {
-        // SAFETY: allocated by `new`, freed only by `free`/`take_value`, which consume it.
+        // SAFETY: allocated by `attached`; freed only by `free`/`take_value`, which the lock
+        // calls once, when it goes.
         unsafe { self.0.as_ref() }
+    }
+
+    /// The value (what guards and `get_mut` hand out, as their locks allow).
+    #[inline(always)]
+    fn value(&self) -> *mut T {
+        self.get().value.get()
     }
 
     /// Frees the block, dropping the value.
@@ -368,7 +380,7 @@ macro_rules! common {
             pub fn get_mut(&mut self) -> LockResult<&mut T> {
                 let poisoned = self.state().poisoned();
                 // SAFETY: `&mut self`: no guard and no other reference to the value exists.
-                poison(unsafe { &mut *self.block.get().value.get() }, poisoned)
+                poison(unsafe { &mut *self.block.value() }, poisoned)
             }
         }
 
@@ -402,7 +414,7 @@ macro_rules! common {
 /// An instrumented mutex with `std::sync::Mutex`'s API and poisoning (on lockmeter's own raw
 /// lock, see the [module docs](self)). `Send`/`Sync` exactly when std's is.
 pub struct Mutex<T: ?Sized> {
-    /// Holds the raw lock (its word counts the holds; the collection reads it there).
+    /// Where it records; reads the counts from the raw lock's word at each collection.
     recorder: Arc<Recorder>,
     /// The raw lock, the state beside it and the value.
     block: Owned<RawMutex, T>,
@@ -418,9 +430,7 @@ builder! {
     /// Builder for a [`Mutex`]; see [`Mutex::builder`].
     MutexBuilder => Mutex, |o, value| {
         let recorder = o.recorder("mutex");
-        let block = Owned::new(RawMutex::default(), value);
-        // SAFETY: the lock's drop (or `into_inner`) detaches it before freeing the block.
-        unsafe { recorder.attach(WordRef::Mutex(NonNull::from(&block.get().raw))) };
+        let block = Owned::attached(&recorder, RawMutex::default(), value, Word::Mutex);
         Mutex { recorder, block }
     }
 }
@@ -505,7 +515,7 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
         let raw = self.raw();
         if raw.try_lock().is_some() {
             // SAFETY: held until the unlock below.
-            d.field("data", &unsafe { &*self.block.get().value.get() });
+            d.field("data", &unsafe { &*self.block.value() });
             raw.unlock();
         } else {
             d.field("data", &format_args!("<locked>"));
@@ -610,14 +620,14 @@ impl<T: ?Sized> Deref for MutexGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
         // SAFETY: the guard holds the lock.
-        unsafe { &*self.lock.block.get().value.get() }
+        unsafe { &*self.lock.block.value() }
     }
 }
 
 impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: the guard holds the lock exclusively.
-        unsafe { &mut *self.lock.block.get().value.get() }
+        unsafe { &mut *self.lock.block.value() }
     }
 }
 
@@ -633,7 +643,7 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
 /// lockmeter's own raw lock, see the [module docs](self)): `read` is `lock.mode = shared`,
 /// `write` exclusive. `Send`/`Sync` exactly when std's is.
 pub struct RwLock<T: ?Sized> {
-    /// Holds the raw lock, whose word counts the holds (the collection reads them there).
+    /// Where it records; reads the counts from the raw lock's word at each collection.
     recorder: Arc<Recorder>,
     /// The raw lock, the state beside it and the value.
     block: Owned<RawRwLock, T>,
@@ -649,9 +659,7 @@ builder! {
     /// Builder for an [`RwLock`]; see [`RwLock::builder`].
     RwLockBuilder => RwLock, |o, value| {
         let recorder = o.recorder("rwlock");
-        let block = Owned::new(RawRwLock::default(), value);
-        // SAFETY: the lock's drop (or `into_inner`) detaches it before freeing the block.
-        unsafe { recorder.attach(WordRef::RwLock(NonNull::from(&block.get().raw))) };
+        let block = Owned::attached(&recorder, RawRwLock::default(), value, Word::RwLock);
         RwLock { recorder, block }
     }
 }
@@ -791,7 +799,7 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
         let raw = self.raw();
         if raw.try_read().is_some() {
             // SAFETY: held shared until the unlock below.
-            d.field("data", &unsafe { &*self.block.get().value.get() });
+            d.field("data", &unsafe { &*self.block.value() });
             raw.unlock_read();
         } else {
             d.field("data", &format_args!("<locked>"));
@@ -874,7 +882,7 @@ impl<T: ?Sized> Deref for RwLockReadGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
         // SAFETY: the guard holds the lock shared.
-        unsafe { &*self.lock.block.get().value.get() }
+        unsafe { &*self.lock.block.value() }
     }
 }
 
@@ -882,14 +890,14 @@ impl<T: ?Sized> Deref for RwLockWriteGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
         // SAFETY: the guard holds the lock exclusively.
-        unsafe { &*self.lock.block.get().value.get() }
+        unsafe { &*self.lock.block.value() }
     }
 }
 
 impl<T: ?Sized> DerefMut for RwLockWriteGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: the guard holds the lock exclusively.
-        unsafe { &mut *self.lock.block.get().value.get() }
+        unsafe { &mut *self.lock.block.value() }
     }
 }
 
