@@ -81,8 +81,10 @@
 //! - has its **counts** read by the new provider from the moment lockmeter notices it, and
 //!   they are complete from the lock's creation. [`telemetry::init`] (and
 //!   [`metrics::refresh`], for a provider you install yourself) make it notice at once;
-//!   otherwise it notices at the lock's next timed acquisition (within `sample_every`
-//!   acquisitions) or when another lock is created.
+//!   otherwise it notices at the lock's next timed acquisition (1 in `sample_every`
+//!   acquisitions: after `sample_every` on average for a `sync` lock, whose sample is drawn at
+//!   random, and within `sample_every` for the others, which count) or when another lock is
+//!   created.
 //! - records **wait and hold times** from that moment on; those of acquisitions before it went
 //!   to the no-op provider and are lost. lockmeter says so once, with a `warn!`.
 //!

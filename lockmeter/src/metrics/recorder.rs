@@ -3,15 +3,17 @@
 //! - **Counts** (acquisitions, releases, conflicts) go into the lock's per-thread shards
 //!   ([`super::shard`]) with a plain load and store; the SDK reads them when it collects
 //!   ([`super::series`]). Exact, and nothing on the lock path touches the SDK.
-//! - **Timing** (the two histograms) is sampled: 1 in `sample_mask + 1` acquisitions by number,
-//!   plus the first after each metrics collection (`sample` set to 0 by the collection, put
-//!   back by the timed acquisition), so a lock taken less often than metrics are collected is
-//!   timed every time. Neither rule looks at durations, so the recorded waits and holds are an
-//!   unbiased sample. Records go to histograms bound once per lock (and bound again if the
-//!   global provider changes).
+//! - **Timing** (the two histograms) is sampled: 1 in `sample_mask + 1` acquisitions (by
+//!   number for file and tokio locks; by a draw from a per-thread generator for the `sync`
+//!   locks, which then read nothing but their own word), plus the first after each metrics
+//!   collection (`sample` set to 0 by the collection, put back by the timed acquisition), so a
+//!   lock taken less often than metrics are collected is timed every time. Neither rule looks
+//!   at durations, so the recorded waits and holds are an unbiased sample. Records go to
+//!   histograms bound once per lock (and bound again if the global provider changes).
 //! - **Rare events** (errors, migrations, violations, losses) are recorded as they happen, with
 //!   attributes built then.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -243,6 +245,42 @@ impl Bound {
     }
 }
 
+thread_local! {
+    /// This thread's sampling generator (xorshift64; 0 until seeded).
+    static DRAW: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A number from this thread's generator: the timing sample of the `sync` locks, drawn without
+/// reading a line another thread writes (a lock's hold count is on the line its holders hand
+/// over; reading it right after taking the lock can miss) and without aliasing (a per-thread
+/// count would time only one of two locks a loop takes in turn).
+#[inline(always)]
+fn draw() -> u64 {
+    DRAW.try_with(|c| {
+        let mut x = c.get();
+        if x == 0 {
+            x = seed(c);
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.set(x);
+        x
+    })
+    // A thread being torn down: time it (rare, and never biased by duration).
+    .unwrap_or(0)
+}
+
+/// A nonzero seed for this thread's generator, from the address of its state (splitmix64).
+#[cold]
+#[inline(never)]
+fn seed(c: &Cell<u64>) -> u64 {
+    let mut z = (std::ptr::from_ref(c).addr() as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) | 1
+}
+
 impl Recorder {
     /// A recorder for the lock `spec` describes.
     pub(crate) fn new(spec: Spec<'_>) -> Arc<Recorder> {
@@ -259,8 +297,8 @@ impl Recorder {
         let r = Arc::new(Recorder {
             shards: Default::default(),
             sample_mask,
-            // The first acquisition is timed anyway (number 0).
-            sample: Line(AtomicU64::new(sample_mask)),
+            // The first acquisition is timed, as the first after a collection is.
+            sample: Line(AtomicU64::new(0)),
             name: spec.name.to_owned(),
             base,
             bound: ArcSwap::from_pointee(Bound::new(spec.sink.instruments())),
@@ -355,8 +393,8 @@ impl Recorder {
         (start, holder)
     }
 
-    /// Whether the hold numbered `n` (counted by the lock itself) is timed; returns its start
-    /// if so.
+    /// Whether the hold numbered `n` (or drawn, [`Self::hold_sampled`]) is timed; returns its
+    /// start if so.
     #[inline(always)]
     pub(crate) fn hold_numbered(&self, n: u64) -> Option<HoldStart> {
         if n & self.sample.load(Relaxed) == 0 {
@@ -364,6 +402,20 @@ impl Recorder {
         } else {
             None
         }
+    }
+
+    /// Whether an uncontended acquisition of a `sync` lock is timed (1 in `sample_mask + 1` by
+    /// this thread's draw, or the first after a collection); returns its start if so.
+    #[inline(always)]
+    pub(crate) fn hold_sampled(&self) -> Option<HoldStart> {
+        self.hold_numbered(draw())
+    }
+
+    /// Whether a contended acquisition of a `sync` lock is timed, drawn as
+    /// [`Self::hold_sampled`]'s.
+    #[inline]
+    pub(crate) fn wait_sampled(&self) -> bool {
+        self.sampled(draw())
     }
 
     /// The hold after a `sync::Mutex` or `RwLock` writer's wait begins (the lock counted it;

@@ -28,36 +28,37 @@
 //! can. As with std, a thread that locks a mutex it already holds deadlocks, and a recursive
 //! `read` may deadlock if a writer is waiting.
 //!
-//! Cost model. `Mutex`, uncontended: the lock word's own atomic operations (one `lock bts` to
-//! take it, one atomic add to count the hold and release it), a load of the sampling mask, and
-//! a compare of the holder's call site with the one already stored (stored only when it
-//! changes); no thread-local lookup, no counter of its own. Contended: the wait is counted and
-//! marked on the word when the lock is taken; a wait in the timing sample is measured from its
-//! start, any other from its first park (a wait that only spun, a few microseconds at most,
-//! reads no clock); everything else (the profile, a slow-wait event, histograms) is done by the
-//! guard after the release, outside the critical section. `RwLock`: the same for writers
-//! (one `lock bts`, one atomic add); a reader takes it with one compare-and-swap and releases
-//! it with one atomic add that counts the hold; a reader that finds it taken counts the
-//! conflict in this thread's shard of the lock's counters (see [`crate::metrics`]) and is
-//! timed from there.
-//! Timing (two clock reads and two histogram records) is done for 1 in `sample_every`
-//! acquisitions (default 64, a power of two; [`MutexBuilder::sample_every`]) plus the first
-//! after each metrics collection, chosen without regard to durations, among uncontended and
-//! contended ones alike, so the histograms' quantiles are unbiased estimates and locks taken
-//! less often than metrics are collected are timed every time. The records are made after the
-//! release. Memory: two allocations at construction, the lock's recorder (~1.5 KB: one
-//! 128-byte counter shard per thread slot, and lines of their own for what every acquisition
-//! reads) and its block: the raw lock, the poison flag and the last holder's site, then the value,
-//! from a 64-byte boundary (a `Mutex`'s value starts 32 bytes in, an `RwLock`'s 96: its word
-//! starts the block's second line, after fields a collection reads), so that a small value
-//! shares the lock word's line as it does in std's and `parking_lot`'s locks and a hold hands
-//! one line from core to core. `lock_acquisitions_total`,
-//! `lock_conflicts_total` and `lock_held` are exact: every acquisition and every contended wait
-//! is counted, and the SDK reads them when it collects. `sample_every(1)` times every
-//! acquisition. An uncontended timed acquisition, and a `try_*` that found the lock taken,
-//! record a wait of 0 s: one attempt of a few nanoseconds, inside the lowest bucket (1 µs).
-//! Measured costs: the README's overhead table and `cargo bench -p lockmeter-bench --bench
-//! sync` (an outside crate, side by side with the locks underneath).
+//! Cost model. `Mutex`, uncontended: the lock word's own atomic operations (one `lock bts` to take
+//! it, one atomic add to count the hold and release it), a draw from a per-thread generator and a
+//! load of the sampling mask, and a compare of the holder's call site with the one already stored
+//! (stored only when it changes); no counter of its own, and nothing else of the word read (a load
+//! right after the `bts` stalls, and under contention can miss). Contended: the waiter that takes
+//! the lock counts its wait right away, while the line is still its core's, and releases with the
+//! same one atomic add; a wait in the timing sample is measured from its start, any other from its
+//! first park (a wait that only spun, a few microseconds at most, reads no clock); everything else
+//! (the profile, a slow-wait event, histograms) is done by the guard after the release, outside the
+//! critical section. `RwLock`: the same for writers (one compare-and-swap, one atomic add); a
+//! reader takes it with one compare-and-swap and releases it with one atomic add that counts the
+//! hold; a reader that finds it taken counts the conflict in this thread's shard of the lock's
+//! counters (see [`crate::metrics`]) and is timed from there. Timing (two clock reads and two
+//! histogram records) is done for 1 in `sample_every` acquisitions (default 64, a power of two;
+//! [`MutexBuilder::sample_every`]; drawn at random per thread, so two locks taken in turn are both
+//! sampled) plus the first acquisition of a lock and the first after each metrics collection,
+//! chosen without regard to durations, among uncontended and contended ones alike, so the
+//! histograms' quantiles are unbiased estimates and locks taken less often than metrics are
+//! collected are timed every time. The records are made after the release. Memory: two allocations
+//! at construction, the lock's recorder (~1.5 KB: one 128-byte counter shard per thread slot, and
+//! lines of their own for what every acquisition reads) and its block: the raw lock, the poison
+//! flag and the last holder's site, then the value, from a 64-byte boundary (a `Mutex`'s value
+//! starts 32 bytes in, an `RwLock`'s 96: its word starts the block's second line, after fields a
+//! collection reads), so that a small value shares the lock word's line as it does in std's and
+//! `parking_lot`'s locks and a hold hands one line from core to core. `lock_acquisitions_total`,
+//! `lock_conflicts_total` and `lock_held` are exact: every acquisition and every contended wait is
+//! counted, and the SDK reads them when it collects. `sample_every(1)` times every acquisition. An
+//! uncontended timed acquisition, and a `try_*` that found the lock taken, record a wait of 0 s:
+//! one attempt of a few nanoseconds, inside the lowest bucket (1 µs). Measured costs: the README's
+//! overhead table and `cargo bench -p lockmeter-bench --bench sync` (an outside crate, side by side
+//! with the locks underneath).
 //!
 //! Leaked guards and panics: a guard leaked with `mem::forget` never unlocks the lock
 //! either, so `lock_held` stays raised, which is the truth. A thread that panics while holding
@@ -461,9 +462,10 @@ impl<T: ?Sized> Mutex<T> {
     #[track_caller]
     pub fn lock(&self) -> LockResult<MutexGuard<'_, T>> {
         let site = Location::caller();
-        let since = match self.raw().try_lock() {
-            Some(n) => self.recorder.hold_numbered(n),
-            None => Some(self.lock_contended()),
+        let since = if self.raw().try_lock() {
+            self.recorder.hold_sampled()
+        } else {
+            Some(self.lock_contended())
         };
         self.guard(since, site)
     }
@@ -474,7 +476,7 @@ impl<T: ?Sized> Mutex<T> {
     #[inline(never)]
     fn lock_contended(&self) -> HoldStart {
         let raw = self.raw();
-        let timed = self.recorder.sampled(raw.completed());
+        let timed = self.recorder.wait_sampled();
         exclusive_wait(&self.recorder, self.state(), timed, |before_park| {
             raw.lock_slow(before_park);
         })
@@ -485,9 +487,10 @@ impl<T: ?Sized> Mutex<T> {
     #[track_caller]
     pub fn try_lock(&self) -> TryLockResult<MutexGuard<'_, T>> {
         let site = Location::caller();
-        match self.raw().try_lock() {
-            Some(n) => Ok(self.guard(self.recorder.hold_numbered(n), site)?),
-            None => Err(self.would_block(LockMode::Exclusive)),
+        if self.raw().try_lock() {
+            Ok(self.guard(self.recorder.hold_sampled(), site)?)
+        } else {
+            Err(self.would_block(LockMode::Exclusive))
         }
     }
 
@@ -513,7 +516,7 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
         d.field("name", &self.recorder.name());
         // Looked at under the lock, as std's `Debug` does (a real, counted hold).
         let raw = self.raw();
-        if raw.try_lock().is_some() {
+        if raw.try_lock() {
             // SAFETY: held until the unlock below.
             d.field("data", &unsafe { &*self.block.value() });
             raw.unlock();
@@ -548,11 +551,7 @@ impl<T: ?Sized> Drop for MutexGuard<'_, T> {
         if let Some(since) = self.since {
             let raw = lock.raw();
             exclusive_release_rare(&lock.recorder, lock.state(), since, self.poisons, || {
-                if since.contended() {
-                    raw.unlock_waited();
-                } else {
-                    raw.unlock();
-                }
+                raw.unlock();
             });
             return;
         }
@@ -690,9 +689,10 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn read(&self) -> LockResult<RwLockReadGuard<'_, T>> {
         let site = Location::caller();
-        let since = match self.raw().try_read() {
-            Some(n) => self.recorder.hold_numbered(n),
-            None => self.read_contended(site),
+        let since = if self.raw().try_read() {
+            self.recorder.hold_sampled()
+        } else {
+            self.read_contended(site)
         };
         self.read_guard(since, site)
     }
@@ -713,8 +713,8 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn try_read(&self) -> TryLockResult<RwLockReadGuard<'_, T>> {
         let site = Location::caller();
-        if let Some(n) = self.raw().try_read() {
-            Ok(self.read_guard(self.recorder.hold_numbered(n), site)?)
+        if self.raw().try_read() {
+            Ok(self.read_guard(self.recorder.hold_sampled(), site)?)
         } else {
             Err(self.would_block(LockMode::Shared))
         }
@@ -740,9 +740,10 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn write(&self) -> LockResult<RwLockWriteGuard<'_, T>> {
         let site = Location::caller();
-        let since = match self.raw().try_write() {
-            Some(n) => self.recorder.hold_numbered(n),
-            None => Some(self.write_contended()),
+        let since = if self.raw().try_write() {
+            self.recorder.hold_sampled()
+        } else {
+            Some(self.write_contended())
         };
         self.write_guard(since, site)
     }
@@ -764,8 +765,8 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn try_write(&self) -> TryLockResult<RwLockWriteGuard<'_, T>> {
         let site = Location::caller();
-        if let Some(n) = self.raw().try_write() {
-            Ok(self.write_guard(self.recorder.hold_numbered(n), site)?)
+        if self.raw().try_write() {
+            Ok(self.write_guard(self.recorder.hold_sampled(), site)?)
         } else {
             Err(self.would_block(LockMode::Exclusive))
         }
@@ -797,7 +798,7 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
         d.field("name", &self.recorder.name());
         // Looked at under a shared hold, as std's `Debug` does (a real, counted hold).
         let raw = self.raw();
-        if raw.try_read().is_some() {
+        if raw.try_read() {
             // SAFETY: held shared until the unlock below.
             d.field("data", &unsafe { &*self.block.value() });
             raw.unlock_read();
@@ -862,11 +863,7 @@ impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
         if let Some(since) = self.since {
             let raw = lock.raw();
             exclusive_release_rare(&lock.recorder, lock.state(), since, self.poisons, || {
-                if since.contended() {
-                    raw.unlock_write_waited();
-                } else {
-                    raw.unlock_write();
-                }
+                raw.unlock_write();
             });
             return;
         }

@@ -1,14 +1,17 @@
 //! The raw lock under [`super::Mutex`]: one word that is the lock and also counts its holds,
-//! so an uncontended acquisition costs its compare-and-swap and nothing else, and a contended
-//! one tells the caller it waited without a second compare-and-swap on the contended line.
+//! so an uncontended acquisition costs one `lock bts` and its release one atomic add, and a
+//! contended one tells the caller it waited without a second compare-and-swap on the contended
+//! line.
 //!
-//! The word: bit 0 locked, bit 1 someone may be parked, bit 2 the current hold waited, bit 3 a
-//! holder that waited is moving its hold into [`RawMutex::waited`] (readers retry), bits 4..
-//! the number of completed holds. Waiters spin a little, then park in `parking_lot_core`'s
-//! parking lot (the one `parking_lot`'s locks use), keyed by the lock's address. A release
-//! unlocks first and then wakes one parked waiter, which competes for the lock with any thread
-//! arriving meanwhile: unfair, as std's futex mutex is (parking_lot's eventual-fairness
-//! handoff is not offered).
+//! The word: bit 0 locked, bit 1 someone may be parked, bit 2 a holder that waited is counting
+//! its wait into [`RawMutex::waited`] (readers retry), bits 3.. the number of completed holds.
+//! A holder that waited counts itself right after the compare-and-swap that took the lock,
+//! while the line is still its core's, and releases like any other.
+//!
+//! Waiters spin a little, then park in `parking_lot_core`'s parking lot (the one `parking_lot`'s
+//! locks use), keyed by the lock's address. A release unlocks first and then wakes one parked
+//! waiter, which competes for the lock with any thread arriving meanwhile: unfair, as std's
+//! futex mutex is (parking_lot's eventual-fairness handoff is not offered).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -20,9 +23,8 @@ use parking_lot_core::{
 const LOCKED: u64 = 1;
 /// Someone may be parked: the same bit in [`super::raw_rw`]'s word.
 pub(super) const PARKED: u64 = 2;
-const WAITED: u64 = 4;
-const BUSY: u64 = 8;
-const ONE: u64 = 16;
+const BUSY: u64 = 4;
+const ONE: u64 = 8;
 
 /// See the [module docs](self). Lives at a fixed address (at the start of the lock's heap
 /// block, before the value) so that the metrics collection can read its counts and the parking
@@ -30,7 +32,8 @@ const ONE: u64 = 16;
 #[derive(Debug, Default)]
 pub(crate) struct RawMutex {
     word: AtomicU64,
-    /// Completed holds that waited; written only by such a holder, before it unlocks.
+    /// Holds that waited (the current one included); written only by such a holder, right
+    /// after it took the lock.
     waited: AtomicU64,
 }
 
@@ -46,29 +49,19 @@ pub(crate) struct Counts {
 }
 
 impl RawMutex {
-    /// Takes the lock if it is free; returns the number of holds completed before this one.
+    /// Takes the lock if it is free.
     #[inline(always)]
-    pub(crate) fn try_lock(&self) -> Option<u64> {
+    pub(crate) fn try_lock(&self) -> bool {
         // Only the locked bit of the old value is looked at, so this is one `lock bts` on
-        // x86 (a compare-and-swap loop if the whole old value were used); the count is read
-        // after, from the line this core now owns, and no release can change it meanwhile.
-        if self.word.fetch_or(LOCKED, Acquire) & LOCKED == 0 {
-            Some(self.word.load(Relaxed) / ONE)
-        } else {
-            None
-        }
-    }
-
-    /// The number of completed holds (a racy read, for the timing sample of a wait).
-    #[inline]
-    pub(crate) fn completed(&self) -> u64 {
-        self.word.load(Relaxed) / ONE
+        // x86 (a compare-and-swap loop if the whole old value were used), and nothing else
+        // of the word is read: another core's failing try can take the line between the two.
+        self.word.fetch_or(LOCKED, Acquire) & LOCKED == 0
     }
 
     /// Blocks until the lock is taken (after [`Self::try_lock`] failed): spins a little, then
-    /// parks until a release wakes it, and tries again. The hold is marked as one that waited:
-    /// release it with [`Self::unlock_waited`]. `before_park` runs before each park (a wait
-    /// that only spun never calls it).
+    /// parks until a release wakes it, and tries again; then counts the hold as one that
+    /// waited. Released with [`Self::unlock`] as any other. `before_park` runs before each
+    /// park (a wait that only spun never calls it).
     #[cold]
     #[inline(never)]
     pub(crate) fn lock_slow(&self, before_park: impl FnMut()) {
@@ -77,35 +70,20 @@ impl RawMutex {
             self.key(),
             Waiter {
                 ready: |s| s & LOCKED == 0,
-                take: |s| s | LOCKED | WAITED,
+                take: |s| s | LOCKED | BUSY,
                 park_bits: PARKED,
                 token: DEFAULT_PARK_TOKEN,
                 blocked: |s| s & (LOCKED | PARKED) == LOCKED | PARKED,
             },
             before_park,
         );
+        count_waited(&self.word, &self.waited, BUSY);
     }
 
-    /// Releases a hold taken by [`Self::try_lock`]: one atomic add that counts the hold and
-    /// clears the locked bit.
+    /// Releases the lock: one atomic add that counts the hold and clears the locked bit.
     #[inline(always)]
     pub(crate) fn unlock(&self) {
         let old = self.word.fetch_add(ONE - LOCKED, Release);
-        if old & PARKED != 0 {
-            self.wake();
-        }
-    }
-
-    /// Releases a hold taken by [`Self::lock_slow`]: counts it as one that waited, then
-    /// unlocks (readers of [`Self::counts`] retry while the two are out of step).
-    #[cold]
-    #[inline(never)]
-    pub(crate) fn unlock_waited(&self) {
-        self.word.fetch_or(BUSY, Relaxed);
-        // Only this holder writes it: a plain increment, published before the unlock.
-        self.waited
-            .store(self.waited.load(Relaxed).wrapping_add(1), Release);
-        let old = self.word.fetch_add(ONE - LOCKED - WAITED - BUSY, Release);
         if old & PARKED != 0 {
             self.wake();
         }
@@ -131,8 +109,8 @@ impl RawMutex {
         std::ptr::from_ref(self).addr()
     }
 
-    /// The counts, read consistently: retried while a holder that waited is between counting
-    /// its hold and unlocking.
+    /// The counts, read consistently: retried while a holder that waited is counting its
+    /// wait.
     pub(crate) fn counts(&self) -> Counts {
         loop {
             let w1 = self.waited.load(Acquire);
@@ -142,13 +120,24 @@ impl RawMutex {
                 let held = s & LOCKED != 0;
                 return Counts {
                     acquisitions: s / ONE + u64::from(held),
-                    waited: w1 + u64::from(s & WAITED != 0),
+                    waited: w1,
                     held,
                 };
             }
             std::hint::spin_loop();
         }
     }
+}
+
+/// A holder that waited, its hold marked `busy` in `word` by the compare-and-swap that took
+/// it, counts the wait in `waited` and clears the mark: right after taking the lock, while the
+/// line is most likely still this core's, so that its release is one atomic add as any other.
+/// Readers of the counts retry while the mark is set; only holders write `waited`.
+#[inline(always)]
+pub(super) fn count_waited(word: &AtomicU64, waited: &AtomicU64, busy: u64) {
+    // Release: a reader that sees the new count sees the compare-and-swap before it.
+    waited.store(waited.load(Relaxed).wrapping_add(1), Release);
+    word.fetch_and(!busy, Release);
 }
 
 /// How a waiter of one of the raw locks waits (`PARKED`, bit 1, means the same in both).
@@ -229,12 +218,12 @@ mod tests {
     #[test]
     fn counts_follow_holds_and_waits() {
         let m = RawMutex::default();
-        assert_eq!(m.try_lock(), Some(0));
-        assert!(m.try_lock().is_none());
+        assert!(m.try_lock());
+        assert!(!m.try_lock());
         let c = m.counts();
         assert_eq!((c.acquisitions, c.waited, c.held), (1, 0, true));
         m.unlock();
-        assert_eq!(m.try_lock(), Some(1));
+        assert!(m.try_lock());
         m.unlock();
         m.lock_slow(|| {});
         assert_eq!(
@@ -245,7 +234,7 @@ mod tests {
                 held: true
             }
         );
-        m.unlock_waited();
+        m.unlock();
         assert_eq!(
             m.counts(),
             Counts {
@@ -277,7 +266,7 @@ mod tests {
                 let (s, waits) = (Arc::clone(&s), Arc::clone(&waits));
                 std::thread::spawn(move || {
                     for _ in 0..per {
-                        let waited = if s.m.try_lock().is_some() {
+                        let waited = if s.m.try_lock() {
                             false
                         } else {
                             s.m.lock_slow(|| {});
@@ -287,10 +276,8 @@ mod tests {
                         unsafe { *s.value.get() += 1 };
                         if waited {
                             waits.fetch_add(1, Relaxed);
-                            s.m.unlock_waited();
-                        } else {
-                            s.m.unlock();
                         }
+                        s.m.unlock();
                     }
                 })
             })
