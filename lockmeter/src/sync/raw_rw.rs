@@ -161,7 +161,9 @@ impl RawRwLock {
         if field(old, SHARED_DONE) == HALF - 1 {
             self.move_field(SHARED_DONE);
         }
-        if readers(old) == 1 && old & (PARKED | WRITER_WAITING) != 0 {
+        // Only a parked waiter needs waking: `WRITER_WAITING` alone is a writer spinning (or
+        // woken and retrying), which sees the lock free by itself.
+        if readers(old) == 1 && old & PARKED != 0 {
             self.wake();
         }
     }
@@ -222,7 +224,9 @@ impl RawRwLock {
         if field(old, EXCL_DONE) == HALF - 1 {
             self.move_field(EXCL_DONE);
         }
-        if old & (PARKED | WRITER_WAITING) != 0 {
+        // As in `unlock_read`: a woken writer that is retrying leaves `WRITER_WAITING` set
+        // with nobody parked; waking nobody would search the parking lot twice per release.
+        if old & PARKED != 0 {
             self.wake();
         }
     }
@@ -239,7 +243,7 @@ impl RawRwLock {
         self.moving.fetch_sub(1, SeqCst);
     }
 
-    /// Someone is parked (or a writer waits) and the lock was just freed: wakes one parked
+    /// Someone is parked and the lock was just freed: wakes one parked
     /// writer if there is one (readers stay out: `WRITER_WAITING` stays set), otherwise every
     /// parked reader (and clears the bits no parked thread needs any more).
     #[cold]
