@@ -233,12 +233,18 @@ impl RawRwLock {
 
     /// Moves `HALF` from counter `i` in the word into `base[i]`; done by the operation that
     /// brought the counter to `HALF` (once per half range).
+    ///
+    /// Until the word gives up `HALF`, the other `HALF` values of the field are all that stands
+    /// between its count and the next field: a mover preempted here while other threads take
+    /// 16384 more holds of that kind would carry into it. So the word goes first, right after
+    /// `moving` (which readers of the counts need to see before either changes), and the base
+    /// after it; readers retry across the whole move as before.
     #[cold]
     #[inline(never)]
     fn move_field(&self, i: usize) {
         self.moving.fetch_add(1, SeqCst);
-        self.base[i].fetch_add(HALF, SeqCst);
         self.word.fetch_sub(HALF << FIELD_SHIFT[i], SeqCst);
+        self.base[i].fetch_add(HALF, SeqCst);
         self.moved.fetch_add(1, SeqCst);
         self.moving.fetch_sub(1, SeqCst);
     }
