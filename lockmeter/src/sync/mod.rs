@@ -332,7 +332,7 @@ impl<R, T: ?Sized> Owned<R, T> {
     ///
     /// Nothing uses the block afterwards (the recorder has been detached).
     unsafe fn free(&mut self) {
-        // SAFETY: allocated by `Box` in `new`; the caller does not use it again.
+        // SAFETY: allocated by `Box` in `attached`; the caller does not use it again.
         drop(unsafe { Box::from_raw(self.0.as_ptr()) });
     }
 }
@@ -546,19 +546,16 @@ impl<T: ?Sized> Drop for MutexGuard<'_, T> {
     #[inline(always)]
     fn drop(&mut self) {
         let lock = self.lock;
-        // One branch for the rare cases (a timed hold, a hold that waited), released out of
-        // line; inline, one atomic add that counts the hold and unlocks.
-        if let Some(since) = self.since {
-            let raw = lock.raw();
-            exclusive_release_rare(&lock.recorder, lock.state(), since, self.poisons, || {
+        let raw = lock.raw();
+        exclusive_release(
+            &lock.recorder,
+            lock.state(),
+            self.since,
+            self.poisons,
+            || {
                 raw.unlock();
-            });
-            return;
-        }
-        if self.poisons && std::thread::panicking() {
-            lock.state().poisoned.store(true, Relaxed);
-        }
-        lock.raw().unlock();
+            },
+        );
     }
 }
 
@@ -585,6 +582,28 @@ fn exclusive_wait(
         }
         None => HoldStart::contended_unmeasured(),
     }
+}
+
+/// The release of an exclusive hold (a `Mutex` guard's, an `RwLock` write guard's), `since`
+/// as the guard kept it: one branch for the rare cases (a timed hold, a hold that waited),
+/// released out of line; inline, the poison check and `unlock` (one atomic add that counts the
+/// hold and unlocks).
+#[inline(always)]
+fn exclusive_release(
+    recorder: &Recorder,
+    state: &State,
+    since: Option<HoldStart>,
+    poisons: bool,
+    unlock: impl FnOnce(),
+) {
+    if let Some(since) = since {
+        exclusive_release_rare(recorder, state, since, poisons, unlock);
+        return;
+    }
+    if poisons && std::thread::panicking() {
+        state.poisoned.store(true, Relaxed);
+    }
+    unlock();
 }
 
 /// The release of a timed exclusive hold or of one that waited (a `Mutex`'s, an `RwLock`
@@ -860,18 +879,16 @@ impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
     #[inline(always)]
     fn drop(&mut self) {
         let lock = self.lock;
-        if let Some(since) = self.since {
-            let raw = lock.raw();
-            exclusive_release_rare(&lock.recorder, lock.state(), since, self.poisons, || {
+        let raw = lock.raw();
+        exclusive_release(
+            &lock.recorder,
+            lock.state(),
+            self.since,
+            self.poisons,
+            || {
                 raw.unlock_write();
-            });
-            return;
-        }
-        if self.poisons && std::thread::panicking() {
-            lock.state().poisoned.store(true, Relaxed);
-        }
-        // One atomic add that counts the hold and releases it.
-        lock.raw().unlock_write();
+            },
+        );
     }
 }
 
