@@ -50,7 +50,7 @@
 //! at construction, the lock's recorder (~1.5 KB: one 128-byte counter shard per thread slot, and
 //! lines of their own for what every acquisition reads) and its block: the raw lock, the poison
 //! flag and the last holder's site, then the value, from a 64-byte boundary (a `Mutex`'s value
-//! starts 32 bytes in, an `RwLock`'s 96: its word starts the block's second line, after fields a
+//! starts 32 bytes in, an `RwLock`'s 104: its word starts the block's second line, after fields a
 //! collection reads), so that a small value shares the lock word's line as it does in std's and
 //! `parking_lot`'s locks and a hold hands one line from core to core. `lock_acquisitions_total`,
 //! `lock_conflicts_total` and `lock_held` are exact: every acquisition and every contended wait is
@@ -288,7 +288,7 @@ struct Block<R, T: ?Sized> {
 
 // The offsets the module docs give: a small value shares the word's line.
 const _: () = assert!(std::mem::offset_of!(Block<RawMutex, u64>, value) == 32);
-const _: () = assert!(std::mem::offset_of!(Block<RawRwLock, u64>, value) == 96);
+const _: () = assert!(std::mem::offset_of!(Block<RawRwLock, u64>, value) == 104);
 
 /// The owning pointer to a lock's [`Block`]: allocated by [`Self::attached`], freed by
 /// [`Self::free`] or taken apart by [`Self::take_value`] (the lock's drop or `into_inner`,
