@@ -108,16 +108,54 @@ fn typed(what: &str, e: &Error, path: &Path, op: Operation, errno: &str) {
 
 type Acquire = for<'a> fn(&'a FileLock) -> lockmeter::Result<Option<FileLockGuard<'a>>>;
 
-/// Every acquire call: name, whether it may wait, the call.
-const ACQUIRES: [(&str, bool, Acquire); 5] = [
-    ("lock", true, |l| l.lock().map(Some)),
-    ("lock_shared", true, |l| l.lock_shared().map(Some)),
-    ("try_lock", false, |l| l.try_lock()),
-    ("try_lock_shared", false, |l| l.try_lock_shared()),
-    ("lock_timeout", false, |l| {
-        l.lock_timeout(Duration::from_millis(30))
-    }),
-];
+/// Every acquire call: name, whether it waits in a blocking system call (the async ones, and
+/// `lock_timeout`, poll with non-blocking attempts), the call.
+fn acquires() -> Vec<(&'static str, bool, Acquire)> {
+    let v: Vec<(&'static str, bool, Acquire)> = vec![
+        ("lock", true, |l| l.lock().map(Some)),
+        ("lock_shared", true, |l| l.lock_shared().map(Some)),
+        ("try_lock", false, |l| l.try_lock()),
+        ("try_lock_shared", false, |l| l.try_lock_shared()),
+        ("lock_timeout", false, |l| {
+            l.lock_timeout(Duration::from_millis(30))
+        }),
+    ];
+    #[cfg(feature = "tokio")]
+    let v = {
+        let mut v = v;
+        v.extend([
+            (
+                "lock_async",
+                false,
+                (|l| in_runtime(l.lock_async())) as Acquire,
+            ),
+            ("lock_shared_async", false, |l| {
+                in_runtime(l.lock_shared_async())
+            }),
+        ]);
+        v
+    };
+    v
+}
+
+/// Runs an async acquire on a current-thread runtime, given up after 30 ms as `lock_timeout`
+/// gives up (`Ok(None)`: an `EACCES` from a non-blocking `fcntl` is "held elsewhere", so an
+/// async acquire facing one for good waits for good).
+#[cfg(feature = "tokio")]
+fn in_runtime<'a>(
+    acquire: impl std::future::Future<Output = lockmeter::Result<FileLockGuard<'a>>>,
+) -> lockmeter::Result<Option<FileLockGuard<'a>>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        match tokio::time::timeout(Duration::from_millis(30), acquire).await {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
+    })
+}
 
 #[test]
 fn open_faults() {
@@ -147,7 +185,7 @@ fn lock_faults() {
     let fs = FaultFs::mount();
     for kind in KINDS {
         for (errno, name) in ERRNOS {
-            for (call, waits, acquire) in ACQUIRES {
+            for (call, waits, acquire) in acquires() {
                 let what = format!("{call}, {kind:?}, lock fails with {name}");
                 let rel = format!("lock-{kind:?}-{name}-{call}.lock");
                 let path = fs.path(&rel);
