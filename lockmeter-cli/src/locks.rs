@@ -6,6 +6,8 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::time::Duration;
 
+use lockmeter_agent::proclocks::Kind;
+
 use crate::timefmt;
 
 /// One `/proc/locks` entry.
@@ -49,41 +51,34 @@ impl std::fmt::Display for Inode {
     }
 }
 
-/// Parses `/proc/locks` lines for one inode (`MAJ:MIN:INO`, hex major/minor).
+/// Parses `/proc/locks` lines for one inode (`MAJ:MIN:INO`, hex major/minor), with the
+/// agent's parser (lines it cannot read are left out); kinds and modes as the kernel names them.
 pub fn parse(text: &str, inode: Inode) -> Vec<Entry> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let mut f: Vec<&str> = line.split_whitespace().collect();
-        if f.is_empty() {
-            continue;
-        }
-        f.remove(0); // "N:"
-        let blocked = f.first() == Some(&"->");
-        if blocked {
-            f.remove(0);
-        }
-        // TYPE ADVISORY|MANDATORY MODE PID MAJ:MIN:INO START END
-        if f.len() < 7 {
-            continue;
-        }
-        let mut id = f[4].split(':');
-        let (Some(maj), Some(min), Some(i)) = (id.next(), id.next(), id.next()) else {
-            continue;
-        };
-        let same = u32::from_str_radix(maj, 16).ok() == Some(inode.dev.0)
-            && u32::from_str_radix(min, 16).ok() == Some(inode.dev.1)
-            && i.parse::<u64>().ok() == Some(inode.ino);
-        if same {
-            out.push(Entry {
-                blocked,
-                kind: f[0].to_owned(),
-                mode: f[2].to_owned(),
-                pid: f[3].parse().unwrap_or(-1),
-                range: format!("{}-{}", f[5], f[6]),
-            });
-        }
-    }
-    out
+    lockmeter_agent::proclocks::parse(text)
+        .locks
+        .into_iter()
+        .filter(|l| (l.dev.major, l.dev.minor) == inode.dev && l.ino == inode.ino)
+        .map(|l| Entry {
+            blocked: l.blocked,
+            kind: match l.kind {
+                Kind::Flock => "FLOCK",
+                Kind::Posix => "POSIX",
+                Kind::Ofd => "OFDLCK",
+                Kind::Lease => "LEASE",
+            }
+            .to_owned(),
+            mode: match l.mode {
+                lockmeter::metrics::LockMode::Exclusive => "WRITE",
+                lockmeter::metrics::LockMode::Shared => "READ",
+            }
+            .to_owned(),
+            pid: l.pid.map_or(-1, i64::from),
+            range: match l.end {
+                Some(end) => format!("{}-{end}", l.start),
+                None => format!("{}-EOF", l.start),
+            },
+        })
+        .collect()
 }
 
 /// The `/proc/locks` entries on `inode` now.
@@ -93,7 +88,6 @@ pub fn on(inode: Inode) -> std::io::Result<Vec<Entry>> {
 
 /// Processes with an open descriptor whose fdinfo lists an OFD lock on the inode.
 pub fn ofd_holders(inode: Inode) -> Vec<i64> {
-    let needle = format!("{:02x}:{:02x}:{} ", inode.dev.0, inode.dev.1, inode.ino);
     let mut pids = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return pids;
@@ -107,8 +101,11 @@ pub fn ofd_holders(inode: Inode) -> Vec<i64> {
         };
         let hit = fds.flatten().any(|fd| {
             std::fs::read_to_string(fd.path()).is_ok_and(|t| {
-                t.lines()
-                    .any(|l| l.starts_with("lock:") && l.contains("OFDLCK") && l.contains(&needle))
+                lockmeter_agent::proclocks::parse_fdinfo(&t).any(|l| {
+                    l.kind == Kind::Ofd
+                        && (l.dev.major, l.dev.minor) == inode.dev
+                        && l.ino == inode.ino
+                })
             })
         });
         if hit {
