@@ -199,6 +199,29 @@ fn who_shows_the_owner_record_holders_and_waiters() {
     assert!(out(&o).contains("no locks on this file"), "{}", out(&o));
 }
 
+/// `/proc/locks` names no process for an OFD lock (pid -1): `who` finds the holder through
+/// the `lock:` lines of its descriptors' fdinfo.
+#[test]
+fn who_finds_the_holder_of_an_ofd_lock_through_fdinfo() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("ofd.lock");
+    let mut holder = lm().exec_ready(&["--kind", "ofd"], &lock, "echo ready; read _");
+    let o = lm().command(["who"]).arg(&lock).output().unwrap();
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    let kernel = text
+        .lines()
+        .find(|l| l.starts_with("kernel:") && l.contains("OFDLCK"))
+        .unwrap_or_else(|| panic!("no OFD line: {text}"));
+    assert!(
+        kernel.contains(&format!("pid {} (", holder.id())) && kernel.contains("WRITE"),
+        "the holder, found through fdinfo: {text}"
+    );
+    assert!(!text.contains("owner unknown"), "{text}");
+    send_line(&mut holder, "");
+    assert!(holder.wait().unwrap().success());
+}
+
 #[test]
 fn exec_warns_of_a_violation_and_still_passes_the_status_through() {
     let Some(bf) = Bindfs::new(&[]) else { return };
