@@ -45,6 +45,13 @@ impl Inode {
     }
 }
 
+impl Inode {
+    /// Whether a lock the kernel lists is on this inode.
+    fn has(&self, l: &lockmeter_agent::proclocks::RawLock) -> bool {
+        (l.dev.major, l.dev.minor) == self.dev && l.ino == self.ino
+    }
+}
+
 impl std::fmt::Display for Inode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}:{}", self.dev.0, self.dev.1, self.ino)
@@ -57,7 +64,7 @@ pub fn parse(text: &str, inode: Inode) -> Vec<Entry> {
     lockmeter_agent::proclocks::parse(text)
         .locks
         .into_iter()
-        .filter(|l| (l.dev.major, l.dev.minor) == inode.dev && l.ino == inode.ino)
+        .filter(|l| inode.has(l))
         .map(|l| Entry {
             blocked: l.blocked,
             kind: match l.kind {
@@ -101,11 +108,8 @@ pub fn ofd_holders(inode: Inode) -> Vec<i64> {
         };
         let hit = fds.flatten().any(|fd| {
             std::fs::read_to_string(fd.path()).is_ok_and(|t| {
-                lockmeter_agent::proclocks::parse_fdinfo(&t).any(|l| {
-                    l.kind == Kind::Ofd
-                        && (l.dev.major, l.dev.minor) == inode.dev
-                        && l.ino == inode.ino
-                })
+                lockmeter_agent::proclocks::parse_fdinfo(&t)
+                    .any(|l| l.kind == Kind::Ofd && inode.has(&l))
             })
         });
         if hit {

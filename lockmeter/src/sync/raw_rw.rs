@@ -56,6 +56,8 @@ const FIELD_SHIFT: [u32; 3] = [
 const ONE_SHARED_DONE: u64 = 1 << FIELD_SHIFT[SHARED_DONE];
 const ONE_EXCL_DONE: u64 = 1 << FIELD_SHIFT[EXCL_DONE];
 const ONE_READ_WAITED: u64 = 1 << FIELD_SHIFT[READ_WAITED];
+/// What a shared release adds to the word: one completed shared hold, one reader fewer.
+const READ_RELEASE: u64 = ONE_SHARED_DONE.wrapping_sub(ONE_READER);
 /// A counter that reaches this is moved into its base.
 const HALF: u64 = 1 << (FIELD_BITS - 1);
 
@@ -164,16 +166,11 @@ impl RawRwLock {
     /// Releases a shared hold: one atomic add that counts it and drops the reader.
     #[inline(always)]
     pub(crate) fn unlock_read(&self) {
-        let old = self
-            .word
-            .fetch_add(ONE_SHARED_DONE.wrapping_sub(ONE_READER), Release);
+        let old = self.word.fetch_add(READ_RELEASE, Release);
         // The word as this release left it, for the next writer's try (measured: a reader that
         // stores it before its release, and takes its own hold from it, lost a quarter or more
         // of the throughput of two threads reading at once: the line moves once more per hold).
-        self.hint.store(
-            old.wrapping_add(ONE_SHARED_DONE.wrapping_sub(ONE_READER)),
-            Relaxed,
-        );
+        self.hint.store(old.wrapping_add(READ_RELEASE), Relaxed);
         if field(old, SHARED_DONE) == HALF - 1 {
             self.move_field(SHARED_DONE);
         }
