@@ -1,12 +1,13 @@
 //! The raw lock under [`super::RwLock`]: one word that is the lock and also counts its holds,
 //! as [`super::raw::RawMutex`] does for the `Mutex`. A reader takes the lock with one
 //! compare-and-swap, a writer with one too; each releases it with one atomic add that
-//! also counts the hold. A writer's compare-and-swap starts from a guess kept beside the word
-//! (`hint`: the word as the last release left it), not from a load of the word, which waits
-//! for the locked instruction that last wrote it; a wrong guess costs one failed
-//! compare-and-swap, which returns the word. Nothing else is written inside a critical section
-//! but that guess, on the word's own line, so waiters spinning on the word never make the
-//! holder miss its cache line twice.
+//! also counts the hold. A writer's compare-and-swap starts from a guess at the word, not from
+//! a load of it: the thread's own guess if the last lock it held exclusively was this one
+//! (kept in a thread-local, off the lock's line), else the one kept beside the word (`hint`:
+//! the word as the last release left it). A wrong guess costs one failed compare-and-swap,
+//! which returns the word. Nothing else is written inside a critical section but that guess,
+//! on the word's own line, so waiters spinning on the word never make the holder miss its
+//! cache line twice.
 //!
 //! The word, from bit 0: `WRITER` (held exclusively), `PARKED` (someone may be parked),
 //! `WRITER_WAITING` (a writer is parked, or was woken and is retrying: new readers stay out,
@@ -23,6 +24,7 @@
 //! otherwise every parked reader. Writers may take a free lock ahead of a woken waiter
 //! (unfair, as std's futex locks are); readers may not while a writer waits.
 
+use std::cell::Cell;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
@@ -63,6 +65,13 @@ const HALF: u64 = 1 << (FIELD_BITS - 1);
 
 const _: () = assert!(FIELD_SHIFT[READ_WAITED] + FIELD_BITS == 64);
 
+thread_local! {
+    /// This thread's guess at the word of the lock it last held exclusively: that lock's
+    /// address, and the word its release leaves if nobody else writes it meanwhile. Read and
+    /// written without touching the lock's line (see [`RawRwLock::try_write`]).
+    static GUESS: Cell<(usize, u64)> = const { Cell::new((0, 0)) };
+}
+
 const READER_TOKEN: ParkToken = ParkToken(0);
 const WRITER_TOKEN: ParkToken = ParkToken(1);
 
@@ -85,10 +94,10 @@ pub(crate) struct RawRwLock {
     /// Exclusive holds that waited (the current one included); written only by such a holder,
     /// right after it took the lock (on the word's line: the holders hand it over anyway).
     waited: AtomicU64,
-    /// A guess at the word, from which [`Self::try_write`] tries its compare-and-swap: what a
-    /// release leaves in the word if nobody else writes it in between (set by a writer when
-    /// it takes the lock, by a reader after its release). Never trusted: the compare-and-swap
-    /// checks it.
+    /// A guess at the word, from which [`Self::try_write`] tries its compare-and-swap when
+    /// the thread has no guess of its own for this lock: what a release leaves in the word if
+    /// nobody else writes it in between (set by a writer when it takes the lock, by a reader
+    /// after its release). Never trusted: the compare-and-swap checks it.
     hint: AtomicU64,
 }
 
@@ -184,23 +193,23 @@ impl RawRwLock {
     /// Takes the lock exclusively if nobody holds it.
     #[inline(always)]
     pub(crate) fn try_write(&self) -> bool {
-        // A compare-and-swap from the value `hint` predicts (the word as the last release
-        // left it), not from a load of the word: the readers must be looked at, and a load of
-        // the word right after the locked instruction that last wrote it (the previous
-        // release, in a loop) waits for it. Only a guess: a stale one fails the
-        // compare-and-swap, which returns the word, and the loop goes on from that. Measured in
-        // the user bench: 1.12x `parking_lot`'s blind compare-and-swap, against 1.36x with a
-        // load of the word and 1.33x with a `bts` and a load (see the README).
-        let mut s = self.hint.load(Relaxed);
+        // A compare-and-swap from a guess at the word, not from a load of it. Uncontended, a
+        // load of the word right after the locked instruction that last wrote it (the previous
+        // release, in a loop) waits for that instruction. Contended, a load before the
+        // compare-and-swap moves the line twice (to read it, then to own it) where the
+        // compare-and-swap alone moves it once; a wrong guess costs one failed
+        // compare-and-swap, which returns the word (the line now this core's), and the loop
+        // goes on from that. So the guess is this thread's own when it last held this lock
+        // (no access to the line at all), else the hint beside the word. See the README for
+        // the measurements.
+        let mut s = self.guess();
         if s & (WRITER | READERS_MASK) != 0 {
             s = self.word.load(Relaxed);
         }
         while s & (WRITER | READERS_MASK) == 0 {
             match self.word.compare_exchange(s, s | WRITER, Acquire, Relaxed) {
                 Ok(_) => {
-                    // The word after this hold's release, if nobody else writes it meanwhile:
-                    // stored now, while the line is this core's, not after the release.
-                    self.hint.store(s.wrapping_add(ONE_EXCL_DONE), Relaxed);
+                    self.predict(s.wrapping_add(ONE_EXCL_DONE));
                     return true;
                 }
                 Err(now) => s = now,
@@ -209,13 +218,33 @@ impl RawRwLock {
         false
     }
 
+    /// Where [`Self::try_write`] starts: this thread's guess if the last lock it held
+    /// exclusively was this one, else the hint.
+    #[inline(always)]
+    fn guess(&self) -> u64 {
+        match GUESS.try_with(Cell::get) {
+            Ok((lock, w)) if lock == self.key() => w,
+            _ => self.hint.load(Relaxed),
+        }
+    }
+
+    /// An exclusive hold was just taken: records `w`, the word its release leaves if nobody
+    /// else writes it meanwhile, as this thread's guess and as the hint (stored now, while
+    /// the line is this core's, not after the release).
+    #[inline(always)]
+    fn predict(&self, w: u64) {
+        // A thread being torn down has no guess: it tries from the hint.
+        let _ = GUESS.try_with(|g| g.set((self.key(), w)));
+        self.hint.store(w, Relaxed);
+    }
+
     /// Blocks until the lock is taken exclusively (after [`Self::try_write`] failed), then
     /// counts the hold as one that waited. Released with [`Self::unlock_write`] as any other.
     /// `before_park` runs before each park (a wait that only spun never calls it).
     #[cold]
     #[inline(never)]
     pub(crate) fn write_slow(&self, before_park: impl FnMut()) {
-        wait(
+        let old = wait(
             &self.word,
             self.key(),
             Waiter {
@@ -230,6 +259,7 @@ impl RawRwLock {
             before_park,
         );
         count_waited(&self.word, &self.waited, BUSY);
+        self.predict((old & !WRITER_WAITING).wrapping_add(ONE_EXCL_DONE));
     }
 
     /// Releases an exclusive hold: one atomic add that counts it and unlocks.
@@ -415,30 +445,55 @@ mod tests {
         l.unlock_read();
     }
 
-    /// `try_write` starts from the hint but never trusts it: a hint that says free while a
-    /// reader holds, one that says taken while the lock is free, and one with other counts all
-    /// give the right answer, and the counts stay exact.
+    /// `try_write` starts from a guess (the thread's own, else the hint) but never trusts it:
+    /// a guess that says free while a reader holds, one that says taken while the lock is
+    /// free, and one with other counts all give the right answer, and the counts stay exact.
     #[test]
-    fn try_write_checks_the_hint() {
+    fn try_write_checks_its_guesses() {
         let l = RawRwLock::default();
-        assert!(l.try_read());
-        l.hint.store(0, Relaxed);
-        assert!(!l.try_write(), "a reader holds it, whatever the hint says");
-        l.unlock_read();
-        l.hint.store(WRITER | (ONE_READER * 3), Relaxed);
-        assert!(l.try_write(), "free, whatever the hint says");
-        assert!(!l.try_write());
-        l.unlock_write();
-        l.hint.store(ONE_EXCL_DONE * 7, Relaxed);
-        assert!(l.try_write(), "free, with other counts in the hint");
-        l.unlock_write();
-        // What a release leaves: the next try succeeds at the first compare-and-swap.
+        let mine = |w: u64| GUESS.with(|g| g.set((l.key(), w)));
+        let other_lock = |w: u64| GUESS.with(|g| g.set((l.key() + 64, w)));
+        for (guess, from) in [(&mine as &dyn Fn(u64), "own"), (&other_lock, "hint")] {
+            let set = |w: u64| {
+                guess(w);
+                l.hint.store(w, Relaxed);
+            };
+            assert!(l.try_read());
+            set(0);
+            assert!(
+                !l.try_write(),
+                "{from}: a reader holds it, whatever the guess"
+            );
+            l.unlock_read();
+            set(WRITER | (ONE_READER * 3));
+            assert!(l.try_write(), "{from}: free, whatever the guess");
+            assert!(!l.try_write());
+            l.unlock_write();
+            set(ONE_EXCL_DONE * 7);
+            assert!(
+                l.try_write(),
+                "{from}: free, with other counts in the guess"
+            );
+            l.unlock_write();
+        }
+        // The hold taken by the last try predicted what its release left, in both places.
         assert_eq!(l.hint.load(Relaxed), l.word.load(Relaxed));
+        assert_eq!(GUESS.with(Cell::get), (l.key(), l.word.load(Relaxed)));
+        // Another lock's guess is not this one's: the hint is used, and wrong, and still
+        // nothing goes wrong.
+        other_lock(0);
+        l.hint.store(0, Relaxed);
+        assert!(l.try_write());
+        l.unlock_write();
         let c = l.counts();
         assert_eq!(
             (c.shared, c.exclusive, c.readers, c.writer),
-            (1, 2, 0, false)
+            (2, 5, 0, false)
         );
+        // A hold that waited predicts too.
+        l.write_slow(|| {});
+        l.unlock_write();
+        assert_eq!(GUESS.with(Cell::get), (l.key(), l.word.load(Relaxed)));
     }
 
     /// Waits until `flag` is set (a thread is about to park), failing after 10 s.
