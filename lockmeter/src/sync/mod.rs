@@ -278,8 +278,11 @@ impl State {
 /// core to core, as `parking_lot`'s and std's locks do. On the heap so that the word stays at
 /// one address, where the metrics collection reads its counts (the recorder is told where at
 /// construction, and told to keep the last counts before the block is freed) and the parking
-/// lot keys its waiters.
-#[repr(C, align(64))]
+/// lot keys its waiters. Aligned to a pair of cache lines, which x86's adjacent-line prefetch
+/// fetches together: the word's line never pairs with another allocation's line, whose misses
+/// on other cores would prefetch it away from the holder (`RwLock` write, 2 pinned threads:
+/// ~+3% throughput over five launches each).
+#[repr(C, align(128))]
 struct Block<R, T: ?Sized> {
     raw: R,
     state: State,

@@ -87,7 +87,7 @@ pub(crate) struct RawRwLock {
     /// either says one overlapped their reads.
     moving: AtomicU32,
     moved: AtomicU32,
-    /// Puts the word at the start of the next cache line of the lock's (64-aligned) block,
+    /// Puts the word at the start of the next cache line of the lock's (128-aligned) block,
     /// with the state and the value after it: the line the holders hand to each other.
     _line: [u8; 32],
     word: AtomicU64,
