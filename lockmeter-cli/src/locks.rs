@@ -1,6 +1,6 @@
 //! The kernel's view of a lock file, for `who` and `probe`: `/proc/locks` entries on one
-//! inode, the processes behind them (command line, age), and OFD holders found through
-//! `/proc/PID/fdinfo`.
+//! inode, the processes behind them (command line, age), and the holders `/proc/locks` does not
+//! name (OFD locks; `flock` locks whose taker is gone) found through `/proc/PID/fdinfo`.
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
@@ -19,7 +19,7 @@ pub struct Entry {
     pub kind: String,
     /// `READ` or `WRITE`.
     pub mode: String,
-    /// The process; -1 for OFD locks (see [`ofd_holders`]).
+    /// The process; -1 for OFD locks (see [`Finder::holders`]).
     pub pid: i64,
     /// `START-END` bytes.
     pub range: String,
@@ -93,23 +93,30 @@ pub fn on(inode: Inode) -> std::io::Result<Vec<Entry>> {
     Ok(parse(&std::fs::read_to_string("/proc/locks")?, inode))
 }
 
-/// Processes with an open descriptor whose fdinfo lists an OFD lock on the inode.
-pub fn ofd_holders(inode: Inode) -> Vec<i64> {
+/// Processes with an open descriptor whose fdinfo lists a lock of `kind` on the inode: the
+/// holders of an OFD lock, and of a `flock` lock, through every process that shares the
+/// open file it was taken on. Not this process (run with the descriptor inherited, as
+/// `lockmeter who 9>F` in a script that holds it, it is only looking).
+pub fn fd_holders(inode: Inode, kind: Kind) -> Vec<i64> {
     let mut pids = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return pids;
     };
+    let me = i64::from(std::process::id());
     for p in procs.flatten() {
         let Ok(pid) = p.file_name().to_string_lossy().parse::<i64>() else {
             continue;
         };
+        if pid == me {
+            continue;
+        }
         let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
             continue;
         };
         let hit = fds.flatten().any(|fd| {
             std::fs::read_to_string(fd.path()).is_ok_and(|t| {
                 lockmeter_agent::proclocks::parse_fdinfo(&t)
-                    .any(|l| l.kind == Kind::Ofd && inode.has(&l))
+                    .any(|l| l.kind == kind && inode.has(&l))
             })
         });
         if hit {
@@ -117,6 +124,80 @@ pub fn ofd_holders(inode: Inode) -> Vec<i64> {
         }
     }
     pids
+}
+
+/// Who to name for one `/proc/locks` entry.
+#[derive(Debug, Default)]
+pub struct Holders {
+    /// The processes.
+    pub pids: Vec<i64>,
+    /// The pid `/proc/locks` gives when it is not among them: it took a `flock` lock whose
+    /// open file other processes still have (an inherited descriptor), and has exited or
+    /// closed it since.
+    pub taken_by: Option<i64>,
+}
+
+/// Finds the processes behind `/proc/locks` entries on one inode (scanning fdinfo at most once
+/// per kind).
+#[derive(Debug)]
+pub struct Finder {
+    inode: Inode,
+    ofd: Option<Vec<i64>>,
+    flock: Option<Vec<i64>>,
+}
+
+impl Finder {
+    /// A finder for the entries on `inode`.
+    pub fn new(inode: Inode) -> Finder {
+        Finder {
+            inode,
+            ofd: None,
+            flock: None,
+        }
+    }
+
+    /// The processes behind `e`: for an OFD lock (no pid in `/proc/locks`) those whose
+    /// descriptors list it; for a held `flock` lock the pid `/proc/locks` gives (the process
+    /// that took it) unless it no longer has the lock's open file while others do, then
+    /// those; otherwise the pid `/proc/locks` gives.
+    pub fn holders(&mut self, e: &Entry) -> Holders {
+        let inode = self.inode;
+        if e.pid <= 0 {
+            let pids = self
+                .ofd
+                .get_or_insert_with(|| fd_holders(inode, Kind::Ofd))
+                .clone();
+            return Holders {
+                pids,
+                taken_by: None,
+            };
+        }
+        if e.kind == "FLOCK" && !e.blocked {
+            let sharers = self
+                .flock
+                .get_or_insert_with(|| fd_holders(inode, Kind::Flock));
+            if !sharers.is_empty() && !sharers.contains(&e.pid) {
+                return Holders {
+                    pids: sharers.clone(),
+                    taken_by: Some(e.pid),
+                };
+            }
+        }
+        Holders {
+            pids: vec![e.pid],
+            taken_by: None,
+        }
+    }
+}
+
+/// `, taken by pid 123, which has exited` (or `which no longer has it open`).
+pub fn taken_by_text(pid: i64) -> String {
+    let gone = if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        "which no longer has it open"
+    } else {
+        "which has exited"
+    };
+    format!("taken by pid {pid}, {gone}")
 }
 
 /// What `/proc` says about a process.
@@ -207,23 +288,22 @@ pub fn process_age(pid: i64) -> Option<Duration> {
 /// One line per kernel entry, for people: `FLOCK WRITE held by pid 123 (flock): flock …`.
 pub fn describe(entries: &[Entry], inode: Inode) -> Vec<String> {
     let mut out = Vec::new();
-    let mut ofd = None;
+    let mut finder = Finder::new(inode);
     for e in entries {
-        let pids = if e.pid > 0 {
-            vec![e.pid]
-        } else {
-            ofd.get_or_insert_with(|| ofd_holders(inode)).clone()
-        };
+        let h = finder.holders(e);
         let state = if e.blocked { "waiting" } else { "held" };
-        if pids.is_empty() {
+        if h.pids.is_empty() {
             out.push(format!(
                 "{} {} {state}, owner unknown (OFD lock)",
                 e.kind, e.mode
             ));
         }
-        for pid in pids {
+        for pid in h.pids {
             let p = Process::read(pid);
             let mut line = format!("{} {} {state} by {}", e.kind, e.mode, p.short());
+            if let Some(t) = h.taken_by {
+                line.push_str(&format!(" ({})", taken_by_text(t)));
+            }
             if let Some(c) = &p.cmdline {
                 line.push_str(": ");
                 line.push_str(c);

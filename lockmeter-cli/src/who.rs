@@ -19,8 +19,9 @@ host, pid, fencing token, when it was acquired (local time) and for how long it 
 then every kernel lock on the file from /proc/locks (this host only): type, mode, holder or \
 waiter, its command line, and how long it has been there. /proc/locks keeps no times: hold and \
 wait times there are the processes' ages, which for flock(1) and lockmeter (they lock as they \
-start) are the lock's to within milliseconds. OFD locks carry no pid in /proc/locks; their \
-holders are found through /proc/PID/fdinfo."
+start) are the lock's to within milliseconds. OFD locks carry no pid in /proc/locks, and the pid \
+of a flock lock is the process that took it, which may have exited while a process that \
+inherited the descriptor holds on: those holders are found through /proc/PID/fdinfo."
 )]
 pub struct WhoArgs {
     /// The lock file.
@@ -109,19 +110,15 @@ pub fn run(args: WhoArgs) -> ExitCode {
     if entries.is_empty() {
         println!("kernel:     no locks on this file on this host");
     }
-    let mut ofd = None;
+    let mut finder = locks::Finder::new(inode);
     for e in &entries {
-        let pids = if e.pid > 0 {
-            vec![e.pid]
-        } else {
-            ofd.get_or_insert_with(|| locks::ofd_holders(inode)).clone()
-        };
+        let h = finder.holders(e);
         let state = if e.blocked { "waiting" } else { "held" };
         let head = format!("kernel:     {:<7} {:<5} {state:<8}", e.kind, e.mode);
-        if pids.is_empty() {
+        if h.pids.is_empty() {
             println!("{head}owner unknown (OFD lock) bytes {}", e.range);
         }
-        for pid in pids {
+        for pid in h.pids {
             let p = Process::read(pid);
             let time = if e.blocked {
                 locks::wait_text(&p)
@@ -131,7 +128,11 @@ pub fn run(args: WhoArgs) -> ExitCode {
                 p.age.map(|a| format!("running for {}", timefmt::age(a)))
             };
             let time = time.map(|t| format!(", {t}")).unwrap_or_default();
-            println!("{head}{}{time}, bytes {}", p.short(), e.range);
+            let taken = h
+                .taken_by
+                .map(|t| format!(" ({})", locks::taken_by_text(t)))
+                .unwrap_or_default();
+            println!("{head}{}{taken}{time}, bytes {}", p.short(), e.range);
             if let Some(c) = &p.cmdline {
                 println!("            command: {c}");
             }

@@ -222,6 +222,42 @@ fn who_finds_the_holder_of_an_ofd_lock_through_fdinfo() {
     assert!(holder.wait().unwrap().success());
 }
 
+/// A `flock` lock outlives the process that took it when another has its open file (the
+/// descriptor form: `exec 9>F; lockmeter exec 9`, then the shell goes on). `/proc/locks` still
+/// names the exited taker; `who` names the shell that holds the descriptor now, and says who
+/// took it.
+#[test]
+fn who_names_the_process_that_holds_an_inherited_flock_descriptor() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("inherited.lock");
+    let (mut shell, _) = lockmeter_testkit::proc::spawn_ready(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"exec 9>"$1"; "$2" exec 9 || exit 9; echo "ready $!"; read _"#)
+            .arg("sh")
+            .arg(&lock)
+            .arg(env!("CARGO_BIN_EXE_lockmeter")),
+        "ready",
+    );
+    let o = lm().command(["who"]).arg(&lock).output().unwrap();
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    let kernel = text
+        .lines()
+        .find(|l| l.starts_with("kernel:") && l.contains("FLOCK"))
+        .unwrap_or_else(|| panic!("no FLOCK line: {text}"));
+    assert!(
+        kernel.contains(&format!("pid {} (sh)", shell.id())),
+        "the shell holds it: {text}"
+    );
+    assert!(
+        kernel.contains("taken by pid ") && kernel.contains("which has exited"),
+        "{text}"
+    );
+    send_line(&mut shell, "");
+    assert!(shell.wait().unwrap().success());
+}
+
 #[test]
 fn exec_warns_of_a_violation_and_still_passes_the_status_through() {
     let Some(bf) = Bindfs::new(&[]) else { return };
