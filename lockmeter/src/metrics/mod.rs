@@ -26,6 +26,8 @@ pub use schema::{
     DEFAULT_BOUNDARIES, SCOPE,
 };
 pub use series::SERIES_LIMIT;
+#[cfg(feature = "telemetry")]
+pub(crate) use sink::global_has_counts;
 pub use sink::Sink;
 
 pub use crate::kind::LockMode;

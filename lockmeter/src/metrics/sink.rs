@@ -176,6 +176,12 @@ impl Instruments {
 /// Locks recording into the global provider, whichever it is.
 static GLOBAL_REGISTRY: LazyLock<Arc<Registry>> = LazyLock::new(|| Arc::new(Registry::new()));
 
+/// Whether any lock recording into the global provider has counted anything.
+#[cfg(feature = "telemetry")]
+pub(crate) fn global_has_counts() -> bool {
+    GLOBAL_REGISTRY.has_counts()
+}
+
 /// The global provider lockmeter last saw, and the instruments created on it. The provider is
 /// kept alive here so that a new one cannot reuse its address unnoticed.
 struct Global {

@@ -33,7 +33,7 @@ mod config;
 mod serve;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -476,6 +476,7 @@ impl TelemetryBuilder {
             export_timeout: metrics_timeout.max(traces_timeout),
             last_export_error,
             scrapes,
+            registry_taken: AtomicBool::new(false),
             shut_down: false,
             tracing_installed,
             runtime,
@@ -518,6 +519,8 @@ pub struct Telemetry {
     last_export_error: Arc<Mutex<Option<String>>>,
     /// `/metrics` requests served.
     scrapes: Arc<AtomicU64>,
+    /// [`Self::prometheus_registry`] was called: the program reads the values itself.
+    registry_taken: AtomicBool,
     shut_down: bool,
     tracing_installed: bool,
     runtime: Option<BackgroundRuntime>,
@@ -566,8 +569,10 @@ impl Telemetry {
     }
 
     /// The Prometheus registry behind `/metrics`, for reading the current values in-process
-    /// (the demo's summary table does).
+    /// (the demo's summary table does). A program that asks for it delivers the values itself:
+    /// dropping the `Telemetry` then says nothing of unscraped metrics.
     pub fn prometheus_registry(&self) -> Option<&prometheus::Registry> {
+        self.registry_taken.store(true, Ordering::Relaxed);
         self.registry.as_ref()
     }
 
@@ -785,11 +790,39 @@ fn secs_text(d: Duration) -> String {
     }
 }
 
+impl Telemetry {
+    /// The `/metrics` address, if what the program's locks counted was never delivered: served
+    /// only there (no OTLP), never scraped, and the registry never read in-process.
+    fn undelivered(&self) -> Option<SocketAddr> {
+        let addr = self.prometheus?;
+        let delivered = self.metrics_exporters.contains(&MetricsExporter::Otlp)
+            || self.scrapes.load(Ordering::Relaxed) > 0
+            || self.registry_taken.load(Ordering::Relaxed);
+        (!delivered && crate::metrics::global_has_counts()).then_some(addr)
+    }
+}
+
 impl Drop for Telemetry {
+    /// Shuts down as [`Telemetry::shutdown`] does, printing its error if any; and says so when
+    /// the program's lock metrics went nowhere (a short-lived program that exits before
+    /// Prometheus's next scrape loses them: push them over OTLP instead). An explicit
+    /// `shutdown()` leaves that to the caller ([`Telemetry::prometheus_scrapes`]).
     fn drop(&mut self) {
+        let undelivered = if self.shut_down {
+            None
+        } else {
+            self.undelivered()
+        };
         if let Err(e) = self.shutdown_inner() {
             // The subscriber may be gone at exit; make sure the message is seen.
             eprintln!("lockmeter: warning: {e}");
+        }
+        if let Some(addr) = undelivered {
+            eprintln!(
+                "lockmeter: note: this program's lock metrics were not delivered: nothing \
+                 scraped http://{addr}/metrics before it ended (set OTEL_EXPORTER_OTLP_ENDPOINT \
+                 to push them to a collector)"
+            );
         }
     }
 }
