@@ -190,14 +190,18 @@ impl Finder {
     }
 }
 
-/// `, taken by pid 123, which has exited` (or `which no longer has it open`).
-pub fn taken_by_text(pid: i64) -> String {
+/// What follows a holder taken over from `taken_by` ([`Holders::taken_by`]): ` (taken by pid
+/// 123, which has exited)`, or `which no longer has it open`; empty when `None`.
+pub fn taken_by_text(taken_by: Option<i64>) -> String {
+    let Some(pid) = taken_by else {
+        return String::new();
+    };
     let gone = if std::path::Path::new(&format!("/proc/{pid}")).exists() {
         "which no longer has it open"
     } else {
         "which has exited"
     };
-    format!("taken by pid {pid}, {gone}")
+    format!(" (taken by pid {pid}, {gone})")
 }
 
 /// What `/proc` says about a process.
@@ -300,10 +304,13 @@ pub fn describe(entries: &[Entry], inode: Inode) -> Vec<String> {
         }
         for pid in h.pids {
             let p = Process::read(pid);
-            let mut line = format!("{} {} {state} by {}", e.kind, e.mode, p.short());
-            if let Some(t) = h.taken_by {
-                line.push_str(&format!(" ({})", taken_by_text(t)));
-            }
+            let mut line = format!(
+                "{} {} {state} by {}{}",
+                e.kind,
+                e.mode,
+                p.short(),
+                taken_by_text(h.taken_by)
+            );
             if let Some(c) = &p.cmdline {
                 line.push_str(": ");
                 line.push_str(c);

@@ -128,10 +128,7 @@ pub fn run(args: WhoArgs) -> ExitCode {
                 p.age.map(|a| format!("running for {}", timefmt::age(a)))
             };
             let time = time.map(|t| format!(", {t}")).unwrap_or_default();
-            let taken = h
-                .taken_by
-                .map(|t| format!(" ({})", locks::taken_by_text(t)))
-                .unwrap_or_default();
+            let taken = locks::taken_by_text(h.taken_by);
             println!("{head}{}{taken}{time}, bytes {}", p.short(), e.range);
             if let Some(c) = &p.cmdline {
                 println!("            command: {c}");
