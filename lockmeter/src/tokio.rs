@@ -65,6 +65,16 @@ impl HolderSite {
     }
 }
 
+/// What tokio's own acquire does once it has the lock: spend a unit of the task's cooperative
+/// budget, and yield (still holding the lock) if the budget is spent. The uncontended path
+/// takes the lock with `try_*`, which spends none; without this a task taking a free lock in
+/// a loop never yielded, and other tasks on its worker starved. (`poll_proceed` is public
+/// from tokio 1.47, the workspace's floor.)
+async fn spend_budget() {
+    std::future::poll_fn(|cx| ::tokio::task::coop::poll_proceed(cx).map(|r| r.made_progress()))
+        .await;
+}
+
 /// Try first; on conflict count it and await `wait`, recording the wait (or its cancellation).
 async fn acquire<'s, G, F>(
     recorder: &'s Recorder,
@@ -78,6 +88,7 @@ where
     F: Future<Output = G>,
 {
     if let Some(g) = tried {
+        spend_budget().await;
         holder.acquired_at(site);
         return (g, crate::sync::uncontended(recorder, mode, site));
     }

@@ -437,6 +437,67 @@ fn tokio_rwlock_times_waits_and_holds_together() {
     );
 }
 
+/// A task that takes a free tokio lock in a loop spends its cooperative budget as it would on
+/// `tokio::sync`'s own locks, so another task on the same worker gets to run (a drop-in that
+/// took free locks with `try_lock` alone never yielded: the other task starved until the loop
+/// ended).
+#[test]
+#[cfg(feature = "tokio")]
+fn tokio_locks_spend_the_task_budget_as_tokio_does() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const ROUNDS: u32 = 10_000;
+    /// Rounds of `take` before a task spawned first on the same worker ran (None: never).
+    fn rounds_until_other_task_ran<F: std::future::Future<Output = ()>>(
+        take: impl Fn() -> F,
+    ) -> Option<u32> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let ran = Arc::new(AtomicBool::new(false));
+        rt.block_on(async {
+            let flag = Arc::clone(&ran);
+            let other = tokio::spawn(async move { flag.store(true, Ordering::SeqCst) });
+            let mut seen = None;
+            for i in 0..ROUNDS {
+                take().await;
+                if seen.is_none() && ran.load(Ordering::SeqCst) {
+                    seen = Some(i);
+                }
+            }
+            other.await.unwrap();
+            seen
+        })
+    }
+    let tokio_mutex = tokio::sync::Mutex::new(0u32);
+    let theirs = rounds_until_other_task_ran(|| async {
+        *tokio_mutex.lock().await += 1;
+    });
+    assert!(theirs.is_some(), "tokio's own Mutex let the other task run");
+    let m = lockmeter::tokio::Mutex::named("budget", 0u32);
+    let rw = lockmeter::tokio::RwLock::named("budget-rw", 0u32);
+    let ours = [
+        rounds_until_other_task_ran(|| async {
+            *m.lock().await += 1;
+        }),
+        rounds_until_other_task_ran(|| async {
+            let _ = *rw.read().await;
+        }),
+        rounds_until_other_task_ran(|| async {
+            *rw.write().await += 1;
+        }),
+    ];
+    for (what, n) in ["Mutex::lock", "RwLock::read", "RwLock::write"]
+        .iter()
+        .zip(ours)
+    {
+        assert_eq!(
+            n, theirs,
+            "{what}: the other task ran after {n:?} rounds, tokio's after {theirs:?}"
+        );
+    }
+}
+
 #[test]
 fn a_handed_off_hold_counts_the_acquisition_but_no_hold_time() {
     let rec = Recorder::new();
