@@ -65,14 +65,22 @@ impl HolderSite {
     }
 }
 
-/// What tokio's own acquire does once it has the lock: spend a unit of the task's cooperative
-/// budget, and yield (still holding the lock) if the budget is spent. The uncontended path
-/// takes the lock with `try_*`, which spends none; without this a task taking a free lock in
-/// a loop never yielded, and other tasks on its worker starved. (`poll_proceed` is public
-/// from tokio 1.47, the workspace's floor.)
-async fn spend_budget() {
-    std::future::poll_fn(|cx| ::tokio::task::coop::poll_proceed(cx).map(|r| r.made_progress()))
-        .await;
+/// `try_` (a synchronous `try_*` of the inner lock) once the task has cooperative budget,
+/// spending a unit of it if that takes the lock: the budget an acquire through tokio's own
+/// `lock()` spends (a task out of budget yields first, as it would there; tokio's yields after
+/// taking the lock, this before). Without it a task taking a free lock in a loop never
+/// yielded, and other tasks on its worker starved. (`poll_proceed` is public from tokio 1.47,
+/// the workspace's floor.)
+async fn try_with_budget<G>(mut try_: impl FnMut() -> Option<G>) -> Option<G> {
+    std::future::poll_fn(|cx| {
+        let coop = std::task::ready!(::tokio::task::coop::poll_proceed(cx));
+        let g = try_();
+        if g.is_some() {
+            coop.made_progress();
+        }
+        std::task::Poll::Ready(g)
+    })
+    .await
 }
 
 /// Try first; on conflict count it and await `wait`, recording the wait (or its cancellation).
@@ -88,7 +96,6 @@ where
     F: Future<Output = G>,
 {
     if let Some(g) = tried {
-        spend_budget().await;
         holder.acquired_at(site);
         return (g, crate::sync::uncontended(recorder, mode, site));
     }
@@ -159,7 +166,7 @@ impl<T: ?Sized> Mutex<T> {
     pub fn lock(&self) -> impl Future<Output = MutexGuard<'_, T>> + '_ {
         let site = Location::caller();
         async move {
-            let tried = self.inner.try_lock().ok();
+            let tried = try_with_budget(|| self.inner.try_lock().ok()).await;
             let (inner, hold) = acquire(
                 &self.recorder,
                 &self.holder,
@@ -293,7 +300,7 @@ impl<T: ?Sized> RwLock<T> {
     pub fn read(&self) -> impl Future<Output = RwLockReadGuard<'_, T>> + '_ {
         let site = Location::caller();
         async move {
-            let tried = self.inner.try_read().ok();
+            let tried = try_with_budget(|| self.inner.try_read().ok()).await;
             let (inner, hold) = acquire(
                 &self.recorder,
                 &self.holder,
@@ -315,7 +322,7 @@ impl<T: ?Sized> RwLock<T> {
     pub fn write(&self) -> impl Future<Output = RwLockWriteGuard<'_, T>> + '_ {
         let site = Location::caller();
         async move {
-            let tried = self.inner.try_write().ok();
+            let tried = try_with_budget(|| self.inner.try_write().ok()).await;
             let (inner, hold) = acquire(
                 &self.recorder,
                 &self.holder,
