@@ -2,7 +2,9 @@
 //!
 //! `lock.kind` = `tokio_mutex` / `tokio_rwlock`. Same cost model as [`crate::sync`]: counts
 //! exact, 1 in `sample_every` acquisitions timed. An acquire future dropped while waiting
-//! records `lock.outcome = cancelled` (always: cancellations are rare and worth seeing).
+//! records `lock.outcome = cancelled` (always: cancellations are rare and worth seeing). Like
+//! tokio's own locks, every acquire spends a unit of the task's cooperative budget, so a task
+//! that takes a free lock in a loop still lets the other tasks on its worker run.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
