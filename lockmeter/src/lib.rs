@@ -88,7 +88,7 @@
 //! - records **wait and hold times** from that moment on; those of acquisitions before it went
 //!   to the no-op provider and are lost. lockmeter says so once, with a `warn!`.
 //!
-//! //! ## Kernel facts this crate is built on
+//! ## Kernel facts this crate is built on
 //!
 //! - `flock(2)` is its own system call. Its locks belong to the *open file description*: `fork`
 //!   and `dup` share them, and they end at `LOCK_UN` or when the last descriptor of that

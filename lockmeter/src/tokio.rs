@@ -9,10 +9,24 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
+//! use std::sync::Arc;
+//!
 //! let sessions = lockmeter::tokio::Mutex::named("sessions", 0u64);
 //! *sessions.lock().await += 1;
+//!
+//! // Owned guards move into other tasks, as tokio's do.
+//! let catalog = Arc::new(lockmeter::tokio::RwLock::named("catalog", vec![1, 2]));
+//! let guard = catalog.clone().read_owned().await;
+//! let len = tokio::spawn(async move { guard.len() }).await.unwrap();
+//! assert_eq!(len, 2);
 //! # }
 //! ```
+//!
+//! The API is tokio's: `lock`/`read`/`write` and their `try_`s, `lock_owned`/`read_owned`/
+//! `write_owned` and theirs (needing `T: 'static`, which tokio's do not), `get_mut`,
+//! `into_inner`; `new`, `Default` and `From` name the lock after where it is made (see
+//! [`Mutex::new`]). Not there: `const_new`, `blocking_*`, `with_max_readers`, guard `map`s
+//! and `downgrade`.
 
 use std::fmt;
 use std::future::Future;
@@ -125,6 +139,94 @@ where
     )
 }
 
+/// A synchronous `try_*` of the inner lock (`r`, tried from `t0`), counted: an uncontended
+/// acquisition, or a conflict and a `would_block` wait.
+fn tried<'s, G, E>(
+    recorder: &'s Recorder,
+    holder: &HolderSite,
+    mode: LockMode,
+    t0: Ticks,
+    r: Result<G, E>,
+    site: Site,
+) -> Result<(G, Hold<'s>), E> {
+    match r {
+        Ok(g) => {
+            holder.acquired_at(site);
+            Ok((g, crate::sync::uncontended(recorder, mode, site)))
+        }
+        Err(e) => {
+            recorder.conflict(mode);
+            recorder.record_wait(mode, Outcome::WouldBlock, t0.elapsed_secs());
+            Err(e)
+        }
+    }
+}
+
+/// A `'static` borrow of the lock `lock` points to, for an owned guard (tokio's `*_owned`).
+///
+/// # Safety
+///
+/// The borrow, and everything made from it, must be gone before the last `Arc` of the lock:
+/// an owned guard keeps an `Arc` and releases the borrowing guard first, in its `Drop`; an
+/// acquire future keeps one in a local declared before the borrowing future, so that it is
+/// dropped after it if the acquire is cancelled.
+unsafe fn borrow_for_guard<L: ?Sized + 'static>(lock: &Arc<L>) -> &'static L {
+    // SAFETY: the allocation lives while any `Arc` does; the caller keeps one longer than the
+    // borrow.
+    unsafe { &*Arc::as_ptr(lock) }
+}
+
+/// Generates a guard that owns an `Arc` of its lock, as tokio's `Owned*Guard`s: the borrowed
+/// guard, and the `Arc` that keeps what it borrows alive.
+macro_rules! owned_guard {
+    ($(#[$doc:meta])* $owned:ident($guard:ident) of $lock:ident, $get:ident $(, $deref_mut:ident)?) => {
+        $(#[$doc])*
+        #[must_use = "the lock is released as soon as the guard is dropped"]
+        pub struct $owned<T: ?Sized + 'static> {
+            /// Borrows from `lock`'s allocation (`'static` is this struct's promise, never
+            /// handed out): released first, in `Drop`, while `lock` still keeps it alive.
+            guard: ManuallyDrop<$guard<'static, T>>,
+            lock: Arc<$lock<T>>,
+        }
+
+        impl<T: ?Sized + 'static> $owned<T> {
+            /// The lock this guard holds.
+            pub fn $get(this: &Self) -> &Arc<$lock<T>> {
+                &this.lock
+            }
+        }
+
+        impl<T: ?Sized + 'static> Drop for $owned<T> {
+            fn drop(&mut self) {
+                // SAFETY: dropped once, here; `self.lock`, dropped after this, keeps the lock
+                // the guard borrows alive until then.
+                unsafe { ManuallyDrop::drop(&mut self.guard) };
+            }
+        }
+
+        impl<T: ?Sized + 'static> Deref for $owned<T> {
+            type Target = T;
+            fn deref(&self) -> &T {
+                &self.guard
+            }
+        }
+
+        $(
+            impl<T: ?Sized + 'static> DerefMut for $owned<T> {
+                fn $deref_mut(&mut self) -> &mut T {
+                    &mut self.guard
+                }
+            }
+        )?
+
+        impl<T: ?Sized + fmt::Debug + 'static> fmt::Debug for $owned<T> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&**self, f)
+            }
+        }
+    };
+}
+
 /// An instrumented `tokio::sync::Mutex`.
 pub struct Mutex<T: ?Sized> {
     recorder: Arc<Recorder>,
@@ -132,12 +234,9 @@ pub struct Mutex<T: ?Sized> {
     inner: ::tokio::sync::Mutex<T>,
 }
 
-impl<T> Mutex<T> {
-    /// A mutex recording as `lock.name = name` on the global meter.
-    pub fn named(name: impl Into<String>, value: T) -> Mutex<T> {
-        Mutex::builder(name).build(value)
-    }
+crate::sync::constructors!(Mutex, "mutex");
 
+impl<T> Mutex<T> {
     /// Consumes the mutex, returning the value.
     pub fn into_inner(self) -> T {
         self.inner.into_inner()
@@ -166,22 +265,23 @@ impl<T: ?Sized> Mutex<T> {
     /// returning the future, so that it can capture its caller's location.
     #[track_caller]
     pub fn lock(&self) -> impl Future<Output = MutexGuard<'_, T>> + '_ {
-        let site = Location::caller();
-        async move {
-            let tried = try_with_budget(|| self.inner.try_lock().ok()).await;
-            let (inner, hold) = acquire(
-                &self.recorder,
-                &self.holder,
-                LockMode::Exclusive,
-                tried,
-                self.inner.lock(),
-                site,
-            )
-            .await;
-            MutexGuard {
-                hold,
-                inner: ManuallyDrop::new(inner),
-            }
+        self.lock_at(Location::caller())
+    }
+
+    async fn lock_at(&self, site: Site) -> MutexGuard<'_, T> {
+        let tried = try_with_budget(|| self.inner.try_lock().ok()).await;
+        let (inner, hold) = acquire(
+            &self.recorder,
+            &self.holder,
+            LockMode::Exclusive,
+            tried,
+            self.inner.lock(),
+            site,
+        )
+        .await;
+        MutexGuard {
+            hold,
+            inner: ManuallyDrop::new(inner),
         }
     }
 
@@ -189,31 +289,67 @@ impl<T: ?Sized> Mutex<T> {
     #[track_caller]
     pub fn try_lock(&self) -> Result<MutexGuard<'_, T>, ::tokio::sync::TryLockError> {
         let t0 = Ticks::now();
-        match self.inner.try_lock() {
-            Ok(inner) => {
-                let site = Location::caller();
-                self.holder.acquired_at(site);
-                Ok(MutexGuard {
-                    hold: crate::sync::uncontended(&self.recorder, LockMode::Exclusive, site),
-                    inner: ManuallyDrop::new(inner),
-                })
-            }
-            Err(e) => {
-                self.recorder.conflict(LockMode::Exclusive);
-                self.recorder.record_wait(
-                    LockMode::Exclusive,
-                    Outcome::WouldBlock,
-                    t0.elapsed_secs(),
-                );
-                Err(e)
-            }
-        }
+        let r = self.inner.try_lock();
+        let mode = LockMode::Exclusive;
+        let (inner, hold) = tried(
+            &self.recorder,
+            &self.holder,
+            mode,
+            t0,
+            r,
+            Location::caller(),
+        )?;
+        Ok(MutexGuard {
+            hold,
+            inner: ManuallyDrop::new(inner),
+        })
     }
 
     /// Mutable access without locking.
     pub fn get_mut(&mut self) -> &mut T {
         self.inner.get_mut()
     }
+}
+
+impl<T: ?Sized + 'static> Mutex<T> {
+    /// Locks through an `Arc`, as tokio's `lock_owned`: the guard keeps the `Arc`, so it can
+    /// outlive the borrow (be moved into a spawned task). Recorded as [`Self::lock`]. Needs
+    /// `T: 'static`, which tokio's does not; a lock shared between tasks has it.
+    #[track_caller]
+    pub fn lock_owned(self: Arc<Self>) -> impl Future<Output = OwnedMutexGuard<T>> {
+        let site = Location::caller();
+        async move {
+            let lock = self;
+            // SAFETY: `lock` is declared before the acquire future that borrows it, so it is
+            // dropped after it if this is cancelled; then the guard keeps it.
+            let this = unsafe { borrow_for_guard(&lock) };
+            let guard = this.lock_at(site).await;
+            OwnedMutexGuard {
+                guard: ManuallyDrop::new(guard),
+                lock,
+            }
+        }
+    }
+
+    /// Tries to lock through an `Arc` without waiting, as tokio's `try_lock_owned`; a
+    /// failure is counted as a conflict.
+    #[track_caller]
+    pub fn try_lock_owned(
+        self: Arc<Self>,
+    ) -> Result<OwnedMutexGuard<T>, ::tokio::sync::TryLockError> {
+        // SAFETY: the guard keeps `self`; on failure nothing borrowed is kept.
+        let this = unsafe { borrow_for_guard(&self) };
+        let guard = this.try_lock()?;
+        Ok(OwnedMutexGuard {
+            guard: ManuallyDrop::new(guard),
+            lock: self,
+        })
+    }
+}
+
+owned_guard! {
+    /// Guard of a tokio [`Mutex`] locked through an `Arc` ([`Mutex::lock_owned`]).
+    OwnedMutexGuard(MutexGuard) of Mutex, mutex, deref_mut
 }
 
 impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
@@ -267,12 +403,9 @@ pub struct RwLock<T: ?Sized> {
     inner: ::tokio::sync::RwLock<T>,
 }
 
-impl<T> RwLock<T> {
-    /// A reader-writer lock recording as `lock.name = name` on the global meter.
-    pub fn named(name: impl Into<String>, value: T) -> RwLock<T> {
-        RwLock::builder(name).build(value)
-    }
+crate::sync::constructors!(RwLock, "reader-writer lock");
 
+impl<T> RwLock<T> {
     /// Consumes the lock, returning the value.
     pub fn into_inner(self) -> T {
         self.inner.into_inner()
@@ -300,46 +433,167 @@ impl<T: ?Sized> RwLock<T> {
     /// it can capture its caller's location).
     #[track_caller]
     pub fn read(&self) -> impl Future<Output = RwLockReadGuard<'_, T>> + '_ {
-        let site = Location::caller();
-        async move {
-            let tried = try_with_budget(|| self.inner.try_read().ok()).await;
-            let (inner, hold) = acquire(
-                &self.recorder,
-                &self.holder,
-                LockMode::Shared,
-                tried,
-                self.inner.read(),
-                site,
-            )
-            .await;
-            RwLockReadGuard {
-                hold,
-                inner: ManuallyDrop::new(inner),
-            }
+        self.read_at(Location::caller())
+    }
+
+    async fn read_at(&self, site: Site) -> RwLockReadGuard<'_, T> {
+        let tried = try_with_budget(|| self.inner.try_read().ok()).await;
+        let (inner, hold) = acquire(
+            &self.recorder,
+            &self.holder,
+            LockMode::Shared,
+            tried,
+            self.inner.read(),
+            site,
+        )
+        .await;
+        RwLockReadGuard {
+            hold,
+            inner: ManuallyDrop::new(inner),
         }
     }
 
     /// Exclusive access, waiting asynchronously (a plain function returning the future).
     #[track_caller]
     pub fn write(&self) -> impl Future<Output = RwLockWriteGuard<'_, T>> + '_ {
+        self.write_at(Location::caller())
+    }
+
+    async fn write_at(&self, site: Site) -> RwLockWriteGuard<'_, T> {
+        let tried = try_with_budget(|| self.inner.try_write().ok()).await;
+        let (inner, hold) = acquire(
+            &self.recorder,
+            &self.holder,
+            LockMode::Exclusive,
+            tried,
+            self.inner.write(),
+            site,
+        )
+        .await;
+        RwLockWriteGuard {
+            hold,
+            inner: ManuallyDrop::new(inner),
+        }
+    }
+
+    /// Shared access without waiting; a failure is counted as a conflict.
+    #[track_caller]
+    pub fn try_read(&self) -> Result<RwLockReadGuard<'_, T>, ::tokio::sync::TryLockError> {
+        let t0 = Ticks::now();
+        let r = self.inner.try_read();
+        let mode = LockMode::Shared;
+        let (inner, hold) = tried(
+            &self.recorder,
+            &self.holder,
+            mode,
+            t0,
+            r,
+            Location::caller(),
+        )?;
+        Ok(RwLockReadGuard {
+            hold,
+            inner: ManuallyDrop::new(inner),
+        })
+    }
+
+    /// Exclusive access without waiting; a failure is counted as a conflict.
+    #[track_caller]
+    pub fn try_write(&self) -> Result<RwLockWriteGuard<'_, T>, ::tokio::sync::TryLockError> {
+        let t0 = Ticks::now();
+        let r = self.inner.try_write();
+        let mode = LockMode::Exclusive;
+        let (inner, hold) = tried(
+            &self.recorder,
+            &self.holder,
+            mode,
+            t0,
+            r,
+            Location::caller(),
+        )?;
+        Ok(RwLockWriteGuard {
+            hold,
+            inner: ManuallyDrop::new(inner),
+        })
+    }
+
+    /// Mutable access without locking.
+    pub fn get_mut(&mut self) -> &mut T {
+        self.inner.get_mut()
+    }
+}
+
+impl<T: ?Sized + 'static> RwLock<T> {
+    /// Shared access through an `Arc`, as tokio's `read_owned`: the guard keeps the `Arc`.
+    /// Recorded as [`Self::read`]. Needs `T: 'static`, which tokio's does not.
+    #[track_caller]
+    pub fn read_owned(self: Arc<Self>) -> impl Future<Output = OwnedRwLockReadGuard<T>> {
         let site = Location::caller();
         async move {
-            let tried = try_with_budget(|| self.inner.try_write().ok()).await;
-            let (inner, hold) = acquire(
-                &self.recorder,
-                &self.holder,
-                LockMode::Exclusive,
-                tried,
-                self.inner.write(),
-                site,
-            )
-            .await;
-            RwLockWriteGuard {
-                hold,
-                inner: ManuallyDrop::new(inner),
+            let lock = self;
+            // SAFETY: as in `Mutex::lock_owned`.
+            let this = unsafe { borrow_for_guard(&lock) };
+            let guard = this.read_at(site).await;
+            OwnedRwLockReadGuard {
+                guard: ManuallyDrop::new(guard),
+                lock,
             }
         }
     }
+
+    /// Exclusive access through an `Arc`, as tokio's `write_owned`: the guard keeps the
+    /// `Arc`. Recorded as [`Self::write`]. Needs `T: 'static`, which tokio's does not.
+    #[track_caller]
+    pub fn write_owned(self: Arc<Self>) -> impl Future<Output = OwnedRwLockWriteGuard<T>> {
+        let site = Location::caller();
+        async move {
+            let lock = self;
+            // SAFETY: as in `Mutex::lock_owned`.
+            let this = unsafe { borrow_for_guard(&lock) };
+            let guard = this.write_at(site).await;
+            OwnedRwLockWriteGuard {
+                guard: ManuallyDrop::new(guard),
+                lock,
+            }
+        }
+    }
+
+    /// Shared access through an `Arc` without waiting, as tokio's `try_read_owned`.
+    #[track_caller]
+    pub fn try_read_owned(
+        self: Arc<Self>,
+    ) -> Result<OwnedRwLockReadGuard<T>, ::tokio::sync::TryLockError> {
+        // SAFETY: as in `Mutex::try_lock_owned`.
+        let this = unsafe { borrow_for_guard(&self) };
+        let guard = this.try_read()?;
+        Ok(OwnedRwLockReadGuard {
+            guard: ManuallyDrop::new(guard),
+            lock: self,
+        })
+    }
+
+    /// Exclusive access through an `Arc` without waiting, as tokio's `try_write_owned`.
+    #[track_caller]
+    pub fn try_write_owned(
+        self: Arc<Self>,
+    ) -> Result<OwnedRwLockWriteGuard<T>, ::tokio::sync::TryLockError> {
+        // SAFETY: as in `Mutex::try_lock_owned`.
+        let this = unsafe { borrow_for_guard(&self) };
+        let guard = this.try_write()?;
+        Ok(OwnedRwLockWriteGuard {
+            guard: ManuallyDrop::new(guard),
+            lock: self,
+        })
+    }
+}
+
+owned_guard! {
+    /// Shared guard of a tokio [`RwLock`] taken through an `Arc` ([`RwLock::read_owned`]).
+    OwnedRwLockReadGuard(RwLockReadGuard) of RwLock, rwlock
+}
+
+owned_guard! {
+    /// Exclusive guard of a tokio [`RwLock`] taken through an `Arc` ([`RwLock::write_owned`]).
+    OwnedRwLockWriteGuard(RwLockWriteGuard) of RwLock, rwlock, deref_mut
 }
 
 impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {

@@ -34,6 +34,16 @@ assert_impl_all!(lockmeter::tokio::MutexGuard<'static, u8>: Send, Sync);
 assert_impl_all!(tokio::sync::MutexGuard<'static, u8>: Send, Sync);
 #[cfg(feature = "tokio")]
 assert_not_impl_any!(lockmeter::tokio::Mutex<Rc<u8>>: Send, Sync);
+// The owned guards as tokio's: `Send` and `Sync` for `T: Send + Sync`, neither for `Rc`.
+#[cfg(feature = "tokio")]
+assert_impl_all!(lockmeter::tokio::OwnedMutexGuard<u8>: Send, Sync);
+assert_impl_all!(tokio::sync::OwnedMutexGuard<u8>: Send, Sync);
+#[cfg(feature = "tokio")]
+assert_not_impl_any!(lockmeter::tokio::OwnedMutexGuard<Rc<u8>>: Send, Sync);
+#[cfg(feature = "tokio")]
+assert_impl_all!(lockmeter::tokio::OwnedRwLockReadGuard<u8>: Send, Sync);
+#[cfg(feature = "tokio")]
+assert_impl_all!(lockmeter::tokio::OwnedRwLockWriteGuard<u8>: Send, Sync);
 
 #[test]
 fn eight_threads_hammering_one_mutex_are_counted_exactly() {
@@ -319,6 +329,138 @@ fn tokio_mutex_counts_contention_and_cancellation() {
     assert!(contended > 0, "8 tasks yielding while holding must contend");
     assert_eq!(s.counter("lock.conflicts", &[]), contended + 2);
     assert_eq!(s.updown("lock.held", &[]), 0);
+}
+
+/// `new`, `Default` and `From` make a drop-in swap compile as it is: each lock is named after
+/// the place in the source that creates it.
+#[test]
+fn locks_made_with_new_are_named_after_where_they_are_made() {
+    fn name_of(debug: String) -> String {
+        let at = debug.find("name: \"").unwrap() + "name: \"".len();
+        debug[at..].split('"').next().unwrap().to_owned()
+    }
+    let here = |line: u32| format!("{}:{line}", file!());
+    let (m, line) = (Mutex::new(1u8), line!());
+    assert_eq!(name_of(format!("{m:?}")), here(line));
+    let (rw, line) = (RwLock::new(1u8), line!());
+    assert_eq!(name_of(format!("{rw:?}")), here(line));
+    let (d, line) = (Mutex::<Vec<u8>>::default(), line!());
+    assert_eq!(name_of(format!("{d:?}")), here(line));
+    let (f, line) = (RwLock::from(7u8), line!());
+    assert_eq!(name_of(format!("{f:?}")), here(line));
+    assert_eq!(*f.read().unwrap(), 7);
+    #[cfg(feature = "tokio")]
+    {
+        let (t, line) = (lockmeter::tokio::Mutex::new(1u8), line!());
+        assert_eq!(name_of(format!("{t:?}")), here(line));
+        let (t, line) = (lockmeter::tokio::RwLock::<u8>::default(), line!());
+        assert_eq!(name_of(format!("{t:?}")), here(line));
+    }
+}
+
+/// `lock_owned`, `read_owned`, `write_owned` and their `try_` forms: guards that move into
+/// other tasks, counted and timed as the borrowed ones, and a cancelled owned acquire.
+/// Polls `f` once: whether it is still pending (an acquire that now waits in the queue).
+#[cfg(feature = "tokio")]
+async fn first_poll_waits<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
+    let mut f = f;
+    std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx).is_pending())).await
+}
+
+#[test]
+#[cfg(feature = "tokio")]
+fn tokio_owned_guards_move_between_tasks_and_are_counted() {
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let m = Arc::new(
+        lockmeter::tokio::Mutex::builder("owned")
+            .sink(sink.clone())
+            .sample_every(1)
+            .build(0u64),
+    );
+    let rw = Arc::new(
+        lockmeter::tokio::RwLock::builder("owned-rw")
+            .sink(sink.clone())
+            .sample_every(1)
+            .build(0u64),
+    );
+    rt.block_on(async {
+        // Taken here, released in another task.
+        let g = Arc::clone(&m).lock_owned().await;
+        assert!(Arc::ptr_eq(
+            lockmeter::tokio::OwnedMutexGuard::mutex(&g),
+            &m
+        ));
+        assert!(Arc::clone(&m).try_lock_owned().is_err());
+        let r = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            Arc::clone(&m).lock_owned(),
+        )
+        .await;
+        assert!(r.is_err(), "the owned acquire waits, and is cancelled");
+        let mut waiter = std::pin::pin!(Arc::clone(&m).lock_owned());
+        assert!(first_poll_waits(waiter.as_mut()).await);
+        tokio::spawn(async move {
+            let mut g = g;
+            *g += 1;
+        })
+        .await
+        .unwrap();
+        let mut g = waiter.await;
+        *g += 1;
+        drop(g);
+        assert_eq!(*Arc::clone(&m).try_lock_owned().unwrap(), 2);
+        assert_eq!(
+            Arc::strong_count(&m),
+            1,
+            "every owned guard gave its Arc back"
+        );
+
+        let r1 = Arc::clone(&rw).read_owned().await;
+        let r2 = Arc::clone(&rw).try_read_owned().unwrap();
+        assert!(rw.try_write().is_err());
+        assert!(Arc::clone(&rw).try_write_owned().is_err());
+        let mut writer = std::pin::pin!(Arc::clone(&rw).write_owned());
+        assert!(first_poll_waits(writer.as_mut()).await);
+        tokio::spawn(async move { drop((r1, r2)) }).await.unwrap();
+        let mut w = writer.await;
+        *w += 1;
+        assert!(rw.try_read().is_err());
+        drop(w);
+        assert_eq!(*rw.try_read().unwrap(), 1);
+    });
+    drop(rt);
+    let s = rec.snapshot();
+    let of = |name: &'static str| [("lock.name", name)];
+    // lock_owned, try_lock_owned (would block), timed out, the waiter, try_lock_owned.
+    assert_eq!(s.counter("lock.acquisitions", &of("owned")), 3);
+    assert_eq!(s.counter("lock.conflicts", &of("owned")), 3);
+    assert_eq!(
+        s.hist_count(
+            "lock.wait.duration",
+            &[("lock.name", "owned"), ("lock.outcome", "cancelled")]
+        ),
+        1
+    );
+    assert_eq!(
+        s.hist_count(
+            "lock.wait.duration",
+            &[("lock.name", "owned"), ("lock.outcome", "would_block")]
+        ),
+        1
+    );
+    assert_eq!(s.hist_count("lock.duration", &of("owned")), 3);
+    // read_owned, try_read_owned, write_owned, try_read; two failed tries of a write, one
+    // failed try of a read, and the writer's wait.
+    assert_eq!(s.counter("lock.acquisitions", &of("owned-rw")), 4);
+    assert_eq!(s.counter("lock.conflicts", &of("owned-rw")), 4);
+    assert_eq!(s.updown("lock.held", &of("owned")), 0);
+    assert_eq!(s.updown("lock.held", &of("owned-rw")), 0);
 }
 
 #[test]

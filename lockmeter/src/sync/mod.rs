@@ -1,7 +1,8 @@
 //! Instrumented drop-ins for `std::sync::Mutex` and `std::sync::RwLock`.
 //!
-//! Same API shape and poisoning as std; each lock is named at construction and records the
-//! metric schema with `lock.kind` = `mutex` / `rwlock`:
+//! Same API shape and poisoning as std; each lock is named at construction (`named`, or
+//! `new`/`Default`/`From`, which name it after the place in the source that makes it: see
+//! [`Mutex::new`]) and records the metric schema with `lock.kind` = `mutex` / `rwlock`:
 //!
 //! ```
 //! use lockmeter::sync::Mutex;
@@ -174,6 +175,55 @@ macro_rules! builder {
 }
 #[cfg(feature = "tokio")]
 pub(crate) use builder;
+
+/// Generates an in-process lock type's constructors: `named`; `new`, named after its call site,
+/// and `Default` and `From<T>`, as std's and tokio's locks have them, so that swapping the type
+/// is all a drop-in takes.
+macro_rules! constructors {
+    ($lock:ident, $what:literal) => {
+        impl<T> $lock<T> {
+            #[doc = concat!("A ", $what, " recording as `lock.name = name` on the global meter.")]
+            pub fn named(name: impl Into<String>, value: T) -> $lock<T> {
+                $lock::builder(name).build(value)
+            }
+
+            #[doc = concat!("A ", $what, " named after the place in the source that creates it")]
+            /// (`lock.name` = `src/cache.rs:42`), so that a drop-in swap of the type compiles
+            /// as it is. Prefer [`Self::named`] for locks on dashboards and in alert rules: a
+            /// line number moves with every edit above it. Every lock created at one place
+            /// records into one series (a lock per shard, made in a loop, is one name). Not
+            /// `const`, unlike std's: a `static` one goes in a `LazyLock`.
+            #[track_caller]
+            pub fn new(value: T) -> $lock<T> {
+                $lock::named(crate::sync::site_name(Location::caller()), value)
+            }
+        }
+
+        impl<T: Default> Default for $lock<T> {
+            /// `T::default()` in a lock named after the caller's place in the source (see
+            /// `new`).
+            #[track_caller]
+            fn default() -> $lock<T> {
+                $lock::new(T::default())
+            }
+        }
+
+        impl<T> From<T> for $lock<T> {
+            /// `value` in a lock named after the caller's place in the source (see `new`).
+            #[track_caller]
+            fn from(value: T) -> $lock<T> {
+                $lock::new(value)
+            }
+        }
+    };
+}
+pub(crate) use constructors;
+
+/// The `lock.name` of a lock made with `new`: its place in the source, `file:line`.
+#[cold]
+pub(crate) fn site_name(site: Site) -> String {
+    format!("{}:{}", site.file(), site.line())
+}
 
 /// What a tokio guard needs to record its release.
 #[cfg(feature = "tokio")]
@@ -439,12 +489,7 @@ builder! {
     }
 }
 
-impl<T> Mutex<T> {
-    /// A mutex recording as `lock.name = name` on the global meter.
-    pub fn named(name: impl Into<String>, value: T) -> Mutex<T> {
-        Mutex::builder(name).build(value)
-    }
-}
+constructors!(Mutex, "mutex");
 
 impl Mutex<()> {
     /// A builder for a mutex named `name` (sink, sampling); finish with
@@ -685,12 +730,7 @@ builder! {
     }
 }
 
-impl<T> RwLock<T> {
-    /// A reader-writer lock recording as `lock.name = name` on the global meter.
-    pub fn named(name: impl Into<String>, value: T) -> RwLock<T> {
-        RwLock::builder(name).build(value)
-    }
-}
+constructors!(RwLock, "reader-writer lock");
 
 impl RwLock<()> {
     /// A builder for a lock named `name` (sink, sampling); finish with
