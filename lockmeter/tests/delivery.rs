@@ -10,6 +10,18 @@ use lockmeter_testkit::proc::{helper, role_var};
 
 lockmeter_testkit::helper_roles! {
     "short_lived" => role_short_lived,
+    "late_init" => role_late_init,
+}
+
+/// Takes a lock, then sets telemetry up (the order the README's set-up section warns about).
+fn role_late_init() {
+    let m = lockmeter::sync::Mutex::named("before-init", 0u32);
+    *m.lock().unwrap() += 1;
+    let telemetry = Telemetry::builder()
+        .prometheus_addr("127.0.0.1:0".parse().unwrap())
+        .init()
+        .unwrap();
+    telemetry.shutdown().unwrap();
 }
 
 /// Serves `/metrics` on a free port; takes a lock `LOCKS` times; scrapes itself if `SCRAPE`
@@ -68,4 +80,24 @@ fn scraped_telemetry_or_no_lock_used_says_nothing() {
     assert!(!err.contains("not delivered"), "scraped: {err}");
     let (_, err) = run("0", "0");
     assert!(!err.contains("not delivered"), "nothing counted: {err}");
+}
+
+/// `telemetry::init()` after a lock was used says so on the console: the notice is made when
+/// the provider is installed, so the console must be set up first (it was not, and the notice
+/// went nowhere).
+#[test]
+fn telemetry_set_up_after_a_lock_was_used_says_so() {
+    let o = helper("late_init", &[])
+        .env_remove("RUST_LOG")
+        .env_remove("OTEL_METRICS_EXPORTER")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        err.matches("installed after locks had been used").count(),
+        1,
+        "{err}"
+    );
+    assert!(err.contains("lockmeter::telemetry::init()"), "{err}");
 }

@@ -227,9 +227,9 @@ fn late_provider_notice() {
     if GLOBAL_REGISTRY.has_counts() && !SAID.swap(true, Ordering::Relaxed) {
         tracing::warn!(
             "lockmeter: a meter provider was installed after locks had been used; their counts \
-             are complete, but wait and hold times before each lock's next timed acquisition \
-             were not recorded. Install the provider before using locks, or call \
-             lockmeter::metrics::refresh() right after installing it."
+             are complete, but the wait and hold times of acquisitions made before it were not \
+             recorded. Install it (lockmeter::telemetry::init() does) before the first lock is \
+             taken; a provider of your own wants lockmeter::metrics::refresh() right after it."
         );
     }
 }

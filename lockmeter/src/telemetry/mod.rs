@@ -423,18 +423,6 @@ impl TelemetryBuilder {
         if profile_metrics {
             crate::profile::register_metrics(&meter_provider.meter(SCOPE));
         }
-        let sink = if self.set_global {
-            opentelemetry::global::set_meter_provider(meter_provider.clone());
-            if let Some(tp) = &tracer_provider {
-                opentelemetry::global::set_tracer_provider(tp.clone());
-            }
-            // Locks created before now start counting into the new provider at once.
-            crate::metrics::refresh();
-            Sink::global()
-        } else {
-            Sink::new(meter_provider.meter(SCOPE))
-        };
-
         let mut tracing_installed = false;
         if self.tracing_subscriber {
             use tracing_subscriber::Layer as _;
@@ -462,6 +450,20 @@ impl TelemetryBuilder {
                 .try_init()
                 .is_ok();
         }
+
+        // After the subscriber, so that what installing the provider says (locks used before
+        // it: `metrics::refresh`'s notice) reaches the console.
+        let sink = if self.set_global {
+            opentelemetry::global::set_meter_provider(meter_provider.clone());
+            if let Some(tp) = &tracer_provider {
+                opentelemetry::global::set_tracer_provider(tp.clone());
+            }
+            // Locks created before now start counting into the new provider at once.
+            crate::metrics::refresh();
+            Sink::global()
+        } else {
+            Sink::new(meter_provider.meter(SCOPE))
+        };
 
         Ok(Telemetry {
             sink,
@@ -821,7 +823,8 @@ impl Drop for Telemetry {
             eprintln!(
                 "lockmeter: note: this program's lock metrics were not delivered: nothing \
                  scraped http://{addr}/metrics before it ended (set OTEL_EXPORTER_OTLP_ENDPOINT \
-                 to push them to a collector)"
+                 to push them to a collector, or OTEL_METRICS_EXPORTER=none where no metrics \
+                 are wanted)"
             );
         }
     }
