@@ -123,6 +123,8 @@ fn quantile(q: f64, buckets: &[(f64, f64)], total: f64) -> Option<f64> {
 fn fmt_secs(s: Option<f64>) -> String {
     match s {
         None => "-".into(),
+        // Inside the lowest bucket (0 to 1 µs), where interpolation says nothing.
+        Some(s) if s < 1e-6 => "<1µs".into(),
         Some(s) if s < 1e-3 => format!("{:.0}µs", s * 1e6),
         Some(s) if s < 1.0 => format!("{:.1}ms", s * 1e3),
         Some(s) => format!("{s:.2}s"),
@@ -158,5 +160,19 @@ pub(super) fn print_table(title: &str, snap: &Snapshot, secs: f64) {
             fmt_secs(quantile(0.99, &s.hold, hold_n)),
             s.migrations,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fmt_secs;
+
+    /// A quantile inside the lowest bucket (1 µs) reads as below it, not as `0µs`.
+    #[test]
+    fn quantiles_below_the_lowest_bucket_read_as_under_a_microsecond() {
+        assert_eq!(fmt_secs(Some(4e-7)), "<1µs");
+        assert_eq!(fmt_secs(Some(3e-6)), "3µs");
+        assert_eq!(fmt_secs(Some(0.0125)), "12.5ms");
+        assert_eq!(fmt_secs(None), "-");
     }
 }
