@@ -245,6 +245,9 @@ impl<T> Mutex<T> {
 
 impl Mutex<()> {
     /// A builder (sink, sampling); finish with [`MutexBuilder::build`].
+    /// Called as `Mutex::builder(..)`: it is defined on `Mutex<()>` so that no type needs
+    /// spelling out; `build(value)` makes the `Mutex<T>` (`Mutex::<u64>::builder` does not
+    /// exist).
     pub fn builder(name: impl Into<String>) -> MutexBuilder {
         MutexBuilder(Options::new(name.into()))
     }
@@ -414,6 +417,9 @@ impl<T> RwLock<T> {
 
 impl RwLock<()> {
     /// A builder (sink, sampling); finish with [`RwLockBuilder::build`].
+    /// Called as `RwLock::builder(..)`: it is defined on `RwLock<()>` so that no type needs
+    /// spelling out; `build(value)` makes the `RwLock<T>` (`RwLock::<u64>::builder` does not
+    /// exist).
     pub fn builder(name: impl Into<String>) -> RwLockBuilder {
         RwLockBuilder(Options::new(name.into()))
     }

@@ -494,6 +494,9 @@ constructors!(Mutex, "mutex");
 impl Mutex<()> {
     /// A builder for a mutex named `name` (sink, sampling); finish with
     /// [`MutexBuilder::build`].
+    /// Called as `Mutex::builder(..)`: it is defined on `Mutex<()>` so that no type needs
+    /// spelling out; `build(value)` makes the `Mutex<T>` (`Mutex::<u64>::builder` does not
+    /// exist).
     pub fn builder(name: impl Into<String>) -> MutexBuilder {
         MutexBuilder(Options::new(name.into()))
     }
@@ -735,6 +738,9 @@ constructors!(RwLock, "reader-writer lock");
 impl RwLock<()> {
     /// A builder for a lock named `name` (sink, sampling); finish with
     /// [`RwLockBuilder::build`].
+    /// Called as `RwLock::builder(..)`: it is defined on `RwLock<()>` so that no type needs
+    /// spelling out; `build(value)` makes the `RwLock<T>` (`RwLock::<u64>::builder` does not
+    /// exist).
     pub fn builder(name: impl Into<String>) -> RwLockBuilder {
         RwLockBuilder(Options::new(name.into()))
     }
