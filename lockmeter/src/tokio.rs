@@ -99,22 +99,25 @@ async fn try_with_budget<G>(mut try_: impl FnMut() -> Option<G>) -> Option<G> {
     .await
 }
 
-/// Try first; on conflict count it and await `wait`, recording the wait (or its cancellation).
+/// A lock taken by a synchronous try: counted (and, 1 in N, timed) as uncontended.
+#[inline]
+fn took<'s>(recorder: &'s Recorder, holder: &HolderSite, mode: LockMode, site: Site) -> Hold<'s> {
+    holder.acquired_at(site);
+    crate::sync::uncontended(recorder, mode, site)
+}
+
+/// The try failed: count the conflict and await `wait`, recording the wait (or its
+/// cancellation).
 async fn acquire<'s, G, F>(
     recorder: &'s Recorder,
     holder: &HolderSite,
     mode: LockMode,
-    tried: Option<G>,
     wait: F,
     site: Site,
 ) -> (G, Hold<'s>)
 where
     F: Future<Output = G>,
 {
-    if let Some(g) = tried {
-        holder.acquired_at(site);
-        return (g, crate::sync::uncontended(recorder, mode, site));
-    }
     let start = recorder.contended_start(mode);
     let mut waiting = Waiting {
         recorder,
@@ -272,16 +275,16 @@ impl<T: ?Sized> Mutex<T> {
     }
 
     async fn lock_at(&self, site: Site) -> MutexGuard<'_, T> {
-        let tried = try_with_budget(|| self.inner.try_lock().ok()).await;
-        let (inner, hold) = acquire(
-            &self.recorder,
-            &self.holder,
-            LockMode::Exclusive,
-            tried,
-            self.inner.lock(),
-            site,
-        )
-        .await;
+        let (inner, hold) = match try_with_budget(|| self.inner.try_lock().ok()).await {
+            Some(g) => (
+                g,
+                took(&self.recorder, &self.holder, LockMode::Exclusive, site),
+            ),
+            None => {
+                let mode = LockMode::Exclusive;
+                acquire(&self.recorder, &self.holder, mode, self.inner.lock(), site).await
+            }
+        };
         MutexGuard {
             hold,
             inner: ManuallyDrop::new(inner),
@@ -443,16 +446,16 @@ impl<T: ?Sized> RwLock<T> {
     }
 
     async fn read_at(&self, site: Site) -> RwLockReadGuard<'_, T> {
-        let tried = try_with_budget(|| self.inner.try_read().ok()).await;
-        let (inner, hold) = acquire(
-            &self.recorder,
-            &self.holder,
-            LockMode::Shared,
-            tried,
-            self.inner.read(),
-            site,
-        )
-        .await;
+        let (inner, hold) = match try_with_budget(|| self.inner.try_read().ok()).await {
+            Some(g) => (
+                g,
+                took(&self.recorder, &self.holder, LockMode::Shared, site),
+            ),
+            None => {
+                let mode = LockMode::Shared;
+                acquire(&self.recorder, &self.holder, mode, self.inner.read(), site).await
+            }
+        };
         RwLockReadGuard {
             hold,
             inner: ManuallyDrop::new(inner),
@@ -466,16 +469,16 @@ impl<T: ?Sized> RwLock<T> {
     }
 
     async fn write_at(&self, site: Site) -> RwLockWriteGuard<'_, T> {
-        let tried = try_with_budget(|| self.inner.try_write().ok()).await;
-        let (inner, hold) = acquire(
-            &self.recorder,
-            &self.holder,
-            LockMode::Exclusive,
-            tried,
-            self.inner.write(),
-            site,
-        )
-        .await;
+        let (inner, hold) = match try_with_budget(|| self.inner.try_write().ok()).await {
+            Some(g) => (
+                g,
+                took(&self.recorder, &self.holder, LockMode::Exclusive, site),
+            ),
+            None => {
+                let mode = LockMode::Exclusive;
+                acquire(&self.recorder, &self.holder, mode, self.inner.write(), site).await
+            }
+        };
         RwLockWriteGuard {
             hold,
             inner: ManuallyDrop::new(inner),
