@@ -153,10 +153,7 @@ fn tried<'s, G, E>(
     site: Site,
 ) -> Result<(G, Hold<'s>), E> {
     match r {
-        Ok(g) => {
-            holder.acquired_at(site);
-            Ok((g, crate::sync::uncontended(recorder, mode, site)))
-        }
+        Ok(g) => Ok((g, took(recorder, holder, mode, site))),
         Err(e) => {
             recorder.conflict(mode);
             recorder.record_wait(mode, Outcome::WouldBlock, t0.elapsed_secs());

@@ -217,6 +217,7 @@ macro_rules! constructors {
         }
     };
 }
+#[cfg(feature = "tokio")]
 pub(crate) use constructors;
 
 /// The `lock.name` of a lock made with `new`: its place in the source, `file:line`.
