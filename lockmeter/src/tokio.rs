@@ -25,8 +25,9 @@
 //! The API is tokio's: `lock`/`read`/`write` and their `try_`s, `lock_owned`/`read_owned`/
 //! `write_owned` and theirs (needing `T: 'static`, which tokio's do not), `get_mut`,
 //! `into_inner`; `new`, `Default` and `From` name the lock after where it is made (see
-//! [`Mutex::new`]). Not there: `const_new`, `blocking_*`, `with_max_readers`, guard `map`s
-//! and `downgrade`.
+//! [`Mutex::new`]); guards print with `{}` and `{:?}`; the locks are `UnwindSafe` when the
+//! value is, as tokio's. Not there: `const_new`, `blocking_*`, `with_max_readers`, guard
+//! `map`s and `downgrade`.
 
 use std::fmt;
 use std::future::Future;
@@ -224,6 +225,12 @@ macro_rules! owned_guard {
                 fmt::Debug::fmt(&**self, f)
             }
         }
+
+        impl<T: ?Sized + fmt::Display + 'static> fmt::Display for $owned<T> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&**self, f)
+            }
+        }
     };
 }
 
@@ -233,6 +240,10 @@ pub struct Mutex<T: ?Sized> {
     holder: HolderSite,
     inner: ::tokio::sync::Mutex<T>,
 }
+
+// As tokio's: unwind-safe when the value is (the recorder's state is counts and atomics, which
+// a panic cannot leave half-made).
+impl<T: ?Sized + std::panic::UnwindSafe> std::panic::UnwindSafe for Mutex<T> {}
 
 crate::sync::constructors!(Mutex, "mutex");
 
@@ -393,11 +404,7 @@ impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
     }
 }
 
-impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.inner, f)
-    }
-}
+crate::sync::guard_fmt!(MutexGuard);
 
 /// An instrumented `tokio::sync::RwLock`.
 pub struct RwLock<T: ?Sized> {
@@ -405,6 +412,9 @@ pub struct RwLock<T: ?Sized> {
     holder: HolderSite,
     inner: ::tokio::sync::RwLock<T>,
 }
+
+// As tokio's (see `Mutex`'s).
+impl<T: ?Sized + std::panic::UnwindSafe> std::panic::UnwindSafe for RwLock<T> {}
 
 crate::sync::constructors!(RwLock, "reader-writer lock");
 
@@ -662,3 +672,6 @@ impl<T: ?Sized> DerefMut for RwLockWriteGuard<'_, T> {
         &mut self.inner
     }
 }
+
+crate::sync::guard_fmt!(RwLockReadGuard);
+crate::sync::guard_fmt!(RwLockWriteGuard);

@@ -34,6 +34,16 @@ assert_impl_all!(lockmeter::tokio::MutexGuard<'static, u8>: Send, Sync);
 assert_impl_all!(tokio::sync::MutexGuard<'static, u8>: Send, Sync);
 #[cfg(feature = "tokio")]
 assert_not_impl_any!(lockmeter::tokio::Mutex<Rc<u8>>: Send, Sync);
+// Unwind safety as std's and tokio's (`catch_unwind` around code that takes the lock).
+use std::panic::{RefUnwindSafe, UnwindSafe};
+assert_impl_all!(Mutex<Cell<u8>>: UnwindSafe, RefUnwindSafe);
+assert_impl_all!(std::sync::Mutex<Cell<u8>>: UnwindSafe, RefUnwindSafe);
+assert_impl_all!(RwLock<u8>: UnwindSafe, RefUnwindSafe);
+#[cfg(feature = "tokio")]
+assert_impl_all!(lockmeter::tokio::Mutex<u8>: UnwindSafe);
+assert_impl_all!(tokio::sync::Mutex<u8>: UnwindSafe);
+#[cfg(feature = "tokio")]
+assert_impl_all!(lockmeter::tokio::RwLock<u8>: UnwindSafe);
 // The owned guards as tokio's: `Send` and `Sync` for `T: Send + Sync`, neither for `Rc`.
 #[cfg(feature = "tokio")]
 assert_impl_all!(lockmeter::tokio::OwnedMutexGuard<u8>: Send, Sync);
@@ -349,12 +359,52 @@ fn locks_made_with_new_are_named_after_where_they_are_made() {
     let (f, line) = (RwLock::from(7u8), line!());
     assert_eq!(name_of(format!("{f:?}")), here(line));
     assert_eq!(*f.read().unwrap(), 7);
+    // A derived `Default` makes its lock fields at the derive's line.
+    #[derive(Default)]
+    struct Stats {
+        hits: Mutex<u64>,
+    }
+    let line = line!() - 4;
+    assert_eq!(name_of(format!("{:?}", Stats::default().hits)), here(line));
+    // Made where the standard library calls `default()`: named after the value's type.
+    let shared: Arc<Mutex<std::collections::HashMap<String, u64>>> = Arc::default();
+    assert_eq!(name_of(format!("{shared:?}")), "HashMap<String, u64>");
     #[cfg(feature = "tokio")]
     {
         let (t, line) = (lockmeter::tokio::Mutex::new(1u8), line!());
         assert_eq!(name_of(format!("{t:?}")), here(line));
         let (t, line) = (lockmeter::tokio::RwLock::<u8>::default(), line!());
         assert_eq!(name_of(format!("{t:?}")), here(line));
+    }
+}
+
+/// Guards print their value, with `{}` as with `{:?}`, as std's and tokio's do.
+#[test]
+fn guards_print_their_value_as_std_and_tokio_do() {
+    let m = Mutex::named("printed", 7u32);
+    let g = m.lock().unwrap();
+    assert_eq!(format!("{g} {g:?}"), "7 7");
+    drop(g);
+    let rw = RwLock::named("printed-rw", "x");
+    assert_eq!(format!("{}", rw.read().unwrap()), "x");
+    assert_eq!(format!("{}", rw.write().unwrap()), "x");
+    #[cfg(feature = "tokio")]
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let m = Arc::new(lockmeter::tokio::Mutex::named("printed-t", 8u32));
+            let g = m.lock().await;
+            assert_eq!(format!("{g} {g:?}"), "8 8");
+            drop(g);
+            assert_eq!(format!("{}", Arc::clone(&m).lock_owned().await), "8");
+            let rw = Arc::new(lockmeter::tokio::RwLock::named("printed-trw", 9u32));
+            assert_eq!(format!("{}", rw.read().await), "9");
+            assert_eq!(format!("{:?}", rw.write().await), "9");
+            assert_eq!(format!("{}", Arc::clone(&rw).read_owned().await), "9");
+            assert_eq!(format!("{}", Arc::clone(&rw).write_owned().await), "9");
+        });
     }
 }
 

@@ -191,11 +191,16 @@ macro_rules! constructors {
             /// (`lock.name` = `src/cache.rs:42`), so that a drop-in swap of the type compiles
             /// as it is. Prefer [`Self::named`] for locks on dashboards and in alert rules: a
             /// line number moves with every edit above it. Every lock created at one place
-            /// records into one series (a lock per shard, made in a loop, is one name). Not
-            /// `const`, unlike std's: a `static` one goes in a `LazyLock`.
+            /// records into one series (a lock per shard, made in a loop, is one name; so are
+            /// the lock fields of a `#[derive(Default)]` struct, all made at the derive's
+            /// line). A lock made where the standard library calls `default()` (in
+            /// `Arc::default()`, `entry(..).or_default()`) is named after its value's type
+            /// instead (`HashMap<String, u64>`); one made in a dependency's code, after the
+            /// place there (`dashmap-6.1.0/src/lib.rs:90`). Not `const`, unlike std's: a
+            /// `static` one goes in a `LazyLock`.
             #[track_caller]
             pub fn new(value: T) -> $lock<T> {
-                $lock::named(crate::sync::site_name(Location::caller()), value)
+                $lock::named(crate::sync::site_name::<T>(Location::caller()), value)
             }
         }
 
@@ -220,10 +225,65 @@ macro_rules! constructors {
 #[cfg(feature = "tokio")]
 pub(crate) use constructors;
 
-/// The `lock.name` of a lock made with `new`: its place in the source, `file:line`.
+/// Generates `Debug` and `Display` for a guard type (`Guard<'_, T>`): the value's, as std's
+/// and tokio's guards print.
+macro_rules! guard_fmt {
+    ($guard:ident) => {
+        impl<T: ?Sized + fmt::Debug> fmt::Debug for $guard<'_, T> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&**self, f)
+            }
+        }
+
+        impl<T: ?Sized + fmt::Display> fmt::Display for $guard<'_, T> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&**self, f)
+            }
+        }
+    };
+}
+#[cfg(feature = "tokio")]
+pub(crate) use guard_fmt;
+
+/// The `lock.name` of a lock holding a `T` made with `new`, `Default` or `From` at `site`: its
+/// place in the source, `file:line`; a dependency's file from its crate's directory on; the
+/// value's type (without module paths) when the place is inside the standard library, which
+/// says nothing about the lock.
 #[cold]
-pub(crate) fn site_name(site: Site) -> String {
-    format!("{}:{}", site.file(), site.line())
+pub(crate) fn site_name<T: ?Sized>(site: Site) -> String {
+    let file = site.file();
+    if file.starts_with("/rustc/") || file.contains("/rustlib/src/rust/library/") {
+        return short_type_name(std::any::type_name::<T>());
+    }
+    // `~/.cargo/registry/src/<index>/<crate>-<version>/...` and `~/.cargo/git/checkouts/...`.
+    let file = match file.split_once("/registry/src/") {
+        // Past the index's directory: `<crate>-<version>/src/...`.
+        Some((_, rest)) => rest.split_once('/').map_or(rest, |(_, in_index)| in_index),
+        None => file
+            .split_once("/git/checkouts/")
+            .map_or(file, |(_, rest)| rest),
+    };
+    format!("{file}:{}", site.line())
+}
+
+/// A type's name without module paths: `HashMap<String, u64>` for
+/// `std::collections::hash::map::HashMap<alloc::string::String, u64>`.
+fn short_type_name(full: &str) -> String {
+    let mut out = String::with_capacity(full.len());
+    let mut start = 0;
+    for (i, c) in full.char_indices() {
+        if !(c.is_alphanumeric() || c == '_' || c == ':') {
+            out.push_str(last_segment(&full[start..i]));
+            out.push(c);
+            start = i + c.len_utf8();
+        }
+    }
+    out.push_str(last_segment(&full[start..]));
+    out
+}
+
+fn last_segment(path: &str) -> &str {
+    path.rsplit("::").next().unwrap_or(path)
 }
 
 /// What a tokio guard needs to record its release.
@@ -480,6 +540,10 @@ pub struct Mutex<T: ?Sized> {
 unsafe impl<T: ?Sized + Send> Send for Mutex<T> {}
 // SAFETY: as above.
 unsafe impl<T: ?Sized + Send> Sync for Mutex<T> {}
+// As std's: a panic while the lock is held poisons it, so code that catches the panic sees what
+// it left behind.
+impl<T: ?Sized> std::panic::UnwindSafe for Mutex<T> {}
+impl<T: ?Sized> std::panic::RefUnwindSafe for Mutex<T> {}
 
 builder! {
     /// Builder for a [`Mutex`]; see [`Mutex::builder`].
@@ -701,11 +765,7 @@ impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
     }
 }
 
-impl<T: ?Sized + fmt::Debug> fmt::Debug for MutexGuard<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&**self, f)
-    }
-}
+guard_fmt!(MutexGuard);
 
 // ---- RwLock -------------------------------------------------------------------------------
 
@@ -724,6 +784,9 @@ pub struct RwLock<T: ?Sized> {
 unsafe impl<T: ?Sized + Send> Send for RwLock<T> {}
 // SAFETY: as above.
 unsafe impl<T: ?Sized + Send + Sync> Sync for RwLock<T> {}
+// As std's (see `Mutex`'s).
+impl<T: ?Sized> std::panic::UnwindSafe for RwLock<T> {}
+impl<T: ?Sized> std::panic::RefUnwindSafe for RwLock<T> {}
 
 builder! {
     /// Builder for an [`RwLock`]; see [`RwLock::builder`].
@@ -965,14 +1028,22 @@ impl<T: ?Sized> DerefMut for RwLockWriteGuard<'_, T> {
     }
 }
 
-impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLockReadGuard<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&**self, f)
-    }
-}
+guard_fmt!(RwLockReadGuard);
 
-impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLockWriteGuard<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&**self, f)
+guard_fmt!(RwLockWriteGuard);
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::short_type_name;
+
+    #[test]
+    fn type_names_lose_their_module_paths() {
+        let full = std::any::type_name::<std::collections::HashMap<String, Vec<(u8, &str)>>>();
+        assert_eq!(short_type_name(full), "HashMap<String, Vec<(u8, &str)>>");
+        assert_eq!(short_type_name("u64"), "u64");
+        assert_eq!(
+            short_type_name("[core::option::Option<i32>; 4]"),
+            "[Option<i32>; 4]"
+        );
     }
 }
