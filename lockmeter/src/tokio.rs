@@ -195,6 +195,36 @@ macro_rules! owned_guard {
             pub fn $get(this: &Self) -> &Arc<$lock<T>> {
                 &this.lock
             }
+
+            /// Acquires through `take` (an acquire of the borrowed lock) and keeps `lock`.
+            async fn acquire<F>(lock: Arc<$lock<T>>, take: impl FnOnce(&'static $lock<T>) -> F) -> Self
+            where
+                F: Future<Output = $guard<'static, T>>,
+            {
+                // SAFETY: `lock`, a parameter, is dropped after the acquire future that
+                // borrows it (a temporary of the body) if this is cancelled; then the guard
+                // keeps it.
+                let this = unsafe { borrow_for_guard(&lock) };
+                let guard = take(this).await;
+                Self {
+                    guard: ManuallyDrop::new(guard),
+                    lock,
+                }
+            }
+
+            /// Tries through `take` (a `try_*` of the borrowed lock) and keeps `lock`.
+            fn take<E>(
+                lock: Arc<$lock<T>>,
+                take: impl FnOnce(&'static $lock<T>) -> Result<$guard<'static, T>, E>,
+            ) -> Result<Self, E> {
+                // SAFETY: the guard keeps `lock`; on failure nothing borrowed is kept.
+                let this = unsafe { borrow_for_guard(&lock) };
+                let guard = take(this)?;
+                Ok(Self {
+                    guard: ManuallyDrop::new(guard),
+                    lock,
+                })
+            }
         }
 
         impl<T: ?Sized + 'static> Drop for $owned<T> {
@@ -302,17 +332,14 @@ impl<T: ?Sized> Mutex<T> {
     /// Tries to lock without waiting; a failure is counted as a conflict.
     #[track_caller]
     pub fn try_lock(&self) -> Result<MutexGuard<'_, T>, ::tokio::sync::TryLockError> {
+        self.try_lock_at(Location::caller())
+    }
+
+    fn try_lock_at(&self, site: Site) -> Result<MutexGuard<'_, T>, ::tokio::sync::TryLockError> {
         let t0 = Ticks::now();
         let r = self.inner.try_lock();
         let mode = LockMode::Exclusive;
-        let (inner, hold) = tried(
-            &self.recorder,
-            &self.holder,
-            mode,
-            t0,
-            r,
-            Location::caller(),
-        )?;
+        let (inner, hold) = tried(&self.recorder, &self.holder, mode, t0, r, site)?;
         Ok(MutexGuard {
             hold,
             inner: ManuallyDrop::new(inner),
@@ -332,17 +359,7 @@ impl<T: ?Sized + 'static> Mutex<T> {
     #[track_caller]
     pub fn lock_owned(self: Arc<Self>) -> impl Future<Output = OwnedMutexGuard<T>> {
         let site = Location::caller();
-        async move {
-            let lock = self;
-            // SAFETY: `lock` is declared before the acquire future that borrows it, so it is
-            // dropped after it if this is cancelled; then the guard keeps it.
-            let this = unsafe { borrow_for_guard(&lock) };
-            let guard = this.lock_at(site).await;
-            OwnedMutexGuard {
-                guard: ManuallyDrop::new(guard),
-                lock,
-            }
-        }
+        OwnedMutexGuard::acquire(self, move |this| this.lock_at(site))
     }
 
     /// Tries to lock through an `Arc` without waiting, as tokio's `try_lock_owned`; a
@@ -351,13 +368,8 @@ impl<T: ?Sized + 'static> Mutex<T> {
     pub fn try_lock_owned(
         self: Arc<Self>,
     ) -> Result<OwnedMutexGuard<T>, ::tokio::sync::TryLockError> {
-        // SAFETY: the guard keeps `self`; on failure nothing borrowed is kept.
-        let this = unsafe { borrow_for_guard(&self) };
-        let guard = this.try_lock()?;
-        Ok(OwnedMutexGuard {
-            guard: ManuallyDrop::new(guard),
-            lock: self,
-        })
+        let site = Location::caller();
+        OwnedMutexGuard::take(self, |this| this.try_lock_at(site))
     }
 }
 
@@ -495,17 +507,17 @@ impl<T: ?Sized> RwLock<T> {
     /// Shared access without waiting; a failure is counted as a conflict.
     #[track_caller]
     pub fn try_read(&self) -> Result<RwLockReadGuard<'_, T>, ::tokio::sync::TryLockError> {
+        self.try_read_at(Location::caller())
+    }
+
+    fn try_read_at(
+        &self,
+        site: Site,
+    ) -> Result<RwLockReadGuard<'_, T>, ::tokio::sync::TryLockError> {
         let t0 = Ticks::now();
         let r = self.inner.try_read();
         let mode = LockMode::Shared;
-        let (inner, hold) = tried(
-            &self.recorder,
-            &self.holder,
-            mode,
-            t0,
-            r,
-            Location::caller(),
-        )?;
+        let (inner, hold) = tried(&self.recorder, &self.holder, mode, t0, r, site)?;
         Ok(RwLockReadGuard {
             hold,
             inner: ManuallyDrop::new(inner),
@@ -515,17 +527,17 @@ impl<T: ?Sized> RwLock<T> {
     /// Exclusive access without waiting; a failure is counted as a conflict.
     #[track_caller]
     pub fn try_write(&self) -> Result<RwLockWriteGuard<'_, T>, ::tokio::sync::TryLockError> {
+        self.try_write_at(Location::caller())
+    }
+
+    fn try_write_at(
+        &self,
+        site: Site,
+    ) -> Result<RwLockWriteGuard<'_, T>, ::tokio::sync::TryLockError> {
         let t0 = Ticks::now();
         let r = self.inner.try_write();
         let mode = LockMode::Exclusive;
-        let (inner, hold) = tried(
-            &self.recorder,
-            &self.holder,
-            mode,
-            t0,
-            r,
-            Location::caller(),
-        )?;
+        let (inner, hold) = tried(&self.recorder, &self.holder, mode, t0, r, site)?;
         Ok(RwLockWriteGuard {
             hold,
             inner: ManuallyDrop::new(inner),
@@ -544,16 +556,7 @@ impl<T: ?Sized + 'static> RwLock<T> {
     #[track_caller]
     pub fn read_owned(self: Arc<Self>) -> impl Future<Output = OwnedRwLockReadGuard<T>> {
         let site = Location::caller();
-        async move {
-            let lock = self;
-            // SAFETY: as in `Mutex::lock_owned`.
-            let this = unsafe { borrow_for_guard(&lock) };
-            let guard = this.read_at(site).await;
-            OwnedRwLockReadGuard {
-                guard: ManuallyDrop::new(guard),
-                lock,
-            }
-        }
+        OwnedRwLockReadGuard::acquire(self, move |this| this.read_at(site))
     }
 
     /// Exclusive access through an `Arc`, as tokio's `write_owned`: the guard keeps the
@@ -561,16 +564,7 @@ impl<T: ?Sized + 'static> RwLock<T> {
     #[track_caller]
     pub fn write_owned(self: Arc<Self>) -> impl Future<Output = OwnedRwLockWriteGuard<T>> {
         let site = Location::caller();
-        async move {
-            let lock = self;
-            // SAFETY: as in `Mutex::lock_owned`.
-            let this = unsafe { borrow_for_guard(&lock) };
-            let guard = this.write_at(site).await;
-            OwnedRwLockWriteGuard {
-                guard: ManuallyDrop::new(guard),
-                lock,
-            }
-        }
+        OwnedRwLockWriteGuard::acquire(self, move |this| this.write_at(site))
     }
 
     /// Shared access through an `Arc` without waiting, as tokio's `try_read_owned`.
@@ -578,13 +572,8 @@ impl<T: ?Sized + 'static> RwLock<T> {
     pub fn try_read_owned(
         self: Arc<Self>,
     ) -> Result<OwnedRwLockReadGuard<T>, ::tokio::sync::TryLockError> {
-        // SAFETY: as in `Mutex::try_lock_owned`.
-        let this = unsafe { borrow_for_guard(&self) };
-        let guard = this.try_read()?;
-        Ok(OwnedRwLockReadGuard {
-            guard: ManuallyDrop::new(guard),
-            lock: self,
-        })
+        let site = Location::caller();
+        OwnedRwLockReadGuard::take(self, |this| this.try_read_at(site))
     }
 
     /// Exclusive access through an `Arc` without waiting, as tokio's `try_write_owned`.
@@ -592,13 +581,8 @@ impl<T: ?Sized + 'static> RwLock<T> {
     pub fn try_write_owned(
         self: Arc<Self>,
     ) -> Result<OwnedRwLockWriteGuard<T>, ::tokio::sync::TryLockError> {
-        // SAFETY: as in `Mutex::try_lock_owned`.
-        let this = unsafe { borrow_for_guard(&self) };
-        let guard = this.try_write()?;
-        Ok(OwnedRwLockWriteGuard {
-            guard: ManuallyDrop::new(guard),
-            lock: self,
-        })
+        let site = Location::caller();
+        OwnedRwLockWriteGuard::take(self, |this| this.try_write_at(site))
     }
 }
 
