@@ -93,14 +93,22 @@ pub fn on(inode: Inode) -> std::io::Result<Vec<Entry>> {
     Ok(parse(&std::fs::read_to_string("/proc/locks")?, inode))
 }
 
-/// Processes with an open descriptor whose fdinfo lists a lock of `kind` on the inode: the
-/// holders of an OFD lock, and of a `flock` lock, through every process that shares the
-/// open file it was taken on. Not this process (run with the descriptor inherited, as
-/// `lockmeter who 9>F` in a script that holds it, it is only looking).
-pub fn fd_holders(inode: Inode, kind: Kind) -> Vec<i64> {
-    let mut pids = Vec::new();
+/// The processes with an open descriptor whose fdinfo lists a lock on one inode, by kind.
+#[derive(Debug, Default)]
+pub struct FdHolders {
+    /// Holders of an OFD lock (which `/proc/locks` gives no pid for).
+    pub ofd: Vec<i64>,
+    /// Every process that shares an open file a `flock` lock was taken on.
+    pub flock: Vec<i64>,
+}
+
+/// One pass over `/proc/*/fdinfo` for the locks on `inode`. Not this process (run with the
+/// descriptor inherited, as `lockmeter who 9>F` in a script that holds it, it is only
+/// looking).
+pub fn fd_holders(inode: Inode) -> FdHolders {
+    let mut found = FdHolders::default();
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return pids;
+        return found;
     };
     let me = i64::from(std::process::id());
     for p in procs.flatten() {
@@ -113,17 +121,27 @@ pub fn fd_holders(inode: Inode, kind: Kind) -> Vec<i64> {
         let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
             continue;
         };
-        let hit = fds.flatten().any(|fd| {
-            std::fs::read_to_string(fd.path()).is_ok_and(|t| {
-                lockmeter_agent::proclocks::parse_fdinfo(&t)
-                    .any(|l| l.kind == kind && inode.has(&l))
-            })
-        });
-        if hit {
-            pids.push(pid);
+        let (mut ofd, mut flock) = (false, false);
+        for fd in fds.flatten() {
+            let Ok(t) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            for l in lockmeter_agent::proclocks::parse_fdinfo(&t).filter(|l| inode.has(l)) {
+                ofd |= l.kind == Kind::Ofd;
+                flock |= l.kind == Kind::Flock;
+            }
+            if ofd && flock {
+                break;
+            }
+        }
+        if ofd {
+            found.ofd.push(pid);
+        }
+        if flock {
+            found.flock.push(pid);
         }
     }
-    pids
+    found
 }
 
 /// Who to name for one `/proc/locks` entry.
@@ -137,23 +155,18 @@ pub struct Holders {
     pub taken_by: Option<i64>,
 }
 
-/// Finds the processes behind `/proc/locks` entries on one inode (scanning fdinfo at most once
-/// per kind).
+/// Finds the processes behind `/proc/locks` entries on one inode (scanning fdinfo at most
+/// once, when an entry needs it).
 #[derive(Debug)]
 pub struct Finder {
     inode: Inode,
-    ofd: Option<Vec<i64>>,
-    flock: Option<Vec<i64>>,
+    fds: Option<FdHolders>,
 }
 
 impl Finder {
     /// A finder for the entries on `inode`.
     pub fn new(inode: Inode) -> Finder {
-        Finder {
-            inode,
-            ofd: None,
-            flock: None,
-        }
+        Finder { inode, fds: None }
     }
 
     /// The processes behind `e`: for an OFD lock (no pid in `/proc/locks`) those whose
@@ -163,19 +176,14 @@ impl Finder {
     pub fn holders(&mut self, e: &Entry) -> Holders {
         let inode = self.inode;
         if e.pid <= 0 {
-            let pids = self
-                .ofd
-                .get_or_insert_with(|| fd_holders(inode, Kind::Ofd))
-                .clone();
+            let fds = self.fds.get_or_insert_with(|| fd_holders(inode));
             return Holders {
-                pids,
+                pids: fds.ofd.clone(),
                 taken_by: None,
             };
         }
         if e.kind == "FLOCK" && !e.blocked {
-            let sharers = self
-                .flock
-                .get_or_insert_with(|| fd_holders(inode, Kind::Flock));
+            let sharers = &self.fds.get_or_insert_with(|| fd_holders(inode)).flock;
             if !sharers.is_empty() && !sharers.contains(&e.pid) {
                 return Holders {
                     pids: sharers.clone(),
