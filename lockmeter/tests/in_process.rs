@@ -282,16 +282,22 @@ fn a_leaked_guard_keeps_the_lock_held_and_says_so() {
     );
 }
 
+/// A multi-thread runtime on 2 workers (the machine's cores), timers on.
+#[cfg(feature = "tokio")]
+fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 #[test]
 #[cfg(feature = "tokio")]
 fn tokio_mutex_counts_contention_and_cancellation() {
     let rec = Recorder::new();
     let sink = Sink::new(rec.meter());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_workers();
     let m = Arc::new(
         lockmeter::tokio::Mutex::builder("sessions")
             .sink(sink.clone())
@@ -422,11 +428,7 @@ async fn first_poll_waits<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> b
 fn tokio_owned_guards_move_between_tasks_and_are_counted() {
     let rec = Recorder::new();
     let sink = Sink::new(rec.meter());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_workers();
     let m = Arc::new(
         lockmeter::tokio::Mutex::builder("owned")
             .sink(sink.clone())
