@@ -23,11 +23,28 @@
 //! ```
 //!
 //! The API is tokio's: `lock`/`read`/`write` and their `try_`s, `lock_owned`/`read_owned`/
-//! `write_owned` and theirs (needing `T: 'static`, which tokio's do not), `get_mut`,
-//! `into_inner`; `new`, `Default` and `From` name the lock after where it is made (see
-//! [`Mutex::new`]); guards print with `{}` and `{:?}`; the locks are `UnwindSafe` when the
-//! value is, as tokio's. Not there: `const_new`, `blocking_*`, `with_max_readers`, guard
-//! `map`s and `downgrade`.
+//! `write_owned` and theirs (needing `T: 'static`, which tokio's do not), `blocking_lock`/
+//! `blocking_read`/`blocking_write` for synchronous code (panicking in an async context as
+//! tokio's do), `get_mut`, `into_inner`; `new`, `Default` and `From` name the lock after where
+//! it is made (see [`Mutex::new`]); the borrowed guards' `map`/`try_map` (a mapped guard
+//! carries on the same hold) and [`RwLockWriteGuard::downgrade`] (the exclusive hold ends, a
+//! shared one begins, counted as an uncontended shared acquisition); guards print with `{}`
+//! and `{:?}`; the locks are `UnwindSafe` when the value is, as tokio's. Not there:
+//! `const_new`, `with_max_readers`, the owned guards' `map`s and `downgrade`, and the borrowed
+//! guards' `mutex()`/`rwlock()`.
+//!
+//! ```
+//! use lockmeter::tokio::{RwLock, RwLockWriteGuard};
+//!
+//! // From synchronous code (outside the runtime, or in `spawn_blocking`).
+//! let config = RwLock::named("config", (String::from("v1"), 0u32));
+//! let mut w = config.blocking_write();
+//! w.1 += 1;
+//! // Readers may come in now; no writer gets in between.
+//! let version = RwLockWriteGuard::downgrade_map(w, |c| &c.0);
+//! assert_eq!(*version, "v1");
+//! assert!(config.try_read().is_ok() && config.try_write().is_err());
+//! ```
 
 use std::fmt;
 use std::future::Future;
@@ -107,6 +124,34 @@ fn took<'s>(recorder: &'s Recorder, holder: &HolderSite, mode: LockMode, site: S
     crate::sync::uncontended(recorder, mode, site)
 }
 
+impl<'s> Waiting<'s> {
+    /// A try found the lock taken: counts the conflict and starts the wait.
+    fn begin(recorder: &'s Recorder, mode: LockMode) -> Self {
+        Waiting {
+            recorder,
+            mode,
+            start: recorder.contended_start(mode),
+            done: false,
+        }
+    }
+
+    /// The wait ended with the lock taken at `site`: the hold, which records the wait after
+    /// its release.
+    fn acquired(mut self, holder: &HolderSite, site: Site) -> Hold<'s> {
+        self.done = true;
+        let (since, end) = self.recorder.contended_acquired(self.mode, self.start);
+        let waited_for = holder.get();
+        holder.acquired_at(site);
+        Hold {
+            recorder: self.recorder,
+            mode: self.mode,
+            since,
+            site,
+            waited: Some((self.start, end, waited_for)),
+        }
+    }
+}
+
 /// The try failed: count the conflict and await `wait`, recording the wait (or its
 /// cancellation).
 async fn acquire<'s, G, F>(
@@ -119,28 +164,31 @@ async fn acquire<'s, G, F>(
 where
     F: Future<Output = G>,
 {
-    let start = recorder.contended_start(mode);
-    let mut waiting = Waiting {
-        recorder,
-        mode,
-        start,
-        done: false,
-    };
+    let waiting = Waiting::begin(recorder, mode);
     let g = wait.await;
-    waiting.done = true;
-    let (since, end) = recorder.contended_acquired(mode, start);
-    let waited_for = holder.get();
-    holder.acquired_at(site);
-    (
-        g,
-        Hold {
-            recorder,
-            mode,
-            since,
-            site,
-            waited: Some((start, end, waited_for)),
-        },
-    )
+    (g, waiting.acquired(holder, site))
+}
+
+/// [`acquire`] for the `blocking_*` calls: `wait` blocks the thread.
+fn acquire_blocking<'s, G>(
+    recorder: &'s Recorder,
+    holder: &HolderSite,
+    mode: LockMode,
+    wait: impl FnOnce() -> G,
+    site: Site,
+) -> (G, Hold<'s>) {
+    let waiting = Waiting::begin(recorder, mode);
+    let g = wait();
+    (g, waiting.acquired(holder, site))
+}
+
+/// Panics, as tokio's `blocking_*` calls do, when this thread drives asynchronous tasks
+/// (blocking it there can stall or deadlock the runtime), whether or not the lock is free,
+/// so that the mistake shows in the first test, not under load. tokio decides: one acquire of
+/// a free lock of its own through its `blocking_lock`.
+#[track_caller]
+fn may_block() {
+    drop(::tokio::sync::Mutex::new(()).blocking_lock());
 }
 
 /// A synchronous `try_*` of the inner lock (`r`, tried from `t0`), counted: an uncontended
@@ -175,6 +223,99 @@ unsafe fn borrow_for_guard<L: ?Sized + 'static>(lock: &Arc<L>) -> &'static L {
     // SAFETY: the allocation lives while any `Arc` does; the caller keeps one longer than the
     // borrow.
     unsafe { &*Arc::as_ptr(lock) }
+}
+
+/// Generates a guard: a tokio guard of the same name (`inner`), and the [`Hold`] it records
+/// when dropped (the release counted before tokio's guard unlocks, the rest after).
+macro_rules! guard {
+    ($(#[$doc:meta])* $name:ident($inner:ident) $(, $deref_mut:ident)?) => {
+        $(#[$doc])*
+        #[must_use = "the lock is released as soon as the guard is dropped"]
+        pub struct $name<'a, T: ?Sized> {
+            hold: Hold<'a>,
+            inner: ManuallyDrop<::tokio::sync::$inner<'a, T>>,
+        }
+
+        impl<'a, T: ?Sized> $name<'a, T> {
+            fn new(hold: Hold<'a>, inner: ::tokio::sync::$inner<'a, T>) -> Self {
+                $name {
+                    hold,
+                    inner: ManuallyDrop::new(inner),
+                }
+            }
+
+            /// Takes the guard apart without releasing anything (to map or downgrade it).
+            fn into_parts(this: Self) -> (Hold<'a>, ::tokio::sync::$inner<'a, T>) {
+                let mut this = ManuallyDrop::new(this);
+                // SAFETY: `this` is never dropped, so each field is moved out exactly once.
+                unsafe {
+                    (
+                        std::ptr::read(&this.hold),
+                        ManuallyDrop::take(&mut this.inner),
+                    )
+                }
+            }
+        }
+
+        impl<T: ?Sized> Drop for $name<'_, T> {
+            fn drop(&mut self) {
+                self.hold.count_release();
+                // SAFETY: dropped here, once; never used again.
+                unsafe { ManuallyDrop::drop(&mut self.inner) };
+                self.hold.released();
+            }
+        }
+
+        impl<T: ?Sized> Deref for $name<'_, T> {
+            type Target = T;
+            fn deref(&self) -> &T {
+                &self.inner
+            }
+        }
+
+        $(
+            impl<T: ?Sized> DerefMut for $name<'_, T> {
+                fn $deref_mut(&mut self) -> &mut T {
+                    &mut self.inner
+                }
+            }
+        )?
+
+        crate::sync::guard_fmt!($name);
+    };
+}
+
+/// A hold whose guard was taken apart to be mapped: if the caller's closure panics, tokio's
+/// guard unlocks as it unwinds, and dropping this records the release (`counted`: the
+/// release was already counted, as a downgrade counts it first).
+struct Unwinding<'a> {
+    hold: ManuallyDrop<Hold<'a>>,
+    counted: bool,
+}
+
+impl<'a> Unwinding<'a> {
+    fn new(hold: Hold<'a>, counted: bool) -> Self {
+        Unwinding {
+            hold: ManuallyDrop::new(hold),
+            counted,
+        }
+    }
+
+    /// The closure returned: the hold, for the guard put back together.
+    fn done(self) -> Hold<'a> {
+        let mut this = ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped, so the hold is moved out exactly once.
+        unsafe { ManuallyDrop::take(&mut this.hold) }
+    }
+}
+
+impl Drop for Unwinding<'_> {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.hold.count_release();
+        }
+        self.hold.released();
+    }
 }
 
 /// Generates a guard that owns an `Arc` of its lock, as tokio's `Owned*Guard`s: the borrowed
@@ -323,10 +464,36 @@ impl<T: ?Sized> Mutex<T> {
                 acquire(&self.recorder, &self.holder, mode, self.inner.lock(), site).await
             }
         };
-        MutexGuard {
-            hold,
-            inner: ManuallyDrop::new(inner),
-        }
+        MutexGuard::new(hold, inner)
+    }
+
+    /// Locks from synchronous code, blocking the thread, as tokio's `blocking_lock` (for code
+    /// outside the runtime, or in `spawn_blocking`, sharing state with tasks). Recorded as
+    /// [`Self::lock`].
+    ///
+    /// # Panics
+    ///
+    /// As tokio's: when called from an asynchronous context, even if the lock is free.
+    #[track_caller]
+    pub fn blocking_lock(&self) -> MutexGuard<'_, T> {
+        self.blocking_lock_at(Location::caller())
+    }
+
+    #[track_caller]
+    fn blocking_lock_at(&self, site: Site) -> MutexGuard<'_, T> {
+        may_block();
+        let mode = LockMode::Exclusive;
+        let (inner, hold) = match self.inner.try_lock() {
+            Ok(g) => (g, took(&self.recorder, &self.holder, mode, site)),
+            Err(_) => acquire_blocking(
+                &self.recorder,
+                &self.holder,
+                mode,
+                || self.inner.blocking_lock(),
+                site,
+            ),
+        };
+        MutexGuard::new(hold, inner)
     }
 
     /// Tries to lock without waiting; a failure is counted as a conflict.
@@ -340,10 +507,7 @@ impl<T: ?Sized> Mutex<T> {
         let r = self.inner.try_lock();
         let mode = LockMode::Exclusive;
         let (inner, hold) = tried(&self.recorder, &self.holder, mode, t0, r, site)?;
-        Ok(MutexGuard {
-            hold,
-            inner: ManuallyDrop::new(inner),
-        })
+        Ok(MutexGuard::new(hold, inner))
     }
 
     /// Mutable access without locking.
@@ -360,6 +524,20 @@ impl<T: ?Sized + 'static> Mutex<T> {
     pub fn lock_owned(self: Arc<Self>) -> impl Future<Output = OwnedMutexGuard<T>> {
         let site = Location::caller();
         OwnedMutexGuard::acquire(self, move |this| this.lock_at(site))
+    }
+
+    /// [`Self::blocking_lock`] through an `Arc`, as tokio's `blocking_lock_owned`.
+    ///
+    /// # Panics
+    ///
+    /// As tokio's: when called from an asynchronous context.
+    #[track_caller]
+    pub fn blocking_lock_owned(self: Arc<Self>) -> OwnedMutexGuard<T> {
+        let site = Location::caller();
+        let Ok(g) = OwnedMutexGuard::take(self, |this| {
+            Ok::<_, std::convert::Infallible>(this.blocking_lock_at(site))
+        });
+        g
     }
 
     /// Tries to lock through an `Arc` without waiting, as tokio's `try_lock_owned`; a
@@ -387,36 +565,73 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
     }
 }
 
-/// Guard of a tokio [`Mutex`].
-#[must_use = "the lock is released as soon as the guard is dropped"]
-pub struct MutexGuard<'a, T: ?Sized> {
-    hold: Hold<'a>,
-    inner: ManuallyDrop<::tokio::sync::MutexGuard<'a, T>>,
+guard! {
+    /// Guard of a tokio [`Mutex`].
+    MutexGuard(MutexGuard), deref_mut
 }
 
-impl<T: ?Sized> Drop for MutexGuard<'_, T> {
-    fn drop(&mut self) {
-        self.hold.count_release();
-        // SAFETY: dropped here, once; never used again.
-        unsafe { ManuallyDrop::drop(&mut self.inner) };
-        self.hold.released();
+guard! {
+    /// A [`MutexGuard`] mapped to part of the value ([`MutexGuard::map`]): the lock stays held
+    /// until it is dropped, and the hold is recorded as the original guard's.
+    MappedMutexGuard(MappedMutexGuard), deref_mut
+}
+
+impl<'a, T: ?Sized> MutexGuard<'a, T> {
+    /// A guard for a part of the locked value, as tokio's `MutexGuard::map` (an associated
+    /// function: `MutexGuard::map(guard, |v| &mut v.field)`). The hold goes on.
+    pub fn map<U: ?Sized, F>(this: Self, f: F) -> MappedMutexGuard<'a, U>
+    where
+        F: FnOnce(&mut T) -> &mut U,
+    {
+        let (hold, inner) = Self::into_parts(this);
+        let hold = Unwinding::new(hold, false);
+        let inner = ::tokio::sync::MutexGuard::map(inner, f);
+        MappedMutexGuard::new(hold.done(), inner)
+    }
+
+    /// [`Self::map`] for a part that may not be there: `Err` gives the guard back.
+    pub fn try_map<U: ?Sized, F>(this: Self, f: F) -> Result<MappedMutexGuard<'a, U>, Self>
+    where
+        F: FnOnce(&mut T) -> Option<&mut U>,
+    {
+        let (hold, inner) = Self::into_parts(this);
+        let hold = Unwinding::new(hold, false);
+        let r = ::tokio::sync::MutexGuard::try_map(inner, f);
+        let hold = hold.done();
+        match r {
+            Ok(inner) => Ok(MappedMutexGuard::new(hold, inner)),
+            Err(inner) => Err(Self::new(hold, inner)),
+        }
     }
 }
 
-impl<T: ?Sized> Deref for MutexGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.inner
+impl<'a, T: ?Sized> MappedMutexGuard<'a, T> {
+    /// Maps again, as tokio's `MappedMutexGuard::map`.
+    pub fn map<U, F>(this: Self, f: F) -> MappedMutexGuard<'a, U>
+    where
+        F: FnOnce(&mut T) -> &mut U,
+    {
+        let (hold, inner) = Self::into_parts(this);
+        let hold = Unwinding::new(hold, false);
+        let inner = ::tokio::sync::MappedMutexGuard::map(inner, f);
+        MappedMutexGuard::new(hold.done(), inner)
+    }
+
+    /// Maps again to a part that may not be there: `Err` gives the guard back.
+    pub fn try_map<U, F>(this: Self, f: F) -> Result<MappedMutexGuard<'a, U>, Self>
+    where
+        F: FnOnce(&mut T) -> Option<&mut U>,
+    {
+        let (hold, inner) = Self::into_parts(this);
+        let hold = Unwinding::new(hold, false);
+        let r = ::tokio::sync::MappedMutexGuard::try_map(inner, f);
+        let hold = hold.done();
+        match r {
+            Ok(inner) => Ok(MappedMutexGuard::new(hold, inner)),
+            Err(inner) => Err(Self::new(hold, inner)),
+        }
     }
 }
-
-impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        &mut self.inner
-    }
-}
-
-crate::sync::guard_fmt!(MutexGuard);
 
 /// An instrumented `tokio::sync::RwLock`.
 pub struct RwLock<T: ?Sized> {
@@ -475,10 +690,7 @@ impl<T: ?Sized> RwLock<T> {
                 acquire(&self.recorder, &self.holder, mode, self.inner.read(), site).await
             }
         };
-        RwLockReadGuard {
-            hold,
-            inner: ManuallyDrop::new(inner),
-        }
+        RwLockReadGuard::new(hold, inner)
     }
 
     /// Exclusive access, waiting asynchronously (a plain function returning the future).
@@ -498,10 +710,55 @@ impl<T: ?Sized> RwLock<T> {
                 acquire(&self.recorder, &self.holder, mode, self.inner.write(), site).await
             }
         };
-        RwLockWriteGuard {
-            hold,
-            inner: ManuallyDrop::new(inner),
-        }
+        RwLockWriteGuard::new(hold, inner)
+    }
+
+    /// Shared access from synchronous code, blocking the thread, as tokio's `blocking_read`.
+    /// Recorded as [`Self::read`].
+    ///
+    /// # Panics
+    ///
+    /// As tokio's: when called from an asynchronous context, even if the lock is free.
+    #[track_caller]
+    pub fn blocking_read(&self) -> RwLockReadGuard<'_, T> {
+        let site = Location::caller();
+        may_block();
+        let mode = LockMode::Shared;
+        let (inner, hold) = match self.inner.try_read() {
+            Ok(g) => (g, took(&self.recorder, &self.holder, mode, site)),
+            Err(_) => acquire_blocking(
+                &self.recorder,
+                &self.holder,
+                mode,
+                || self.inner.blocking_read(),
+                site,
+            ),
+        };
+        RwLockReadGuard::new(hold, inner)
+    }
+
+    /// Exclusive access from synchronous code, blocking the thread, as tokio's
+    /// `blocking_write`. Recorded as [`Self::write`].
+    ///
+    /// # Panics
+    ///
+    /// As tokio's: when called from an asynchronous context, even if the lock is free.
+    #[track_caller]
+    pub fn blocking_write(&self) -> RwLockWriteGuard<'_, T> {
+        let site = Location::caller();
+        may_block();
+        let mode = LockMode::Exclusive;
+        let (inner, hold) = match self.inner.try_write() {
+            Ok(g) => (g, took(&self.recorder, &self.holder, mode, site)),
+            Err(_) => acquire_blocking(
+                &self.recorder,
+                &self.holder,
+                mode,
+                || self.inner.blocking_write(),
+                site,
+            ),
+        };
+        RwLockWriteGuard::new(hold, inner)
     }
 
     /// Shared access without waiting; a failure is counted as a conflict.
@@ -518,10 +775,7 @@ impl<T: ?Sized> RwLock<T> {
         let r = self.inner.try_read();
         let mode = LockMode::Shared;
         let (inner, hold) = tried(&self.recorder, &self.holder, mode, t0, r, site)?;
-        Ok(RwLockReadGuard {
-            hold,
-            inner: ManuallyDrop::new(inner),
-        })
+        Ok(RwLockReadGuard::new(hold, inner))
     }
 
     /// Exclusive access without waiting; a failure is counted as a conflict.
@@ -538,10 +792,7 @@ impl<T: ?Sized> RwLock<T> {
         let r = self.inner.try_write();
         let mode = LockMode::Exclusive;
         let (inner, hold) = tried(&self.recorder, &self.holder, mode, t0, r, site)?;
-        Ok(RwLockWriteGuard {
-            hold,
-            inner: ManuallyDrop::new(inner),
-        })
+        Ok(RwLockWriteGuard::new(hold, inner))
     }
 
     /// Mutable access without locking.
@@ -605,57 +856,169 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
     }
 }
 
-/// Shared guard of a tokio [`RwLock`].
-#[must_use = "the lock is released as soon as the guard is dropped"]
-pub struct RwLockReadGuard<'a, T: ?Sized> {
-    hold: Hold<'a>,
-    inner: ManuallyDrop<::tokio::sync::RwLockReadGuard<'a, T>>,
+guard! {
+    /// Shared guard of a tokio [`RwLock`].
+    RwLockReadGuard(RwLockReadGuard)
 }
 
-/// Exclusive guard of a tokio [`RwLock`].
-#[must_use = "the lock is released as soon as the guard is dropped"]
-pub struct RwLockWriteGuard<'a, T: ?Sized> {
-    hold: Hold<'a>,
-    inner: ManuallyDrop<::tokio::sync::RwLockWriteGuard<'a, T>>,
+guard! {
+    /// Exclusive guard of a tokio [`RwLock`].
+    RwLockWriteGuard(RwLockWriteGuard), deref_mut
 }
 
-impl<T: ?Sized> Drop for RwLockReadGuard<'_, T> {
-    fn drop(&mut self) {
-        self.hold.count_release();
-        // SAFETY: dropped here, once; never used again.
-        unsafe { ManuallyDrop::drop(&mut self.inner) };
-        self.hold.released();
+guard! {
+    /// An [`RwLockWriteGuard`] mapped to part of the value ([`RwLockWriteGuard::map`]): the
+    /// lock stays held exclusively until it is dropped, recorded as the original guard's hold.
+    RwLockMappedWriteGuard(RwLockMappedWriteGuard), deref_mut
+}
+
+impl<'a, T: ?Sized> RwLockReadGuard<'a, T> {
+    /// A guard for a part of the value, as tokio's `RwLockReadGuard::map` (an associated
+    /// function). The hold goes on.
+    pub fn map<U: ?Sized, F>(this: Self, f: F) -> RwLockReadGuard<'a, U>
+    where
+        F: FnOnce(&T) -> &U,
+    {
+        let (hold, inner) = Self::into_parts(this);
+        let hold = Unwinding::new(hold, false);
+        let inner = ::tokio::sync::RwLockReadGuard::map(inner, f);
+        RwLockReadGuard::new(hold.done(), inner)
+    }
+
+    /// [`Self::map`] for a part that may not be there: `Err` gives the guard back.
+    pub fn try_map<U: ?Sized, F>(this: Self, f: F) -> Result<RwLockReadGuard<'a, U>, Self>
+    where
+        F: FnOnce(&T) -> Option<&U>,
+    {
+        let (hold, inner) = Self::into_parts(this);
+        let hold = Unwinding::new(hold, false);
+        let r = ::tokio::sync::RwLockReadGuard::try_map(inner, f);
+        let hold = hold.done();
+        match r {
+            Ok(inner) => Ok(RwLockReadGuard::new(hold, inner)),
+            Err(inner) => Err(Self::new(hold, inner)),
+        }
     }
 }
 
-impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
-    fn drop(&mut self) {
-        self.hold.count_release();
-        // SAFETY: dropped here, once; never used again.
-        unsafe { ManuallyDrop::drop(&mut self.inner) };
-        self.hold.released();
+impl<'a, T: ?Sized> RwLockWriteGuard<'a, T> {
+    /// A guard for a part of the value, as tokio's `RwLockWriteGuard::map` (an associated
+    /// function). The exclusive hold goes on.
+    pub fn map<U: ?Sized, F>(this: Self, f: F) -> RwLockMappedWriteGuard<'a, U>
+    where
+        F: FnOnce(&mut T) -> &mut U,
+    {
+        let (hold, inner) = Self::into_parts(this);
+        let hold = Unwinding::new(hold, false);
+        let inner = ::tokio::sync::RwLockWriteGuard::map(inner, f);
+        RwLockMappedWriteGuard::new(hold.done(), inner)
+    }
+
+    /// [`Self::map`] for a part that may not be there: `Err` gives the guard back.
+    pub fn try_map<U: ?Sized, F>(this: Self, f: F) -> Result<RwLockMappedWriteGuard<'a, U>, Self>
+    where
+        F: FnOnce(&mut T) -> Option<&mut U>,
+    {
+        let (hold, inner) = Self::into_parts(this);
+        let hold = Unwinding::new(hold, false);
+        let r = ::tokio::sync::RwLockWriteGuard::try_map(inner, f);
+        let hold = hold.done();
+        match r {
+            Ok(inner) => Ok(RwLockMappedWriteGuard::new(hold, inner)),
+            Err(inner) => Err(Self::new(hold, inner)),
+        }
+    }
+
+    /// The whole value as a mapped guard, as tokio's `into_mapped`.
+    pub fn into_mapped(this: Self) -> RwLockMappedWriteGuard<'a, T> {
+        let (hold, inner) = Self::into_parts(this);
+        RwLockMappedWriteGuard::new(hold, ::tokio::sync::RwLockWriteGuard::into_mapped(inner))
+    }
+
+    /// Turns the exclusive hold into a shared one without letting a writer in, as tokio's
+    /// `downgrade`. Recorded as the end of the exclusive hold (its release counted, its time
+    /// recorded if timed) and an uncontended shared acquisition at the call site, so
+    /// `lock_held` shows the shared hold and the hold times stay those of each mode.
+    #[track_caller]
+    pub fn downgrade(self) -> RwLockReadGuard<'a, T> {
+        let site = Location::caller();
+        let (hold, inner) = Self::into_parts(self);
+        hold.count_release();
+        let inner = inner.downgrade();
+        hold.released();
+        RwLockReadGuard::new(
+            crate::sync::uncontended(hold.recorder, LockMode::Shared, site),
+            inner,
+        )
+    }
+
+    /// [`Self::map`] then [`Self::downgrade`], as tokio's `downgrade_map`.
+    #[track_caller]
+    pub fn downgrade_map<U: ?Sized, F>(this: Self, f: F) -> RwLockReadGuard<'a, U>
+    where
+        F: FnOnce(&T) -> &U,
+    {
+        let site = Location::caller();
+        let (hold, inner) = Self::into_parts(this);
+        hold.count_release();
+        let hold = Unwinding::new(hold, true);
+        let inner = ::tokio::sync::RwLockWriteGuard::downgrade_map(inner, f);
+        let hold = hold.done();
+        hold.released();
+        RwLockReadGuard::new(
+            crate::sync::uncontended(hold.recorder, LockMode::Shared, site),
+            inner,
+        )
+    }
+
+    /// [`Self::downgrade_map`] for a part that may not be there: `Err` gives the write guard
+    /// back, still exclusive.
+    #[track_caller]
+    pub fn try_downgrade_map<U: ?Sized, F>(this: Self, f: F) -> Result<RwLockReadGuard<'a, U>, Self>
+    where
+        F: FnOnce(&T) -> Option<&U>,
+    {
+        let site = Location::caller();
+        let (hold, inner) = Self::into_parts(this);
+        let hold = Unwinding::new(hold, false);
+        let r = ::tokio::sync::RwLockWriteGuard::try_downgrade_map(inner, f);
+        let hold = hold.done();
+        match r {
+            Ok(inner) => {
+                hold.count_release();
+                hold.released();
+                let shared = crate::sync::uncontended(hold.recorder, LockMode::Shared, site);
+                Ok(RwLockReadGuard::new(shared, inner))
+            }
+            Err(inner) => Err(Self::new(hold, inner)),
+        }
     }
 }
 
-impl<T: ?Sized> Deref for RwLockReadGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.inner
+impl<'a, T: ?Sized> RwLockMappedWriteGuard<'a, T> {
+    /// Maps again, as tokio's `RwLockMappedWriteGuard::map`.
+    pub fn map<U: ?Sized, F>(this: Self, f: F) -> RwLockMappedWriteGuard<'a, U>
+    where
+        F: FnOnce(&mut T) -> &mut U,
+    {
+        let (hold, inner) = Self::into_parts(this);
+        let hold = Unwinding::new(hold, false);
+        let inner = ::tokio::sync::RwLockMappedWriteGuard::map(inner, f);
+        RwLockMappedWriteGuard::new(hold.done(), inner)
+    }
+
+    /// Maps again to a part that may not be there: `Err` gives the guard back.
+    pub fn try_map<U: ?Sized, F>(this: Self, f: F) -> Result<RwLockMappedWriteGuard<'a, U>, Self>
+    where
+        F: FnOnce(&mut T) -> Option<&mut U>,
+    {
+        let (hold, inner) = Self::into_parts(this);
+        let hold = Unwinding::new(hold, false);
+        let r = ::tokio::sync::RwLockMappedWriteGuard::try_map(inner, f);
+        let hold = hold.done();
+        match r {
+            Ok(inner) => Ok(RwLockMappedWriteGuard::new(hold, inner)),
+            Err(inner) => Err(Self::new(hold, inner)),
+        }
     }
 }
-
-impl<T: ?Sized> Deref for RwLockWriteGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.inner
-    }
-}
-
-impl<T: ?Sized> DerefMut for RwLockWriteGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        &mut self.inner
-    }
-}
-
-crate::sync::guard_fmt!(RwLockReadGuard);
-crate::sync::guard_fmt!(RwLockWriteGuard);

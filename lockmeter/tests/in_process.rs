@@ -34,6 +34,15 @@ assert_impl_all!(lockmeter::tokio::MutexGuard<'static, u8>: Send, Sync);
 assert_impl_all!(tokio::sync::MutexGuard<'static, u8>: Send, Sync);
 #[cfg(feature = "tokio")]
 assert_not_impl_any!(lockmeter::tokio::Mutex<Rc<u8>>: Send, Sync);
+#[cfg(feature = "tokio")]
+assert_impl_all!(lockmeter::tokio::MappedMutexGuard<'static, u8>: Send, Sync);
+assert_impl_all!(tokio::sync::MappedMutexGuard<'static, u8>: Send, Sync);
+#[cfg(feature = "tokio")]
+assert_impl_all!(lockmeter::tokio::RwLockMappedWriteGuard<'static, u8>: Send, Sync);
+assert_impl_all!(tokio::sync::RwLockMappedWriteGuard<'static, u8>: Send, Sync);
+#[cfg(feature = "tokio")]
+assert_not_impl_any!(lockmeter::tokio::MappedMutexGuard<'static, Cell<u8>>: Sync);
+assert_not_impl_any!(tokio::sync::MappedMutexGuard<'static, Cell<u8>>: Sync);
 // Unwind safety as std's and tokio's (`catch_unwind` around code that takes the lock).
 use std::panic::{RefUnwindSafe, UnwindSafe};
 assert_impl_all!(Mutex<Cell<u8>>: UnwindSafe, RefUnwindSafe);
@@ -513,6 +522,166 @@ fn tokio_owned_guards_move_between_tasks_and_are_counted() {
     assert_eq!(s.counter("lock.conflicts", &of("owned-rw")), 4);
     assert_eq!(s.updown("lock.held", &of("owned")), 0);
     assert_eq!(s.updown("lock.held", &of("owned-rw")), 0);
+}
+
+#[test]
+#[cfg(feature = "tokio")]
+fn tokio_guards_map_downgrade_and_block_as_tokios_do() {
+    use lockmeter::tokio::{
+        MappedMutexGuard, MutexGuard as TMutexGuard, RwLockMappedWriteGuard,
+        RwLockReadGuard as TReadGuard, RwLockWriteGuard as TWriteGuard,
+    };
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    #[derive(Debug)]
+    struct Pair {
+        a: u64,
+        b: Option<u64>,
+    }
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let m = Arc::new(
+        lockmeter::tokio::Mutex::builder("mapped")
+            .sink(sink.clone())
+            .sample_every(1)
+            .build(Pair { a: 0, b: None }),
+    );
+    let rw = lockmeter::tokio::RwLock::builder("downgraded")
+        .sink(sink.clone())
+        .sample_every(1)
+        .build(Pair { a: 0, b: Some(1) });
+    let of = |name: &'static str| [("lock.name", name)];
+    let in_mode =
+        |name: &'static str, mode: &'static str| [("lock.name", name), ("lock.mode", mode)];
+
+    // A mapped guard keeps the lock; a failed try_map gives the guard back, still held.
+    let mut a = TMutexGuard::map(m.blocking_lock(), |p| &mut p.a);
+    *a += 1;
+    assert!(m.try_lock().is_err(), "a mapped guard keeps the lock");
+    let a = MappedMutexGuard::try_map(a, |_| None::<&mut u64>).unwrap_err();
+    assert!(
+        m.try_lock().is_err(),
+        "try_map's Err is the guard, still held"
+    );
+    let mut a = MappedMutexGuard::map(a, |a| a);
+    *a += 1;
+    drop(a);
+    assert_eq!(m.try_lock().unwrap().a, 2);
+
+    // blocking_lock from a plain thread waits for the holder, counted as contended.
+    let g = m.blocking_lock();
+    let waiter = std::thread::spawn({
+        let m = Arc::clone(&m);
+        move || m.blocking_lock_owned().a += 1
+    });
+    rec.wait_for("the blocking waiter to count its conflict", |s| {
+        s.counter("lock.conflicts", &of("mapped")) == 3
+    });
+    drop(g);
+    waiter.join().unwrap();
+
+    // A panic in the mapping closure releases the lock, and the release is counted.
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        TMutexGuard::map(m.blocking_lock(), |_| -> &mut u64 {
+            panic!("mapping failed")
+        })
+    }));
+    assert!(r.is_err());
+    assert_eq!(m.try_lock().unwrap().a, 3);
+
+    // In an async context blocking_* panic as tokio's do, free lock or not, counting nothing.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let msg = rt.block_on(async {
+        let e = catch_unwind(AssertUnwindSafe(|| drop(m.blocking_lock()))).unwrap_err();
+        assert!(catch_unwind(AssertUnwindSafe(|| drop(rw.blocking_read()))).is_err());
+        assert!(catch_unwind(AssertUnwindSafe(|| drop(rw.blocking_write()))).is_err());
+        *e.downcast::<String>().unwrap()
+    });
+    assert!(msg.contains("Cannot block the current thread"), "{msg}");
+
+    // Downgrade: the exclusive hold ends and a shared one begins, without a writer between.
+    let r = TWriteGuard::downgrade(rw.blocking_write());
+    drop(rw.try_read().unwrap());
+    assert!(rw.try_write().is_err(), "a downgraded guard is a reader");
+    let s = rec.snapshot();
+    assert_eq!(s.updown("lock.held", &in_mode("downgraded", "shared")), 1);
+    assert_eq!(
+        s.updown("lock.held", &in_mode("downgraded", "exclusive")),
+        0
+    );
+    drop(r);
+    let r = TWriteGuard::try_downgrade_map(rw.blocking_write(), |p| p.b.as_ref()).unwrap();
+    assert_eq!(*r, 1);
+    drop(r);
+    // A failed try_downgrade_map keeps the write guard, still exclusive.
+    let w = TWriteGuard::try_downgrade_map(rw.try_write().unwrap(), |_| None::<&u64>).unwrap_err();
+    assert!(rw.try_read().is_err(), "still exclusive");
+    let mut w = RwLockMappedWriteGuard::map(TWriteGuard::map(w, |p| &mut p.a), |a| a);
+    *w = 7;
+    drop(w);
+    let r = TReadGuard::map(rw.blocking_read(), |p| &p.a);
+    let r = TReadGuard::try_map(r, |_| None::<&u64>).unwrap_err();
+    assert_eq!(*r, 7);
+    drop(r);
+    assert_eq!(
+        *TWriteGuard::downgrade_map(rw.blocking_write(), |p| &p.a),
+        7
+    );
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        TWriteGuard::downgrade_map(rw.blocking_write(), |_| -> &u64 {
+            panic!("mapping failed")
+        })
+    }));
+    assert!(r.is_err());
+    drop(rw.try_write().unwrap());
+
+    let s = rec.snapshot();
+    // blocking_lock, the map's try, try_lock, blocking_lock, its waiter (contended), the
+    // panicking map's lock, try_lock; the panics in the runtime count nothing.
+    assert_eq!(s.counter("lock.acquisitions", &of("mapped")), 6);
+    assert_eq!(
+        s.counter(
+            "lock.acquisitions",
+            &[("lock.name", "mapped"), ("lock.contended", "true")]
+        ),
+        1
+    );
+    assert_eq!(s.counter("lock.conflicts", &of("mapped")), 3);
+    assert_eq!(
+        s.hist_count("lock.duration", &of("mapped")),
+        6,
+        "every hold timed, the panicking one too"
+    );
+    assert_eq!(s.updown("lock.held", &of("mapped")), 0);
+    // Writes: downgrade, try_downgrade_map, try_write, downgrade_map, the panicking one,
+    // try_write; reads: the three downgrades, try_read, blocking_read.
+    assert_eq!(
+        s.counter("lock.acquisitions", &in_mode("downgraded", "exclusive")),
+        6
+    );
+    assert_eq!(
+        s.counter("lock.acquisitions", &in_mode("downgraded", "shared")),
+        5
+    );
+    assert_eq!(
+        s.hist_count("lock.duration", &in_mode("downgraded", "exclusive")),
+        6
+    );
+    assert_eq!(
+        s.hist_count("lock.duration", &in_mode("downgraded", "shared")),
+        5
+    );
+    assert_eq!(
+        s.counter("lock.conflicts", &in_mode("downgraded", "exclusive")),
+        1
+    );
+    assert_eq!(
+        s.counter("lock.conflicts", &in_mode("downgraded", "shared")),
+        1
+    );
+    assert_eq!(s.updown("lock.held", &of("downgraded")), 0);
 }
 
 #[test]
