@@ -210,6 +210,57 @@ fn a_panicking_holder_poisons_like_std_and_its_release_is_counted() {
 /// The wrappers keep their own poison flag (their lock is parking_lot's): each rule of std's
 /// poisoning, side by side with std's own lock doing the same.
 #[test]
+fn rwlock_downgrade_lets_waiting_readers_in_keeps_writers_out_and_is_counted() {
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let l = Arc::new(
+        RwLock::builder("downgrade")
+            .sink(sink)
+            .sample_every(1)
+            .build(0u64),
+    );
+    let of = |mode: &'static str| [("lock.name", "downgrade"), ("lock.mode", mode)];
+    let mut w = l.write().unwrap();
+    *w = 1;
+    let reader = std::thread::spawn({
+        let l = Arc::clone(&l);
+        move || *l.read().unwrap()
+    });
+    rec.wait_for("the reader to wait behind the writer", |s| {
+        s.counter("lock.conflicts", &of("shared")) == 1
+    });
+    let r = RwLockWriteGuard::downgrade(w);
+    // The reader gets in beside the downgraded hold, and sees the write.
+    assert_eq!(reader.join().unwrap(), 1);
+    assert_eq!(*r, 1);
+    assert!(matches!(l.try_write(), Err(TryLockError::WouldBlock)));
+    let s = rec.snapshot();
+    assert_eq!(s.updown("lock.held", &of("shared")), 1);
+    assert_eq!(s.updown("lock.held", &of("exclusive")), 0);
+    drop(r);
+    let s = rec.snapshot();
+    assert_eq!(s.counter("lock.acquisitions", &of("exclusive")), 1);
+    // The downgrade's shared hold (uncontended) and the reader's (contended).
+    assert_eq!(s.counter("lock.acquisitions", &of("shared")), 2);
+    assert_eq!(
+        s.counter(
+            "lock.acquisitions",
+            &[
+                ("lock.name", "downgrade"),
+                ("lock.mode", "shared"),
+                ("lock.contended", "true")
+            ]
+        ),
+        1
+    );
+    assert_eq!(s.hist_count("lock.duration", &of("exclusive")), 1);
+    assert_eq!(s.hist_count("lock.duration", &of("shared")), 2);
+    assert_eq!(s.counter("lock.conflicts", &of("exclusive")), 1);
+    assert_eq!(s.updown("lock.held", &[("lock.name", "downgrade")]), 0);
+    assert!(l.try_write().is_ok());
+}
+
+#[test]
 fn rwlock_poisoning_follows_std_rule_by_rule() {
     fn panic_holding<F: FnOnce() + Send + 'static>(f: F) {
         assert!(std::thread::spawn(f).join().is_err());
@@ -903,12 +954,20 @@ fn racing_writers_and_readers_on_an_rwlock_are_counted_exactly() {
     // Held while the others start, until a writer is seen waiting: contention whatever the
     // scheduler does (under a loaded test run the threads may otherwise never overlap).
     let first = l.write().unwrap();
+    // Writer 0 downgrades each of its holds: no other writer may get in between (the value it
+    // reads back is the one it wrote), and each downgrade is also a shared hold.
     let writers: Vec<_> = (0..4)
-        .map(|_| {
+        .map(|i| {
             let l = Arc::clone(&l);
             std::thread::spawn(move || {
                 for _ in 0..5_000 {
-                    *l.write().unwrap() += 1;
+                    let mut w = l.write().unwrap();
+                    *w += 1;
+                    if i == 0 {
+                        let wrote = *w;
+                        let r = RwLockWriteGuard::downgrade(w);
+                        assert_eq!(*r, wrote, "a writer got in during a downgrade");
+                    }
                 }
             })
         })
@@ -944,7 +1003,7 @@ fn racing_writers_and_readers_on_an_rwlock_are_counted_exactly() {
     assert_eq!(s.counter("lock.conflicts", &exclusive), contended);
     assert_eq!(
         s.counter("lock.acquisitions", &[("lock.mode", "shared")]),
-        10_001
+        15_001
     );
     assert_eq!(s.updown("lock.held", &[("lock.name", "racing")]), 0);
 }

@@ -19,8 +19,9 @@
 //! on: it offers no way to wait for a lock found taken without another compare-and-swap.
 //! What you see is std's: `lock`/`try_lock`/`read`/`write` return `LockResult`/
 //! `TryLockResult`, a panic while holding a `Mutex` or a `RwLock` write guard poisons the lock,
-//! `is_poisoned`/`clear_poison`/`into_inner`/`get_mut` behave as std's, and `Send`/`Sync`
-//! bounds are std's. What differs: waiters spin with back-off before parking. `Mutex` is
+//! `is_poisoned`/`clear_poison`/`into_inner`/`get_mut` behave as std's,
+//! [`RwLockWriteGuard::downgrade`] is std's (Rust 1.92) and available on any toolchain the
+//! crate builds with, and `Send`/`Sync` bounds are std's. What differs: waiters spin with back-off before parking. `Mutex` is
 //! unfair as std's futex mutex is (a released lock goes to whichever thread takes it first,
 //! the woken waiter or a newcomer); `RwLock` prefers writers: while a writer is parked, new
 //! readers wait, and a release wakes a parked writer before any parked reader (writers may
@@ -1002,6 +1003,35 @@ impl<T: ?Sized> Drop for RwLockWriteGuard<'_, T> {
                 raw.unlock_write();
             },
         );
+    }
+}
+
+impl<'a, T: ?Sized> RwLockWriteGuard<'a, T> {
+    /// Turns the exclusive hold into a shared one with no moment where the lock is free, as
+    /// std's `RwLockWriteGuard::downgrade` (an associated function:
+    /// `RwLockWriteGuard::downgrade(guard)`): one atomic add. Readers waiting get in at once
+    /// unless a writer waits. Recorded as the end of the exclusive hold (counted; its wait and
+    /// time recorded as any release records them) and an uncontended shared acquisition at the
+    /// call site, timed as any other, so `lock_held` shows the shared hold.
+    #[track_caller]
+    pub fn downgrade(s: Self) -> RwLockReadGuard<'a, T> {
+        let site = Location::caller();
+        let this = std::mem::ManuallyDrop::new(s);
+        let lock = this.lock;
+        let raw = lock.raw();
+        exclusive_release(
+            &lock.recorder,
+            lock.state(),
+            this.since,
+            this.poisons,
+            || raw.downgrade(),
+        );
+        lock.state().acquired_at(site);
+        RwLockReadGuard {
+            lock,
+            since: lock.recorder.hold_sampled(),
+            _not_send: PhantomData,
+        }
     }
 }
 

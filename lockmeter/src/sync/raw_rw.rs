@@ -271,6 +271,24 @@ impl RawRwLock {
         self.after_write_release(old);
     }
 
+    /// Turns the exclusive hold into a shared one, with no moment where the lock is free: one
+    /// atomic add that counts the exclusive hold as completed, clears `WRITER` and adds this
+    /// reader (so the shared hold is counted as begun, without a wait). Parked readers are
+    /// woken unless a writer waits (then they stay out, as for any reader, and the last
+    /// reader's release wakes the writer).
+    pub(crate) fn downgrade(&self) {
+        let old = self.word.fetch_add(
+            ONE_EXCL_DONE.wrapping_sub(WRITER).wrapping_add(ONE_READER),
+            Release,
+        );
+        if field(old, EXCL_DONE) == HALF - 1 {
+            self.move_field(EXCL_DONE);
+        }
+        if old & PARKED != 0 && old & WRITER_WAITING == 0 {
+            self.wake_readers();
+        }
+    }
+
     #[inline(always)]
     fn after_write_release(&self, old: u64) {
         if field(old, EXCL_DONE) == HALF - 1 {
@@ -339,7 +357,14 @@ impl RawRwLock {
             return;
         }
         // No writer parked: every parked reader goes.
-        // SAFETY: as above.
+        self.wake_readers();
+    }
+
+    /// Wakes every parked reader (and clears the bits no parked thread needs any more).
+    #[cold]
+    #[inline(never)]
+    fn wake_readers(&self) {
+        // SAFETY: as in `wake`.
         unsafe {
             parking_lot_core::unpark_filter(
                 self.key(),
@@ -443,6 +468,64 @@ mod tests {
         let c = l.counts();
         assert_eq!((c.shared, c.shared_waited, c.readers), (3, 1, 1));
         l.unlock_read();
+    }
+
+    /// Waits (with a deadline) until a thread is parked on `l` with `bits` set.
+    fn until_parked(l: &RawRwLock, bits: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while l.word.load(Relaxed) & bits != bits {
+            assert!(std::time::Instant::now() < deadline, "nobody parked");
+            std::thread::yield_now();
+        }
+    }
+
+    /// A downgrade lets a parked reader in at once (the downgrader still reading), keeps
+    /// readers out while a writer waits, and counts one exclusive hold and one shared one.
+    #[test]
+    fn downgrade_wakes_readers_unless_a_writer_waits() {
+        let l = Arc::new(RawRwLock::default());
+        assert!(l.try_write());
+        let reader = std::thread::spawn({
+            let l = Arc::clone(&l);
+            move || {
+                assert!(!l.try_read());
+                l.read_slow(|| {});
+                l.unlock_read();
+            }
+        });
+        until_parked(&l, PARKED);
+        l.downgrade();
+        // The reader got in beside this thread's shared hold.
+        reader.join().unwrap();
+        let c = l.counts();
+        assert_eq!(
+            (c.exclusive, c.writer, c.shared, c.shared_waited, c.readers),
+            (1, false, 2, 1, 1)
+        );
+        assert!(!l.try_write());
+        l.unlock_read();
+
+        assert!(l.try_write());
+        let writer = std::thread::spawn({
+            let l = Arc::clone(&l);
+            move || {
+                assert!(!l.try_write());
+                l.write_slow(|| {});
+                l.unlock_write();
+            }
+        });
+        until_parked(&l, PARKED | WRITER_WAITING);
+        l.downgrade();
+        assert!(!l.try_read(), "a waiting writer keeps new readers out");
+        l.unlock_read();
+        writer.join().unwrap();
+        let c = l.counts();
+        assert_eq!(
+            (c.exclusive, c.exclusive_waited, c.shared, c.readers),
+            (3, 1, 3, 0)
+        );
+        assert!(l.try_write());
+        l.unlock_write();
     }
 
     /// `try_write` starts from a guess (the thread's own, else the hint) but never trusts it:
