@@ -169,14 +169,22 @@ where
     (g, waiting.acquired(holder, site))
 }
 
-/// [`acquire`] for the `blocking_*` calls: `wait` blocks the thread.
-fn acquire_blocking<'s, G>(
+/// A `blocking_*` call: [`may_block`], then `try_` (a synchronous `try_*` of the inner lock)
+/// and, if it found the lock taken, `wait` (tokio's `blocking_*`), counted and recorded as
+/// the async acquires are.
+#[track_caller]
+fn acquire_blocking<'s, G, E>(
     recorder: &'s Recorder,
     holder: &HolderSite,
     mode: LockMode,
-    wait: impl FnOnce() -> G,
     site: Site,
+    try_: impl FnOnce() -> Result<G, E>,
+    wait: impl FnOnce() -> G,
 ) -> (G, Hold<'s>) {
+    may_block();
+    if let Ok(g) = try_() {
+        return (g, took(recorder, holder, mode, site));
+    }
     let waiting = Waiting::begin(recorder, mode);
     let g = wait();
     (g, waiting.acquired(holder, site))
@@ -242,6 +250,15 @@ macro_rules! guard {
                     hold,
                     inner: ManuallyDrop::new(inner),
                 }
+            }
+
+            /// Turns tokio's guard into `M` through `f` (a map), keeping the hold; if `f`
+            /// panics, tokio's guard unlocks and the release is recorded.
+            fn remap<M>(this: Self, f: impl FnOnce(::tokio::sync::$inner<'a, T>) -> M) -> (Hold<'a>, M) {
+                let (hold, inner) = Self::into_parts(this);
+                let hold = Unwinding::new(hold, false);
+                let m = f(inner);
+                (hold.done(), m)
             }
 
             /// Takes the guard apart without releasing anything (to map or downgrade it).
@@ -481,18 +498,14 @@ impl<T: ?Sized> Mutex<T> {
 
     #[track_caller]
     fn blocking_lock_at(&self, site: Site) -> MutexGuard<'_, T> {
-        may_block();
-        let mode = LockMode::Exclusive;
-        let (inner, hold) = match self.inner.try_lock() {
-            Ok(g) => (g, took(&self.recorder, &self.holder, mode, site)),
-            Err(_) => acquire_blocking(
-                &self.recorder,
-                &self.holder,
-                mode,
-                || self.inner.blocking_lock(),
-                site,
-            ),
-        };
+        let (inner, hold) = acquire_blocking(
+            &self.recorder,
+            &self.holder,
+            LockMode::Exclusive,
+            site,
+            || self.inner.try_lock(),
+            || self.inner.blocking_lock(),
+        );
         MutexGuard::new(hold, inner)
     }
 
@@ -583,10 +596,8 @@ impl<'a, T: ?Sized> MutexGuard<'a, T> {
     where
         F: FnOnce(&mut T) -> &mut U,
     {
-        let (hold, inner) = Self::into_parts(this);
-        let hold = Unwinding::new(hold, false);
-        let inner = ::tokio::sync::MutexGuard::map(inner, f);
-        MappedMutexGuard::new(hold.done(), inner)
+        let (hold, inner) = Self::remap(this, |g| ::tokio::sync::MutexGuard::map(g, f));
+        MappedMutexGuard::new(hold, inner)
     }
 
     /// [`Self::map`] for a part that may not be there: `Err` gives the guard back.
@@ -594,13 +605,9 @@ impl<'a, T: ?Sized> MutexGuard<'a, T> {
     where
         F: FnOnce(&mut T) -> Option<&mut U>,
     {
-        let (hold, inner) = Self::into_parts(this);
-        let hold = Unwinding::new(hold, false);
-        let r = ::tokio::sync::MutexGuard::try_map(inner, f);
-        let hold = hold.done();
-        match r {
-            Ok(inner) => Ok(MappedMutexGuard::new(hold, inner)),
-            Err(inner) => Err(Self::new(hold, inner)),
+        match Self::remap(this, |g| ::tokio::sync::MutexGuard::try_map(g, f)) {
+            (hold, Ok(inner)) => Ok(MappedMutexGuard::new(hold, inner)),
+            (hold, Err(inner)) => Err(Self::new(hold, inner)),
         }
     }
 }
@@ -611,10 +618,8 @@ impl<'a, T: ?Sized> MappedMutexGuard<'a, T> {
     where
         F: FnOnce(&mut T) -> &mut U,
     {
-        let (hold, inner) = Self::into_parts(this);
-        let hold = Unwinding::new(hold, false);
-        let inner = ::tokio::sync::MappedMutexGuard::map(inner, f);
-        MappedMutexGuard::new(hold.done(), inner)
+        let (hold, inner) = Self::remap(this, |g| ::tokio::sync::MappedMutexGuard::map(g, f));
+        MappedMutexGuard::new(hold, inner)
     }
 
     /// Maps again to a part that may not be there: `Err` gives the guard back.
@@ -622,13 +627,9 @@ impl<'a, T: ?Sized> MappedMutexGuard<'a, T> {
     where
         F: FnOnce(&mut T) -> Option<&mut U>,
     {
-        let (hold, inner) = Self::into_parts(this);
-        let hold = Unwinding::new(hold, false);
-        let r = ::tokio::sync::MappedMutexGuard::try_map(inner, f);
-        let hold = hold.done();
-        match r {
-            Ok(inner) => Ok(MappedMutexGuard::new(hold, inner)),
-            Err(inner) => Err(Self::new(hold, inner)),
+        match Self::remap(this, |g| ::tokio::sync::MappedMutexGuard::try_map(g, f)) {
+            (hold, Ok(inner)) => Ok(MappedMutexGuard::new(hold, inner)),
+            (hold, Err(inner)) => Err(Self::new(hold, inner)),
         }
     }
 }
@@ -722,18 +723,14 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn blocking_read(&self) -> RwLockReadGuard<'_, T> {
         let site = Location::caller();
-        may_block();
-        let mode = LockMode::Shared;
-        let (inner, hold) = match self.inner.try_read() {
-            Ok(g) => (g, took(&self.recorder, &self.holder, mode, site)),
-            Err(_) => acquire_blocking(
-                &self.recorder,
-                &self.holder,
-                mode,
-                || self.inner.blocking_read(),
-                site,
-            ),
-        };
+        let (inner, hold) = acquire_blocking(
+            &self.recorder,
+            &self.holder,
+            LockMode::Shared,
+            site,
+            || self.inner.try_read(),
+            || self.inner.blocking_read(),
+        );
         RwLockReadGuard::new(hold, inner)
     }
 
@@ -746,18 +743,14 @@ impl<T: ?Sized> RwLock<T> {
     #[track_caller]
     pub fn blocking_write(&self) -> RwLockWriteGuard<'_, T> {
         let site = Location::caller();
-        may_block();
-        let mode = LockMode::Exclusive;
-        let (inner, hold) = match self.inner.try_write() {
-            Ok(g) => (g, took(&self.recorder, &self.holder, mode, site)),
-            Err(_) => acquire_blocking(
-                &self.recorder,
-                &self.holder,
-                mode,
-                || self.inner.blocking_write(),
-                site,
-            ),
-        };
+        let (inner, hold) = acquire_blocking(
+            &self.recorder,
+            &self.holder,
+            LockMode::Exclusive,
+            site,
+            || self.inner.try_write(),
+            || self.inner.blocking_write(),
+        );
         RwLockWriteGuard::new(hold, inner)
     }
 
@@ -879,10 +872,8 @@ impl<'a, T: ?Sized> RwLockReadGuard<'a, T> {
     where
         F: FnOnce(&T) -> &U,
     {
-        let (hold, inner) = Self::into_parts(this);
-        let hold = Unwinding::new(hold, false);
-        let inner = ::tokio::sync::RwLockReadGuard::map(inner, f);
-        RwLockReadGuard::new(hold.done(), inner)
+        let (hold, inner) = Self::remap(this, |g| ::tokio::sync::RwLockReadGuard::map(g, f));
+        RwLockReadGuard::new(hold, inner)
     }
 
     /// [`Self::map`] for a part that may not be there: `Err` gives the guard back.
@@ -890,13 +881,9 @@ impl<'a, T: ?Sized> RwLockReadGuard<'a, T> {
     where
         F: FnOnce(&T) -> Option<&U>,
     {
-        let (hold, inner) = Self::into_parts(this);
-        let hold = Unwinding::new(hold, false);
-        let r = ::tokio::sync::RwLockReadGuard::try_map(inner, f);
-        let hold = hold.done();
-        match r {
-            Ok(inner) => Ok(RwLockReadGuard::new(hold, inner)),
-            Err(inner) => Err(Self::new(hold, inner)),
+        match Self::remap(this, |g| ::tokio::sync::RwLockReadGuard::try_map(g, f)) {
+            (hold, Ok(inner)) => Ok(RwLockReadGuard::new(hold, inner)),
+            (hold, Err(inner)) => Err(Self::new(hold, inner)),
         }
     }
 }
@@ -908,10 +895,8 @@ impl<'a, T: ?Sized> RwLockWriteGuard<'a, T> {
     where
         F: FnOnce(&mut T) -> &mut U,
     {
-        let (hold, inner) = Self::into_parts(this);
-        let hold = Unwinding::new(hold, false);
-        let inner = ::tokio::sync::RwLockWriteGuard::map(inner, f);
-        RwLockMappedWriteGuard::new(hold.done(), inner)
+        let (hold, inner) = Self::remap(this, |g| ::tokio::sync::RwLockWriteGuard::map(g, f));
+        RwLockMappedWriteGuard::new(hold, inner)
     }
 
     /// [`Self::map`] for a part that may not be there: `Err` gives the guard back.
@@ -919,13 +904,9 @@ impl<'a, T: ?Sized> RwLockWriteGuard<'a, T> {
     where
         F: FnOnce(&mut T) -> Option<&mut U>,
     {
-        let (hold, inner) = Self::into_parts(this);
-        let hold = Unwinding::new(hold, false);
-        let r = ::tokio::sync::RwLockWriteGuard::try_map(inner, f);
-        let hold = hold.done();
-        match r {
-            Ok(inner) => Ok(RwLockMappedWriteGuard::new(hold, inner)),
-            Err(inner) => Err(Self::new(hold, inner)),
+        match Self::remap(this, |g| ::tokio::sync::RwLockWriteGuard::try_map(g, f)) {
+            (hold, Ok(inner)) => Ok(RwLockMappedWriteGuard::new(hold, inner)),
+            (hold, Err(inner)) => Err(Self::new(hold, inner)),
         }
     }
 
@@ -979,18 +960,16 @@ impl<'a, T: ?Sized> RwLockWriteGuard<'a, T> {
         F: FnOnce(&T) -> Option<&U>,
     {
         let site = Location::caller();
-        let (hold, inner) = Self::into_parts(this);
-        let hold = Unwinding::new(hold, false);
-        let r = ::tokio::sync::RwLockWriteGuard::try_downgrade_map(inner, f);
-        let hold = hold.done();
-        match r {
-            Ok(inner) => {
+        match Self::remap(this, |g| {
+            ::tokio::sync::RwLockWriteGuard::try_downgrade_map(g, f)
+        }) {
+            (hold, Ok(inner)) => {
                 hold.count_release();
                 hold.released();
                 let shared = crate::sync::uncontended(hold.recorder, LockMode::Shared, site);
                 Ok(RwLockReadGuard::new(shared, inner))
             }
-            Err(inner) => Err(Self::new(hold, inner)),
+            (hold, Err(inner)) => Err(Self::new(hold, inner)),
         }
     }
 }
@@ -1001,10 +980,8 @@ impl<'a, T: ?Sized> RwLockMappedWriteGuard<'a, T> {
     where
         F: FnOnce(&mut T) -> &mut U,
     {
-        let (hold, inner) = Self::into_parts(this);
-        let hold = Unwinding::new(hold, false);
-        let inner = ::tokio::sync::RwLockMappedWriteGuard::map(inner, f);
-        RwLockMappedWriteGuard::new(hold.done(), inner)
+        let (hold, inner) = Self::remap(this, |g| ::tokio::sync::RwLockMappedWriteGuard::map(g, f));
+        RwLockMappedWriteGuard::new(hold, inner)
     }
 
     /// Maps again to a part that may not be there: `Err` gives the guard back.
@@ -1012,13 +989,11 @@ impl<'a, T: ?Sized> RwLockMappedWriteGuard<'a, T> {
     where
         F: FnOnce(&mut T) -> Option<&mut U>,
     {
-        let (hold, inner) = Self::into_parts(this);
-        let hold = Unwinding::new(hold, false);
-        let r = ::tokio::sync::RwLockMappedWriteGuard::try_map(inner, f);
-        let hold = hold.done();
-        match r {
-            Ok(inner) => Ok(RwLockMappedWriteGuard::new(hold, inner)),
-            Err(inner) => Err(Self::new(hold, inner)),
+        match Self::remap(this, |g| {
+            ::tokio::sync::RwLockMappedWriteGuard::try_map(g, f)
+        }) {
+            (hold, Ok(inner)) => Ok(RwLockMappedWriteGuard::new(hold, inner)),
+            (hold, Err(inner)) => Err(Self::new(hold, inner)),
         }
     }
 }
