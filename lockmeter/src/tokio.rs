@@ -29,9 +29,9 @@
 //! it is made (see [`Mutex::new`]); the borrowed guards' `map`/`try_map` (a mapped guard
 //! carries on the same hold) and [`RwLockWriteGuard::downgrade`] (the exclusive hold ends, a
 //! shared one begins, counted as an uncontended shared acquisition); guards print with `{}`
-//! and `{:?}`; the locks are `UnwindSafe` when the value is, as tokio's. Not there:
-//! `const_new`, `with_max_readers`, the owned guards' `map`s and `downgrade`, and the borrowed
-//! guards' `mutex()`/`rwlock()`.
+//! and `{:?}`; [`RwLock::with_max_readers`] (and [`RwLockBuilder::max_readers`]); the locks
+//! are `UnwindSafe` when the value is, as tokio's. Not there: `const_new`, the owned guards'
+//! `map`s and `downgrade`, and the borrowed guards' `mutex()`/`rwlock()`.
 //!
 //! ```
 //! use lockmeter::tokio::{RwLock, RwLockWriteGuard};
@@ -666,9 +666,37 @@ impl RwLock<()> {
 builder! {
     /// Builder for a tokio [`RwLock`]; see [`RwLock::builder`].
     RwLockBuilder => RwLock, |o, value| RwLock {
+        inner: match o.max_readers {
+            Some(n) => ::tokio::sync::RwLock::with_max_readers(value, n.clamp(1, MAX_READS)),
+            None => ::tokio::sync::RwLock::new(value),
+        },
         recorder: o.recorder("tokio_rwlock"),
         holder: HolderSite::default(),
-        inner: ::tokio::sync::RwLock::new(value),
+    }
+}
+
+/// The most readers a tokio `RwLock` admits at once (its `MAX_READS`, the default).
+const MAX_READS: u32 = u32::MAX >> 3;
+
+impl RwLockBuilder {
+    /// At most `n` readers at once, as tokio's `RwLock::with_max_readers` (default
+    /// `u32::MAX >> 3`, tokio's). Where tokio's panics (`0`, or more than that), `n` is
+    /// clamped to `1..=u32::MAX >> 3`.
+    pub fn max_readers(mut self, n: u32) -> Self {
+        self.0.max_readers = Some(n);
+        self
+    }
+}
+
+impl<T> RwLock<T> {
+    /// A lock admitting at most `max_reads` readers at once, as tokio's `with_max_readers`,
+    /// named after the place in the source that creates it (see [`Self::new`]); `max_reads`
+    /// is clamped as [`RwLockBuilder::max_readers`] says, where tokio's panics.
+    #[track_caller]
+    pub fn with_max_readers(value: T, max_reads: u32) -> RwLock<T> {
+        RwLock::builder(crate::sync::site_name::<T>(Location::caller()))
+            .max_readers(max_reads)
+            .build(value)
     }
 }
 

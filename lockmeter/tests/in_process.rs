@@ -736,6 +736,42 @@ fn tokio_guards_map_downgrade_and_block_as_tokios_do() {
 }
 
 #[test]
+#[cfg(feature = "tokio")]
+fn tokio_rwlock_max_readers_caps_readers_and_counts_the_turned_away() {
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let two = lockmeter::tokio::RwLock::builder("two-readers")
+        .sink(sink.clone())
+        .max_readers(2)
+        .build(0u8);
+    let (a, b) = (two.try_read().unwrap(), two.try_read().unwrap());
+    assert!(two.try_read().is_err(), "a third reader waits");
+    drop((a, b));
+    // 0 would make tokio's panic: clamped to one reader.
+    let one = lockmeter::tokio::RwLock::builder("one-reader")
+        .sink(sink)
+        .max_readers(0)
+        .build(0u8);
+    let a = one.try_read().unwrap();
+    assert!(one.try_read().is_err(), "one reader at a time");
+    drop(a);
+    // The drop-in constructor, named after its place in the source.
+    let site = lockmeter::tokio::RwLock::with_max_readers(0u8, 1);
+    let line = line!() - 1;
+    let debug = format!("{site:?}");
+    assert!(debug.contains(&format!("in_process.rs:{line}")), "{debug}");
+    let a = site.try_read().unwrap();
+    assert!(site.try_read().is_err());
+    drop(a);
+    let s = rec.snapshot();
+    let of = |name: &'static str| [("lock.name", name), ("lock.mode", "shared")];
+    assert_eq!(s.counter("lock.acquisitions", &of("two-readers")), 2);
+    assert_eq!(s.counter("lock.conflicts", &of("two-readers")), 1);
+    assert_eq!(s.counter("lock.acquisitions", &of("one-reader")), 1);
+    assert_eq!(s.counter("lock.conflicts", &of("one-reader")), 1);
+}
+
+#[test]
 fn lock_meter_measures_a_parking_lot_mutex_and_arbitrary_calls() {
     let rec = Recorder::new();
     let sink = Sink::new(rec.meter());

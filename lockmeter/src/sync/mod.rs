@@ -103,6 +103,9 @@ pub(crate) struct Options {
     pub(crate) sample_every: u32,
     pub(crate) slow_wait: Option<Duration>,
     pub(crate) slow_hold: Option<Duration>,
+    /// Readers at once (a tokio `RwLock`'s `max_readers`; nothing else reads it).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) max_readers: Option<u32>,
 }
 
 impl Options {
@@ -113,6 +116,7 @@ impl Options {
             sample_every: DEFAULT_SAMPLE_EVERY,
             slow_wait: None,
             slow_hold: None,
+            max_readers: None,
         }
     }
 
