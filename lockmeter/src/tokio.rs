@@ -31,7 +31,8 @@
 //! shared one begins, counted as an uncontended shared acquisition); guards print with `{}`
 //! and `{:?}`; [`RwLock::with_max_readers`] (and [`RwLockBuilder::max_readers`]); the locks
 //! are `UnwindSafe` when the value is, as tokio's. Not there: `const_new`, the owned guards'
-//! `map`s and `downgrade`, and the borrowed guards' `mutex()`/`rwlock()`.
+//! `map`s (an owned write guard does `downgrade`), and the borrowed guards'
+//! `mutex()`/`rwlock()`.
 //!
 //! ```
 //! use lockmeter::tokio::{RwLock, RwLockWriteGuard};
@@ -866,6 +867,27 @@ owned_guard! {
 owned_guard! {
     /// Exclusive guard of a tokio [`RwLock`] taken through an `Arc` ([`RwLock::write_owned`]).
     OwnedRwLockWriteGuard(RwLockWriteGuard) of RwLock, rwlock, deref_mut
+}
+
+impl<T: ?Sized + 'static> OwnedRwLockWriteGuard<T> {
+    /// Turns the exclusive hold into a shared one without letting a writer in, as tokio's
+    /// `OwnedRwLockWriteGuard::downgrade`; recorded as [`RwLockWriteGuard::downgrade`].
+    #[track_caller]
+    pub fn downgrade(self) -> OwnedRwLockReadGuard<T> {
+        let mut this = ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped, so each field is moved out exactly once; the read
+        // guard made from the write guard borrows what the `Arc`, kept with it, keeps alive.
+        let (guard, lock) = unsafe {
+            (
+                ManuallyDrop::take(&mut this.guard),
+                std::ptr::read(&this.lock),
+            )
+        };
+        OwnedRwLockReadGuard {
+            guard: ManuallyDrop::new(guard.downgrade()),
+            lock,
+        }
+    }
 }
 
 impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {

@@ -545,6 +545,21 @@ fn tokio_owned_guards_move_between_tasks_and_are_counted() {
         assert!(rw.try_read().is_err());
         drop(w);
         assert_eq!(*rw.try_read().unwrap(), 1);
+
+        // An owned write guard downgrades to an owned read guard, keeping the Arc.
+        let r = Arc::clone(&rw).write_owned().await.downgrade();
+        assert_eq!(*rw.try_read().unwrap(), 1);
+        assert!(rw.try_write().is_err(), "a downgraded guard is a reader");
+        assert!(Arc::ptr_eq(
+            lockmeter::tokio::OwnedRwLockReadGuard::rwlock(&r),
+            &rw
+        ));
+        drop(r);
+        assert_eq!(
+            Arc::strong_count(&rw),
+            1,
+            "the downgraded guard gave its Arc back"
+        );
     });
     drop(rt);
     let s = rec.snapshot();
@@ -567,10 +582,18 @@ fn tokio_owned_guards_move_between_tasks_and_are_counted() {
         1
     );
     assert_eq!(s.hist_count("lock.duration", &of("owned")), 3);
-    // read_owned, try_read_owned, write_owned, try_read; two failed tries of a write, one
-    // failed try of a read, and the writer's wait.
-    assert_eq!(s.counter("lock.acquisitions", &of("owned-rw")), 4);
-    assert_eq!(s.counter("lock.conflicts", &of("owned-rw")), 4);
+    // read_owned, try_read_owned, write_owned, try_read, write_owned, its downgrade, try_read;
+    // two failed tries of a write, one failed try of a read, the writer's wait, and the try of
+    // a write beside the downgraded guard.
+    assert_eq!(s.counter("lock.acquisitions", &of("owned-rw")), 7);
+    assert_eq!(
+        s.counter(
+            "lock.acquisitions",
+            &[("lock.name", "owned-rw"), ("lock.mode", "shared")]
+        ),
+        5
+    );
+    assert_eq!(s.counter("lock.conflicts", &of("owned-rw")), 5);
     assert_eq!(s.updown("lock.held", &of("owned")), 0);
     assert_eq!(s.updown("lock.held", &of("owned-rw")), 0);
 }
