@@ -23,16 +23,17 @@
 //! ```
 //!
 //! The API is tokio's: `lock`/`read`/`write` and their `try_`s, `lock_owned`/`read_owned`/
-//! `write_owned` and theirs (needing `T: 'static`, which tokio's do not), `blocking_lock`/
+//! `write_owned` and theirs (needing `T: 'static`, and a mapped part `'static`, which tokio's
+//! do not), `blocking_lock`/
 //! `blocking_read`/`blocking_write` for synchronous code (panicking in an async context as
 //! tokio's do), `get_mut`, `into_inner`; `new`, `Default` and `From` name the lock after where
-//! it is made (see [`Mutex::new`]); the borrowed guards' `map`/`try_map` (a mapped guard
-//! carries on the same hold) and [`RwLockWriteGuard::downgrade`] (the exclusive hold ends, a
-//! shared one begins, counted as an uncontended shared acquisition); guards print with `{}`
-//! and `{:?}`; [`RwLock::with_max_readers`] (and [`RwLockBuilder::max_readers`]); the locks
-//! are `UnwindSafe` when the value is, as tokio's. Not there: `const_new`, the owned guards'
-//! `map`s (an owned write guard does `downgrade`), and the borrowed guards'
-//! `mutex()`/`rwlock()`.
+//! it is made (see [`Mutex::new`]); the guards' `map`/`try_map` (a mapped guard carries on the
+//! same hold), the write guards' `downgrade` and `downgrade_map` (the exclusive hold ends, a
+//! shared one begins, counted as an uncontended shared acquisition: see
+//! [`RwLockWriteGuard::downgrade`]), borrowed and owned alike; guards print with `{}` and
+//! `{:?}`; [`RwLock::with_max_readers`] (and [`RwLockBuilder::max_readers`]); the locks are
+//! `UnwindSafe` when the value is, as tokio's. Not there: `const_new`, and the borrowed guards'
+//! `mutex()`/`rwlock()` (the owned guards have them).
 //!
 //! ```
 //! use lockmeter::tokio::{RwLock, RwLockWriteGuard};
@@ -336,57 +337,92 @@ impl Drop for Unwinding<'_> {
     }
 }
 
-/// Generates a guard that owns an `Arc` of its lock, as tokio's `Owned*Guard`s: the borrowed
-/// guard, and the `Arc` that keeps what it borrows alive.
+/// An acquire of the lock `lock` points to through `take` (an acquire of the borrowed lock),
+/// for an owned guard: the borrowing guard, and the `Arc` that keeps what it borrows alive
+/// (the caller puts both in the owned guard at once).
+async fn acquire_owned<L: ?Sized + 'static, G, F>(
+    lock: Arc<L>,
+    take: impl FnOnce(&'static L) -> F,
+) -> (G, Arc<L>)
+where
+    F: Future<Output = G>,
+{
+    // SAFETY: `lock`, a parameter, is dropped after the acquire future that borrows it (a
+    // temporary of the body) if this is cancelled; then it goes with the guard.
+    let this = unsafe { borrow_for_guard(&lock) };
+    let guard = take(this).await;
+    (guard, lock)
+}
+
+/// [`acquire_owned`] through a synchronous `take` (a `try_*` or a `blocking_*`), whose error
+/// borrows nothing.
+fn take_owned<L: ?Sized + 'static, G, E>(
+    lock: Arc<L>,
+    take: impl FnOnce(&'static L) -> Result<G, E>,
+) -> Result<(G, Arc<L>), E> {
+    // SAFETY: the guard goes with `lock`; on failure nothing borrowed is kept.
+    let this = unsafe { borrow_for_guard(&lock) };
+    let guard = take(this)?;
+    Ok((guard, lock))
+}
+
+/// Generates a guard that owns an `Arc` of its lock, as tokio's `Owned*Guard`s: a borrowed
+/// guard of the value (`T`) or of a part of it (`U`, for the mapped ones), and the `Arc` that
+/// keeps what it borrows alive.
 macro_rules! owned_guard {
-    ($(#[$doc:meta])* $owned:ident($guard:ident) of $lock:ident, $get:ident $(, $deref_mut:ident)?) => {
+    (
+        $(#[$doc:meta])*
+        $owned:ident<T $(, $u:ident)?>($guard:ident<$v:ident>) of $lock:ident, $get:ident, mut
+    ) => {
+        owned_guard! {
+            $(#[$doc])*
+            $owned<T $(, $u)?>($guard<$v>) of $lock, $get
+        }
+
+        impl<T: ?Sized + 'static $(, $u: ?Sized + 'static)?> DerefMut for $owned<T $(, $u)?> {
+            fn deref_mut(&mut self) -> &mut $v {
+                &mut self.guard
+            }
+        }
+    };
+    (
+        $(#[$doc:meta])*
+        $owned:ident<T $(, $u:ident)?>($guard:ident<$v:ident>) of $lock:ident, $get:ident
+    ) => {
         $(#[$doc])*
         #[must_use = "the lock is released as soon as the guard is dropped"]
-        pub struct $owned<T: ?Sized + 'static> {
+        pub struct $owned<T: ?Sized + 'static $(, $u: ?Sized + 'static = T)?> {
             /// Borrows from `lock`'s allocation (`'static` is this struct's promise, never
             /// handed out): released first, in `Drop`, while `lock` still keeps it alive.
-            guard: ManuallyDrop<$guard<'static, T>>,
+            guard: ManuallyDrop<$guard<'static, $v>>,
             lock: Arc<$lock<T>>,
         }
 
-        impl<T: ?Sized + 'static> $owned<T> {
+        impl<T: ?Sized + 'static $(, $u: ?Sized + 'static)?> $owned<T $(, $u)?> {
             /// The lock this guard holds.
             pub fn $get(this: &Self) -> &Arc<$lock<T>> {
                 &this.lock
             }
 
-            /// Acquires through `take` (an acquire of the borrowed lock) and keeps `lock`.
-            async fn acquire<F>(lock: Arc<$lock<T>>, take: impl FnOnce(&'static $lock<T>) -> F) -> Self
-            where
-                F: Future<Output = $guard<'static, T>>,
-            {
-                // SAFETY: `lock`, a parameter, is dropped after the acquire future that
-                // borrows it (a temporary of the body) if this is cancelled; then the guard
-                // keeps it.
-                let this = unsafe { borrow_for_guard(&lock) };
-                let guard = take(this).await;
+            /// Puts a guard together from a borrowing guard and the `Arc` that keeps what it
+            /// borrows alive.
+            fn from_parts((guard, lock): ($guard<'static, $v>, Arc<$lock<T>>)) -> Self {
                 Self {
                     guard: ManuallyDrop::new(guard),
                     lock,
                 }
             }
 
-            /// Tries through `take` (a `try_*` of the borrowed lock) and keeps `lock`.
-            fn take<E>(
-                lock: Arc<$lock<T>>,
-                take: impl FnOnce(&'static $lock<T>) -> Result<$guard<'static, T>, E>,
-            ) -> Result<Self, E> {
-                // SAFETY: the guard keeps `lock`; on failure nothing borrowed is kept.
-                let this = unsafe { borrow_for_guard(&lock) };
-                let guard = take(this)?;
-                Ok(Self {
-                    guard: ManuallyDrop::new(guard),
-                    lock,
-                })
+            /// Takes the guard apart without releasing anything (to map or downgrade it): the
+            /// borrowing guard, and the `Arc` to keep until it is gone.
+            fn into_parts(this: Self) -> ($guard<'static, $v>, Arc<$lock<T>>) {
+                let mut this = ManuallyDrop::new(this);
+                // SAFETY: `this` is never dropped, so each field is moved out exactly once.
+                unsafe { (ManuallyDrop::take(&mut this.guard), std::ptr::read(&this.lock)) }
             }
         }
 
-        impl<T: ?Sized + 'static> Drop for $owned<T> {
+        impl<T: ?Sized + 'static $(, $u: ?Sized + 'static)?> Drop for $owned<T $(, $u)?> {
             fn drop(&mut self) {
                 // SAFETY: dropped once, here; `self.lock`, dropped after this, keeps the lock
                 // the guard borrows alive until then.
@@ -394,28 +430,26 @@ macro_rules! owned_guard {
             }
         }
 
-        impl<T: ?Sized + 'static> Deref for $owned<T> {
-            type Target = T;
-            fn deref(&self) -> &T {
+        impl<T: ?Sized + 'static $(, $u: ?Sized + 'static)?> Deref for $owned<T $(, $u)?> {
+            type Target = $v;
+            fn deref(&self) -> &$v {
                 &self.guard
             }
         }
 
-        $(
-            impl<T: ?Sized + 'static> DerefMut for $owned<T> {
-                fn $deref_mut(&mut self) -> &mut T {
-                    &mut self.guard
-                }
-            }
-        )?
-
-        impl<T: ?Sized + fmt::Debug + 'static> fmt::Debug for $owned<T> {
+        impl<T: ?Sized + 'static $(, $u: ?Sized + 'static)?> fmt::Debug for $owned<T $(, $u)?>
+        where
+            $v: fmt::Debug,
+        {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 fmt::Debug::fmt(&**self, f)
             }
         }
 
-        impl<T: ?Sized + fmt::Display + 'static> fmt::Display for $owned<T> {
+        impl<T: ?Sized + 'static $(, $u: ?Sized + 'static)?> fmt::Display for $owned<T $(, $u)?>
+        where
+            $v: fmt::Display,
+        {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 fmt::Display::fmt(&**self, f)
             }
@@ -537,7 +571,7 @@ impl<T: ?Sized + 'static> Mutex<T> {
     #[track_caller]
     pub fn lock_owned(self: Arc<Self>) -> impl Future<Output = OwnedMutexGuard<T>> {
         let site = Location::caller();
-        OwnedMutexGuard::acquire(self, move |this| this.lock_at(site))
+        async move { OwnedMutexGuard::from_parts(acquire_owned(self, |l| l.lock_at(site)).await) }
     }
 
     /// [`Self::blocking_lock`] through an `Arc`, as tokio's `blocking_lock_owned`.
@@ -548,10 +582,10 @@ impl<T: ?Sized + 'static> Mutex<T> {
     #[track_caller]
     pub fn blocking_lock_owned(self: Arc<Self>) -> OwnedMutexGuard<T> {
         let site = Location::caller();
-        let Ok(g) = OwnedMutexGuard::take(self, |this| {
-            Ok::<_, std::convert::Infallible>(this.blocking_lock_at(site))
+        let Ok(parts) = take_owned(self, |l| {
+            Ok::<_, std::convert::Infallible>(l.blocking_lock_at(site))
         });
-        g
+        OwnedMutexGuard::from_parts(parts)
     }
 
     /// Tries to lock through an `Arc` without waiting, as tokio's `try_lock_owned`; a
@@ -561,13 +595,69 @@ impl<T: ?Sized + 'static> Mutex<T> {
         self: Arc<Self>,
     ) -> Result<OwnedMutexGuard<T>, ::tokio::sync::TryLockError> {
         let site = Location::caller();
-        OwnedMutexGuard::take(self, |this| this.try_lock_at(site))
+        take_owned(self, |l| l.try_lock_at(site)).map(OwnedMutexGuard::from_parts)
     }
 }
 
 owned_guard! {
     /// Guard of a tokio [`Mutex`] locked through an `Arc` ([`Mutex::lock_owned`]).
-    OwnedMutexGuard(MutexGuard) of Mutex, mutex, deref_mut
+    OwnedMutexGuard<T>(MutexGuard<T>) of Mutex, mutex, mut
+}
+
+owned_guard! {
+    /// An [`OwnedMutexGuard`] mapped to part of the value ([`OwnedMutexGuard::map`]), as
+    /// tokio's `OwnedMappedMutexGuard`: the hold goes on until it is dropped.
+    OwnedMappedMutexGuard<T, U>(MappedMutexGuard<U>) of Mutex, mutex, mut
+}
+
+impl<T: ?Sized + 'static> OwnedMutexGuard<T> {
+    /// A guard for a part of the value, as tokio's `OwnedMutexGuard::map`; see
+    /// [`MutexGuard::map`].
+    pub fn map<U: ?Sized + 'static, F>(this: Self, f: F) -> OwnedMappedMutexGuard<T, U>
+    where
+        F: FnOnce(&mut T) -> &mut U,
+    {
+        let (guard, lock) = Self::into_parts(this);
+        OwnedMappedMutexGuard::from_parts((MutexGuard::map(guard, f), lock))
+    }
+
+    /// [`Self::map`] for a part that may not be there: `Err` gives the guard back.
+    pub fn try_map<U: ?Sized + 'static, F>(
+        this: Self,
+        f: F,
+    ) -> Result<OwnedMappedMutexGuard<T, U>, Self>
+    where
+        F: FnOnce(&mut T) -> Option<&mut U>,
+    {
+        let (guard, lock) = Self::into_parts(this);
+        match MutexGuard::try_map(guard, f) {
+            Ok(g) => Ok(OwnedMappedMutexGuard::from_parts((g, lock))),
+            Err(g) => Err(Self::from_parts((g, lock))),
+        }
+    }
+}
+
+impl<T: ?Sized + 'static, U: ?Sized + 'static> OwnedMappedMutexGuard<T, U> {
+    /// Maps again, as tokio's `OwnedMappedMutexGuard::map`.
+    pub fn map<S: 'static, F>(this: Self, f: F) -> OwnedMappedMutexGuard<T, S>
+    where
+        F: FnOnce(&mut U) -> &mut S,
+    {
+        let (guard, lock) = Self::into_parts(this);
+        OwnedMappedMutexGuard::from_parts((MappedMutexGuard::map(guard, f), lock))
+    }
+
+    /// Maps again to a part that may not be there: `Err` gives the guard back.
+    pub fn try_map<S: 'static, F>(this: Self, f: F) -> Result<OwnedMappedMutexGuard<T, S>, Self>
+    where
+        F: FnOnce(&mut U) -> Option<&mut S>,
+    {
+        let (guard, lock) = Self::into_parts(this);
+        match MappedMutexGuard::try_map(guard, f) {
+            Ok(g) => Ok(OwnedMappedMutexGuard::from_parts((g, lock))),
+            Err(g) => Err(Self::from_parts((g, lock))),
+        }
+    }
 }
 
 impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
@@ -829,7 +919,7 @@ impl<T: ?Sized + 'static> RwLock<T> {
     #[track_caller]
     pub fn read_owned(self: Arc<Self>) -> impl Future<Output = OwnedRwLockReadGuard<T>> {
         let site = Location::caller();
-        OwnedRwLockReadGuard::acquire(self, move |this| this.read_at(site))
+        async move { OwnedRwLockReadGuard::from_parts(acquire_owned(self, |l| l.read_at(site)).await) }
     }
 
     /// Exclusive access through an `Arc`, as tokio's `write_owned`: the guard keeps the
@@ -837,7 +927,7 @@ impl<T: ?Sized + 'static> RwLock<T> {
     #[track_caller]
     pub fn write_owned(self: Arc<Self>) -> impl Future<Output = OwnedRwLockWriteGuard<T>> {
         let site = Location::caller();
-        OwnedRwLockWriteGuard::acquire(self, move |this| this.write_at(site))
+        async move { OwnedRwLockWriteGuard::from_parts(acquire_owned(self, |l| l.write_at(site)).await) }
     }
 
     /// Shared access through an `Arc` without waiting, as tokio's `try_read_owned`.
@@ -846,7 +936,7 @@ impl<T: ?Sized + 'static> RwLock<T> {
         self: Arc<Self>,
     ) -> Result<OwnedRwLockReadGuard<T>, ::tokio::sync::TryLockError> {
         let site = Location::caller();
-        OwnedRwLockReadGuard::take(self, |this| this.try_read_at(site))
+        take_owned(self, |l| l.try_read_at(site)).map(OwnedRwLockReadGuard::from_parts)
     }
 
     /// Exclusive access through an `Arc` without waiting, as tokio's `try_write_owned`.
@@ -855,37 +945,142 @@ impl<T: ?Sized + 'static> RwLock<T> {
         self: Arc<Self>,
     ) -> Result<OwnedRwLockWriteGuard<T>, ::tokio::sync::TryLockError> {
         let site = Location::caller();
-        OwnedRwLockWriteGuard::take(self, |this| this.try_write_at(site))
+        take_owned(self, |l| l.try_write_at(site)).map(OwnedRwLockWriteGuard::from_parts)
     }
 }
 
 owned_guard! {
-    /// Shared guard of a tokio [`RwLock`] taken through an `Arc` ([`RwLock::read_owned`]).
-    OwnedRwLockReadGuard(RwLockReadGuard) of RwLock, rwlock
+    /// Shared guard of a tokio [`RwLock`] taken through an `Arc` ([`RwLock::read_owned`]), of
+    /// the value or, mapped ([`OwnedRwLockReadGuard::map`]), of a part of it (`U`), as tokio's.
+    OwnedRwLockReadGuard<T, U>(RwLockReadGuard<U>) of RwLock, rwlock
 }
 
 owned_guard! {
     /// Exclusive guard of a tokio [`RwLock`] taken through an `Arc` ([`RwLock::write_owned`]).
-    OwnedRwLockWriteGuard(RwLockWriteGuard) of RwLock, rwlock, deref_mut
+    OwnedRwLockWriteGuard<T>(RwLockWriteGuard<T>) of RwLock, rwlock, mut
+}
+
+owned_guard! {
+    /// An [`OwnedRwLockWriteGuard`] mapped to part of the value
+    /// ([`OwnedRwLockWriteGuard::map`]), as tokio's `OwnedRwLockMappedWriteGuard`.
+    OwnedRwLockMappedWriteGuard<T, U>(RwLockMappedWriteGuard<U>) of RwLock, rwlock, mut
+}
+
+impl<T: ?Sized + 'static, U: ?Sized + 'static> OwnedRwLockReadGuard<T, U> {
+    /// A guard for a part of the value, as tokio's `OwnedRwLockReadGuard::map`.
+    pub fn map<F, V: ?Sized + 'static>(this: Self, f: F) -> OwnedRwLockReadGuard<T, V>
+    where
+        F: FnOnce(&U) -> &V,
+    {
+        let (guard, lock) = Self::into_parts(this);
+        OwnedRwLockReadGuard::from_parts((RwLockReadGuard::map(guard, f), lock))
+    }
+
+    /// [`Self::map`] for a part that may not be there: `Err` gives the guard back.
+    pub fn try_map<F, V: ?Sized + 'static>(
+        this: Self,
+        f: F,
+    ) -> Result<OwnedRwLockReadGuard<T, V>, Self>
+    where
+        F: FnOnce(&U) -> Option<&V>,
+    {
+        let (guard, lock) = Self::into_parts(this);
+        match RwLockReadGuard::try_map(guard, f) {
+            Ok(g) => Ok(OwnedRwLockReadGuard::from_parts((g, lock))),
+            Err(g) => Err(Self::from_parts((g, lock))),
+        }
+    }
 }
 
 impl<T: ?Sized + 'static> OwnedRwLockWriteGuard<T> {
+    /// A guard for a part of the value, as tokio's `OwnedRwLockWriteGuard::map`.
+    pub fn map<F, U: ?Sized + 'static>(this: Self, f: F) -> OwnedRwLockMappedWriteGuard<T, U>
+    where
+        F: FnOnce(&mut T) -> &mut U,
+    {
+        let (guard, lock) = Self::into_parts(this);
+        OwnedRwLockMappedWriteGuard::from_parts((RwLockWriteGuard::map(guard, f), lock))
+    }
+
+    /// [`Self::map`] for a part that may not be there: `Err` gives the guard back.
+    pub fn try_map<F, U: ?Sized + 'static>(
+        this: Self,
+        f: F,
+    ) -> Result<OwnedRwLockMappedWriteGuard<T, U>, Self>
+    where
+        F: FnOnce(&mut T) -> Option<&mut U>,
+    {
+        let (guard, lock) = Self::into_parts(this);
+        match RwLockWriteGuard::try_map(guard, f) {
+            Ok(g) => Ok(OwnedRwLockMappedWriteGuard::from_parts((g, lock))),
+            Err(g) => Err(Self::from_parts((g, lock))),
+        }
+    }
+
+    /// The whole value as a mapped guard, as tokio's `into_mapped`.
+    pub fn into_mapped(this: Self) -> OwnedRwLockMappedWriteGuard<T> {
+        let (guard, lock) = Self::into_parts(this);
+        OwnedRwLockMappedWriteGuard::from_parts((RwLockWriteGuard::into_mapped(guard), lock))
+    }
+
     /// Turns the exclusive hold into a shared one without letting a writer in, as tokio's
     /// `OwnedRwLockWriteGuard::downgrade`; recorded as [`RwLockWriteGuard::downgrade`].
     #[track_caller]
     pub fn downgrade(self) -> OwnedRwLockReadGuard<T> {
-        let mut this = ManuallyDrop::new(self);
-        // SAFETY: `this` is never dropped, so each field is moved out exactly once; the read
-        // guard made from the write guard borrows what the `Arc`, kept with it, keeps alive.
-        let (guard, lock) = unsafe {
-            (
-                ManuallyDrop::take(&mut this.guard),
-                std::ptr::read(&this.lock),
-            )
-        };
-        OwnedRwLockReadGuard {
-            guard: ManuallyDrop::new(guard.downgrade()),
-            lock,
+        let (guard, lock) = Self::into_parts(self);
+        OwnedRwLockReadGuard::from_parts((guard.downgrade(), lock))
+    }
+
+    /// [`Self::map`] then [`Self::downgrade`], as tokio's `downgrade_map`.
+    #[track_caller]
+    pub fn downgrade_map<F, U: ?Sized + 'static>(this: Self, f: F) -> OwnedRwLockReadGuard<T, U>
+    where
+        F: FnOnce(&T) -> &U,
+    {
+        let (guard, lock) = Self::into_parts(this);
+        OwnedRwLockReadGuard::from_parts((RwLockWriteGuard::downgrade_map(guard, f), lock))
+    }
+
+    /// [`Self::downgrade_map`] for a part that may not be there: `Err` gives the write guard
+    /// back, still exclusive.
+    #[track_caller]
+    pub fn try_downgrade_map<F, U: ?Sized + 'static>(
+        this: Self,
+        f: F,
+    ) -> Result<OwnedRwLockReadGuard<T, U>, Self>
+    where
+        F: FnOnce(&T) -> Option<&U>,
+    {
+        let (guard, lock) = Self::into_parts(this);
+        match RwLockWriteGuard::try_downgrade_map(guard, f) {
+            Ok(g) => Ok(OwnedRwLockReadGuard::from_parts((g, lock))),
+            Err(g) => Err(Self::from_parts((g, lock))),
+        }
+    }
+}
+
+impl<T: ?Sized + 'static, U: ?Sized + 'static> OwnedRwLockMappedWriteGuard<T, U> {
+    /// Maps again, as tokio's `OwnedRwLockMappedWriteGuard::map`.
+    pub fn map<F, V: ?Sized + 'static>(this: Self, f: F) -> OwnedRwLockMappedWriteGuard<T, V>
+    where
+        F: FnOnce(&mut U) -> &mut V,
+    {
+        let (guard, lock) = Self::into_parts(this);
+        OwnedRwLockMappedWriteGuard::from_parts((RwLockMappedWriteGuard::map(guard, f), lock))
+    }
+
+    /// Maps again to a part that may not be there: `Err` gives the guard back.
+    pub fn try_map<F, V: ?Sized + 'static>(
+        this: Self,
+        f: F,
+    ) -> Result<OwnedRwLockMappedWriteGuard<T, V>, Self>
+    where
+        F: FnOnce(&mut U) -> Option<&mut V>,
+    {
+        let (guard, lock) = Self::into_parts(this);
+        match RwLockMappedWriteGuard::try_map(guard, f) {
+            Ok(g) => Ok(OwnedRwLockMappedWriteGuard::from_parts((g, lock))),
+            Err(g) => Err(Self::from_parts((g, lock))),
         }
     }
 }

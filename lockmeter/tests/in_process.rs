@@ -63,6 +63,15 @@ assert_not_impl_any!(lockmeter::tokio::OwnedMutexGuard<Rc<u8>>: Send, Sync);
 assert_impl_all!(lockmeter::tokio::OwnedRwLockReadGuard<u8>: Send, Sync);
 #[cfg(feature = "tokio")]
 assert_impl_all!(lockmeter::tokio::OwnedRwLockWriteGuard<u8>: Send, Sync);
+#[cfg(feature = "tokio")]
+assert_impl_all!(lockmeter::tokio::OwnedMappedMutexGuard<u8, u16>: Send, Sync);
+assert_impl_all!(tokio::sync::OwnedMappedMutexGuard<u8, u16>: Send, Sync);
+#[cfg(feature = "tokio")]
+assert_impl_all!(lockmeter::tokio::OwnedRwLockMappedWriteGuard<u8, u16>: Send, Sync);
+assert_impl_all!(tokio::sync::OwnedRwLockMappedWriteGuard<u8, u16>: Send, Sync);
+#[cfg(feature = "tokio")]
+assert_not_impl_any!(lockmeter::tokio::OwnedMappedMutexGuard<u8, Rc<u8>>: Send, Sync);
+assert_not_impl_any!(tokio::sync::OwnedMappedMutexGuard<u8, Rc<u8>>: Send, Sync);
 
 #[test]
 fn eight_threads_hammering_one_mutex_are_counted_exactly() {
@@ -486,6 +495,10 @@ async fn first_poll_waits<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> b
 #[test]
 #[cfg(feature = "tokio")]
 fn tokio_owned_guards_move_between_tasks_and_are_counted() {
+    use lockmeter::tokio::{
+        OwnedMappedMutexGuard, OwnedMutexGuard, OwnedRwLockMappedWriteGuard, OwnedRwLockReadGuard,
+        OwnedRwLockWriteGuard,
+    };
     let rec = Recorder::new();
     let sink = Sink::new(rec.meter());
     let rt = two_workers();
@@ -533,6 +546,17 @@ fn tokio_owned_guards_move_between_tasks_and_are_counted() {
             "every owned guard gave its Arc back"
         );
 
+        // Owned guards map as tokio's, keeping the lock and the Arc; a failed try_map gives
+        // the guard back; the mapped guard moves into another task.
+        let g = OwnedMutexGuard::map(Arc::clone(&m).lock_owned().await, |v| v);
+        let mut g = OwnedMappedMutexGuard::try_map(g, |_| None::<&mut u64>).unwrap_err();
+        *g += 1;
+        assert!(Arc::ptr_eq(OwnedMappedMutexGuard::mutex(&g), &m));
+        assert!(m.try_lock().is_err(), "a mapped owned guard keeps the lock");
+        tokio::spawn(async move { drop(g) }).await.unwrap();
+        assert_eq!(*m.try_lock().unwrap(), 3);
+        assert_eq!(Arc::strong_count(&m), 1);
+
         let r1 = Arc::clone(&rw).read_owned().await;
         let r2 = Arc::clone(&rw).try_read_owned().unwrap();
         assert!(rw.try_write().is_err());
@@ -560,13 +584,31 @@ fn tokio_owned_guards_move_between_tasks_and_are_counted() {
             1,
             "the downgraded guard gave its Arc back"
         );
+
+        let w = OwnedRwLockWriteGuard::map(Arc::clone(&rw).write_owned().await, |v| v);
+        let mut w = OwnedRwLockMappedWriteGuard::map(w, |v| v);
+        *w += 1;
+        drop(w);
+        let r = OwnedRwLockWriteGuard::downgrade_map(Arc::clone(&rw).write_owned().await, |v| v);
+        let r: OwnedRwLockReadGuard<u64, u64> = OwnedRwLockReadGuard::map(r, |v| v);
+        assert_eq!(*r, 2);
+        assert!(
+            rw.try_write().is_err(),
+            "a downgraded owned guard is a reader"
+        );
+        drop(r);
+        let w = Arc::clone(&rw).try_write_owned().unwrap();
+        let w = OwnedRwLockWriteGuard::try_downgrade_map(w, |_| None::<&u64>).unwrap_err();
+        drop(OwnedRwLockWriteGuard::into_mapped(w));
+        assert_eq!(Arc::strong_count(&rw), 1);
     });
     drop(rt);
     let s = rec.snapshot();
     let of = |name: &'static str| [("lock.name", name)];
-    // lock_owned, try_lock_owned (would block), timed out, the waiter, try_lock_owned.
-    assert_eq!(s.counter("lock.acquisitions", &of("owned")), 3);
-    assert_eq!(s.counter("lock.conflicts", &of("owned")), 3);
+    // lock_owned, try_lock_owned (would block), timed out, the waiter, try_lock_owned, the
+    // mapped lock_owned, try_lock (would block), try_lock.
+    assert_eq!(s.counter("lock.acquisitions", &of("owned")), 5);
+    assert_eq!(s.counter("lock.conflicts", &of("owned")), 4);
     assert_eq!(
         s.hist_count(
             "lock.wait.duration",
@@ -579,21 +621,22 @@ fn tokio_owned_guards_move_between_tasks_and_are_counted() {
             "lock.wait.duration",
             &[("lock.name", "owned"), ("lock.outcome", "would_block")]
         ),
-        1
+        2
     );
-    assert_eq!(s.hist_count("lock.duration", &of("owned")), 3);
-    // read_owned, try_read_owned, write_owned, try_read, write_owned, its downgrade, try_read;
-    // two failed tries of a write, one failed try of a read, the writer's wait, and the try of
-    // a write beside the downgraded guard.
-    assert_eq!(s.counter("lock.acquisitions", &of("owned-rw")), 7);
+    assert_eq!(s.hist_count("lock.duration", &of("owned")), 5);
+    // read_owned, try_read_owned, write_owned, try_read, write_owned, its downgrade, try_read,
+    // the mapped write_owned, write_owned and its downgrade_map, try_write_owned; two failed
+    // tries of a write, one failed try of a read, the writer's wait, and the two tries of a
+    // write beside the downgraded guards.
+    assert_eq!(s.counter("lock.acquisitions", &of("owned-rw")), 11);
     assert_eq!(
         s.counter(
             "lock.acquisitions",
             &[("lock.name", "owned-rw"), ("lock.mode", "shared")]
         ),
-        5
+        6
     );
-    assert_eq!(s.counter("lock.conflicts", &of("owned-rw")), 5);
+    assert_eq!(s.counter("lock.conflicts", &of("owned-rw")), 6);
     assert_eq!(s.updown("lock.held", &of("owned")), 0);
     assert_eq!(s.updown("lock.held", &of("owned-rw")), 0);
 }
