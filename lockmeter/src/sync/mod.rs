@@ -644,7 +644,8 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for Mutex<T> {
         } else {
             d.field("data", &format_args!("<locked>"));
         }
-        d.field("poisoned", &self.state().poisoned()).finish()
+        d.field("poisoned", &self.state().poisoned())
+            .finish_non_exhaustive()
     }
 }
 
@@ -942,7 +943,8 @@ impl<T: ?Sized + fmt::Debug> fmt::Debug for RwLock<T> {
         } else {
             d.field("data", &format_args!("<locked>"));
         }
-        d.field("poisoned", &self.state().poisoned()).finish()
+        d.field("poisoned", &self.state().poisoned())
+            .finish_non_exhaustive()
     }
 }
 
