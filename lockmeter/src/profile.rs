@@ -375,6 +375,8 @@ pub(crate) fn table(name: &str, kind: &str) -> Option<Arc<Table>> {
 
 /// The profile of every lock that recorded any, heaviest lock first.
 pub fn snapshot() -> Vec<LockProfile> {
+    // Timed holds a thread has not recorded yet feed the profile too.
+    crate::metrics::record_pending_everywhere();
     let tables: Vec<Arc<Table>> = TABLES
         .lock()
         .as_ref()

@@ -269,6 +269,60 @@ fn rwlock_downgrade_lets_waiting_readers_in_keeps_writers_out_and_is_counted() {
     assert!(l.try_write().is_ok());
 }
 
+/// A thread keeps its timed holds and records several at once (a record right after each
+/// release costs a contended loop a handoff), so every way a kept hold can be left behind must
+/// still reach the histograms: the next collection records what threads kept, including a
+/// thread that has exited, and a dropped lock records its own.
+#[test]
+fn kept_timed_holds_reach_the_histograms_at_collection_thread_exit_and_drop() {
+    let rec = Recorder::new();
+    let sink = Sink::new(rec.meter());
+    let a = Arc::new(
+        Mutex::builder("kept-a")
+            .sink(sink.clone())
+            .sample_every(1)
+            .build(0u32),
+    );
+    let b = RwLock::builder("kept-b")
+        .sink(sink)
+        .sample_every(1)
+        .build(0u32);
+    std::thread::spawn({
+        let a = Arc::clone(&a);
+        move || {
+            for _ in 0..3 {
+                *a.lock().unwrap() += 1;
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    for _ in 0..2 {
+        *b.write().unwrap() += 1;
+    }
+    drop(b.read().unwrap());
+    drop(b);
+    // More than a thread records at once, and a rest.
+    for _ in 0..21 {
+        *a.lock().unwrap() += 1;
+    }
+    let s = rec.snapshot();
+    let of = |name: &'static str| [("lock.name", name)];
+    assert_eq!(s.hist_count("lock.duration", &of("kept-a")), 24);
+    assert_eq!(s.hist_count("lock.wait.duration", &of("kept-a")), 24);
+    assert_eq!(s.hist_count("lock.duration", &of("kept-b")), 3);
+    assert_eq!(
+        s.hist_count(
+            "lock.duration",
+            &[("lock.name", "kept-b"), ("lock.mode", "shared")]
+        ),
+        1
+    );
+    // Recorded once: a second collection adds nothing.
+    let s = rec.snapshot();
+    assert_eq!(s.hist_count("lock.duration", &of("kept-a")), 24);
+}
+
 #[test]
 fn rwlock_poisoning_follows_std_rule_by_rule() {
     fn panic_holding<F: FnOnce() + Send + 'static>(f: F) {

@@ -25,6 +25,7 @@ pub use schema::{
     instruments, keys, names, DetectedAt, InstrumentSpec, LostReason, MigrationKind, Outcome,
     DEFAULT_BOUNDARIES, SCOPE,
 };
+pub(crate) use series::record_pending_everywhere;
 pub use series::SERIES_LIMIT;
 #[cfg(feature = "telemetry")]
 pub(crate) use sink::global_has_counts;

@@ -9,7 +9,9 @@
 //!   collection (`sample` set to 0 by the collection, put back by the timed acquisition), so a
 //!   lock taken less often than metrics are collected is timed every time. Neither rule looks
 //!   at durations, so the recorded waits and holds are an unbiased sample. Records go to
-//!   histograms bound once per lock (and bound again if the global provider changes).
+//!   histograms bound once per lock (and bound again if the global provider changes). A timed
+//!   hold is kept by its thread and recorded with its next few ([`Pending`]); collections,
+//!   lock-profile reads and the lock's drop record what threads kept first.
 //! - **Rare events** (errors, migrations, violations, losses) are recorded as they happen, with
 //!   attributes built then.
 
@@ -72,6 +74,32 @@ pub(crate) struct Recorder {
     /// An exclusive in-process hold that waited: its wait's start and the site it waited for,
     /// kept by the holder for its release to record (written only by that holder).
     kept: Kept,
+    /// Timed holds not recorded yet, by thread slot (see [`Pending`]).
+    pending: [OnceLock<Box<parking_lot::Mutex<Pending>>>; shard::SHARDS],
+}
+
+/// Timed holds a thread ended and has not recorded yet: recording them at the release (two
+/// histogram records and the lock profile, ~100 ns) lets another thread take the lock
+/// meanwhile, which in a loop of short holds moves the lock's line once more per timed hold.
+/// A thread keeps them in its own slot of the lock (a mutex only the collection shares) and
+/// records them [`PENDING`] at a time, and the metrics collection and the lock profile's
+/// readers record what is left first, so what they read is complete. Slow holds are recorded
+/// at once (their event is due now).
+#[derive(Default)]
+struct Pending {
+    len: usize,
+    holds: [PendingHold; PENDING],
+}
+
+/// Timed holds a thread records at once.
+const PENDING: usize = 8;
+
+#[derive(Clone, Copy, Default)]
+struct PendingHold {
+    secs: f64,
+    mode: Option<LockMode>,
+    contended: bool,
+    site: Option<Site>,
 }
 
 /// Where the counts kept by an in-process lock's own word are. The word lives in the lock's
@@ -312,6 +340,7 @@ impl Recorder {
             contention: Contention::default(),
             word: std::sync::Mutex::default(),
             kept: Kept::default(),
+            pending: Default::default(),
         });
         r.series.join(Arc::downgrade(&r));
         r
@@ -477,20 +506,69 @@ impl Recorder {
         Some(HoldStart::new(Ticks::now(), false))
     }
 
-    /// Records a timed hold that ended now, acquired at `site`.
+    /// Records a timed hold that ended now, acquired at `site`: a slow one at once, any other
+    /// with this thread's next [`PENDING`] (see [`Pending`]).
     #[cold]
     #[inline(never)]
     pub(crate) fn hold_done(&self, mode: LockMode, since: HoldStart, site: Option<Site>) {
-        let held = since.at().elapsed_secs();
-        let b = self.bound();
-        if !since.contended() {
-            // The wait of a timed uncontended acquisition, recorded here rather than inside
-            // the critical section.
-            self.record_wait_in(&b, mode, Outcome::Acquired, 0.0);
+        let hold = PendingHold {
+            secs: since.at().elapsed_secs(),
+            mode: Some(mode),
+            contended: since.contended(),
+            site,
+        };
+        if hold.secs >= self.thresholds.hold {
+            self.record_holds(&[hold], true);
+            return;
         }
-        self.record_hold_in(&b, mode, since.contended(), held);
-        if let Some(site) = site {
-            self.held(mode, site, held);
+        let buf = self.pending[shard::current()].get_or_init(Default::default);
+        let mut p = buf.lock();
+        let n = p.len;
+        p.holds[n] = hold;
+        p.len = n + 1;
+        if p.len == PENDING {
+            let holds = p.holds;
+            p.len = 0;
+            drop(p);
+            self.record_holds(&holds, true);
+        }
+    }
+
+    /// Records the holds every thread has kept (a collection, a profile reader, the lock's
+    /// drop), into the instruments the lock is bound to now: never binds them again, which
+    /// from inside a collection would wait for the collection itself.
+    pub(crate) fn record_pending(&self) {
+        for buf in self.pending.iter().filter_map(OnceLock::get) {
+            let mut p = buf.lock();
+            let (holds, n) = (p.holds, p.len);
+            p.len = 0;
+            drop(p);
+            self.record_holds(&holds[..n], false);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn record_holds(&self, holds: &[PendingHold], rebind: bool) {
+        if holds.is_empty() {
+            return;
+        }
+        let b = if rebind {
+            self.bound()
+        } else {
+            self.bound.load()
+        };
+        for h in holds {
+            let Some(mode) = h.mode else { continue };
+            if !h.contended {
+                // The wait of a timed uncontended acquisition, recorded here rather than
+                // inside the critical section.
+                self.record_wait_in(&b, mode, Outcome::Acquired, 0.0);
+            }
+            self.record_hold_in(&b, mode, h.contended, h.secs);
+            if let Some(site) = h.site {
+                self.held(mode, site, h.secs);
+            }
         }
     }
 
@@ -853,6 +931,7 @@ impl Recorder {
 
 impl Drop for Recorder {
     fn drop(&mut self) {
+        self.record_pending();
         // The lock goes away; its counts stay in its series.
         let totals = self.totals();
         self.series.retire(self, &totals);

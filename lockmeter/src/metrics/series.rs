@@ -164,6 +164,13 @@ impl Series {
                 // The references are let go after the lock: if one is the last (its lock was
                 // dropped meanwhile), its drop retires it, and retiring takes this lock.
                 drop(s);
+                if tick {
+                    // The timed holds the locks' threads kept, so that this collection's
+                    // histograms have them (the SDK runs every callback before it reads them).
+                    for m in &live {
+                        m.record_pending();
+                    }
+                }
                 drop(live);
                 return t;
             }
@@ -184,7 +191,30 @@ struct RegistryInner {
     overflow: Option<Arc<Series>>,
 }
 
+/// Every registry, for [`record_pending_everywhere`].
+static REGISTRIES: Mutex<Vec<Weak<Registry>>> = Mutex::new(Vec::new());
+
+/// Records the timed holds every lock in the process has kept: for readers of the lock profile,
+/// which is fed by the same records.
+pub(crate) fn record_pending_everywhere() {
+    let all: Vec<Arc<Registry>> = {
+        let mut r = REGISTRIES.lock();
+        r.retain(|w| w.strong_count() > 0);
+        r.iter().filter_map(Weak::upgrade).collect()
+    };
+    for r in all {
+        r.record_pending();
+    }
+}
+
 impl Registry {
+    /// A registry for one sink, known to [`record_pending_everywhere`].
+    pub(crate) fn shared() -> Arc<Registry> {
+        let r = Arc::new(Registry::new());
+        REGISTRIES.lock().push(Arc::downgrade(&r));
+        r
+    }
+
     pub(crate) fn new() -> Registry {
         Registry {
             inner: Mutex::new(RegistryInner::default()),
@@ -207,6 +237,22 @@ impl Registry {
         let s = Arc::new(Series::new(base, false));
         r.series.insert(key, Arc::clone(&s));
         s
+    }
+
+    /// Records the timed holds every lock here has kept (see [`Recorder::record_pending`]).
+    fn record_pending(&self) {
+        for s in self.all() {
+            let live: Vec<Arc<Recorder>> = s
+                .state
+                .lock()
+                .members
+                .iter()
+                .filter_map(Weak::upgrade)
+                .collect();
+            for m in &live {
+                m.record_pending();
+            }
+        }
     }
 
     fn all(&self) -> Vec<Arc<Series>> {

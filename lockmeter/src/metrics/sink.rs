@@ -67,7 +67,7 @@ impl Sink {
     pub fn new(meter: Meter) -> Sink {
         Sink(Target::Meter(Arc::new(Instruments::new(
             &meter,
-            Arc::new(Registry::new()),
+            Registry::shared(),
             false,
         ))))
     }
@@ -174,7 +174,7 @@ impl Instruments {
 }
 
 /// Locks recording into the global provider, whichever it is.
-static GLOBAL_REGISTRY: LazyLock<Arc<Registry>> = LazyLock::new(|| Arc::new(Registry::new()));
+static GLOBAL_REGISTRY: LazyLock<Arc<Registry>> = LazyLock::new(Registry::shared);
 
 /// Whether any lock recording into the global provider has counted anything.
 #[cfg(feature = "telemetry")]

@@ -48,9 +48,15 @@
 //! sampled) plus the first acquisition of a lock and the first after each metrics collection,
 //! chosen without regard to durations, among uncontended and contended ones alike, so the
 //! histograms' quantiles are unbiased estimates and locks taken less often than metrics are
-//! collected are timed every time. The records are made after the release. Memory: two allocations
-//! at construction, the lock's recorder (~1.5 KB: one 128-byte counter shard per thread slot, and
-//! lines of their own for what every acquisition reads) and its block: the raw lock, the poison
+//! collected are timed every time. The records are made after the release, and not at once: the
+//! releasing thread keeps its timed holds in its own slot of the lock and records eight at a
+//! time, and every metrics collection, lock-profile read and the lock's drop record what is
+//! kept first, so what they read is complete (a record at each release let the other thread of
+//! a contended loop take the lock meanwhile, a handoff per timed hold; a slow hold is recorded
+//! at once, its event due now). Memory: two allocations at construction, the lock's recorder
+//! (~1.5 KB: one 128-byte counter shard per thread slot, and lines of their own for what every
+//! acquisition reads; plus ~200 bytes per thread slot that times a hold, for the holds it
+//! keeps) and its block: the raw lock, the poison
 //! flag and the last holder's site, then the value, from a 64-byte boundary (a `Mutex`'s value
 //! starts 32 bytes in, an `RwLock`'s 104: its word starts the block's second line, after fields a
 //! collection reads), so that a small value shares the lock word's line as it does in std's and
