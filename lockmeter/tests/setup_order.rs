@@ -107,6 +107,15 @@ fn locks_created_before_the_provider_record_into_it() {
         acquisitions(&r2, "early"),
         100 + u64::from(DEFAULT_SAMPLE_EVERY)
     );
+    // And the early mutex's hold times follow: a thread keeps its timed holds and records
+    // them in bulk, and what a collection records goes to the provider installed now, not to
+    // the one the lock last recorded into.
+    let before = holds(&r2, "early");
+    for _ in 0..3 {
+        *early.lock().unwrap() += 1;
+        holds(&r2, "early");
+    }
+    assert_eq!(holds(&r2, "early"), before + 3);
 
     // A lock created after the provider records into it from its first acquisition.
     let late = Mutex::named("late", ());

@@ -27,7 +27,7 @@ use opentelemetry::KeyValue;
 use super::schema::{keys, DetectedAt, LostReason, MigrationKind, Outcome};
 use super::series::{Series, Totals};
 use super::shard::{self, Shard};
-use super::sink::{global_instruments, Instruments, Sink};
+use super::sink::{global_instruments, known_global_instruments, Instruments, Sink};
 use crate::clock::{HoldStart, Ticks};
 use crate::kind::LockMode;
 use crate::profile::{self, EventAttrs, ProfileSlot, Site, Thresholds};
@@ -45,7 +45,8 @@ pub(crate) const PROFILE_EVERY_WAIT_FROM: f64 = 50e-6;
 /// The recording state of one lock. See the [module docs](self).
 ///
 /// Memory: ~1.5 KB per lock (one 128-byte counter shard per thread slot, and lines of their own
-/// for what every acquisition reads), allocated once.
+/// for what every acquisition reads), allocated once, plus ~200 bytes for each thread slot
+/// that times a hold ([`Pending`]).
 pub(crate) struct Recorder {
     shards: [Shard; shard::SHARDS],
     /// Time 1 in `sample_mask + 1` acquisitions (a power of two).
@@ -81,10 +82,12 @@ pub(crate) struct Recorder {
 /// Timed holds a thread ended and has not recorded yet: recording them at the release (two
 /// histogram records and the lock profile, ~100 ns) lets another thread take the lock
 /// meanwhile, which in a loop of short holds moves the lock's line once more per timed hold.
-/// A thread keeps them in its own slot of the lock (a mutex only the collection shares) and
-/// records them [`PENDING`] at a time, and the metrics collection and the lock profile's
-/// readers record what is left first, so what they read is complete. Slow holds are recorded
-/// at once (their event is due now).
+/// A thread keeps them in its slot of the lock (its own among the first
+/// [`shard::OWNED`] threads to count, the shared one beyond; a mutex the collection also takes)
+/// and records them [`PENDING`] at a time, under that mutex; the metrics collection (from the
+/// `lock.acquisitions` callback: a view that drops that instrument leaves holds to be recorded
+/// in bulk only), the lock profile's readers and the lock's drop record what is left first.
+/// Slow holds are recorded at once (their event is due now).
 #[derive(Default)]
 struct Pending {
     len: usize,
@@ -518,54 +521,60 @@ impl Recorder {
             site,
         };
         if hold.secs >= self.thresholds.hold {
-            self.record_holds(&[hold], true);
+            self.record_holds(&self.bound(), &[hold]);
             return;
         }
         let buf = self.pending[shard::current()].get_or_init(Default::default);
+        let mut p = buf.lock();
+        if p.len + 1 < PENDING {
+            let n = p.len;
+            p.holds[n] = hold;
+            p.len = n + 1;
+            return;
+        }
+        // This one fills the slot. The instruments first, and not under the slot's lock:
+        // binding may make them, which waits for a running collection, and a collection waits
+        // for this lock.
+        drop(p);
+        let b = self.bound();
         let mut p = buf.lock();
         let n = p.len;
         p.holds[n] = hold;
         p.len = n + 1;
         if p.len == PENDING {
-            let holds = p.holds;
+            // Recorded under the slot's lock, so that a collection that finds the slot empty
+            // does not read before these are in.
             p.len = 0;
-            drop(p);
-            self.record_holds(&holds, true);
+            self.record_holds(&b, &p.holds);
         }
     }
 
     /// Records the holds every thread has kept (a collection, a profile reader, the lock's
-    /// drop), into the instruments the lock is bound to now: never binds them again, which
-    /// from inside a collection would wait for the collection itself.
+    /// drop). Never makes instruments nor waits for them ([`Self::bound_known`]).
     pub(crate) fn record_pending(&self) {
+        let mut b = None;
         for buf in self.pending.iter().filter_map(OnceLock::get) {
             let mut p = buf.lock();
-            let (holds, n) = (p.holds, p.len);
-            p.len = 0;
-            drop(p);
-            self.record_holds(&holds[..n], false);
+            let n = p.len;
+            if n > 0 {
+                p.len = 0;
+                let b = b.get_or_insert_with(|| self.bound_known());
+                self.record_holds(b, &p.holds[..n]);
+            }
         }
     }
 
     #[cold]
     #[inline(never)]
-    fn record_holds(&self, holds: &[PendingHold], rebind: bool) {
-        if holds.is_empty() {
-            return;
-        }
-        let b = if rebind {
-            self.bound()
-        } else {
-            self.bound.load()
-        };
+    fn record_holds(&self, b: &Bound, holds: &[PendingHold]) {
         for h in holds {
             let Some(mode) = h.mode else { continue };
             if !h.contended {
                 // The wait of a timed uncontended acquisition, recorded here rather than
                 // inside the critical section.
-                self.record_wait_in(&b, mode, Outcome::Acquired, 0.0);
+                self.record_wait_in(b, mode, Outcome::Acquired, 0.0);
             }
-            self.record_hold_in(&b, mode, h.contended, h.secs);
+            self.record_hold_in(b, mode, h.contended, h.secs);
             if let Some(site) = h.site {
                 self.held(mode, site, h.secs);
             }
@@ -826,6 +835,23 @@ impl Recorder {
         } else {
             self.checks.store(n - 1, Relaxed);
             false
+        }
+    }
+
+    /// [`Self::bound`] without making instruments or waiting for them: bound again only to
+    /// the global provider's instruments lockmeter has made already
+    /// ([`known_global_instruments`]; it has for any provider whose collection is running).
+    fn bound_known(&self) -> arc_swap::Guard<Arc<Bound>> {
+        let b = self.bound.load();
+        if !self.sink.is_global() {
+            return b;
+        }
+        match known_global_instruments() {
+            Some(now) if !Arc::ptr_eq(&now, &b.instruments) => {
+                self.bound.store(Arc::new(Bound::new(now)));
+                self.bound.load()
+            }
+            _ => b,
         }
     }
 

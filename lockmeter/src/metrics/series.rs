@@ -211,7 +211,9 @@ impl Registry {
     /// A registry for one sink, known to [`record_pending_everywhere`].
     pub(crate) fn shared() -> Arc<Registry> {
         let r = Arc::new(Registry::new());
-        REGISTRIES.lock().push(Arc::downgrade(&r));
+        let mut all = REGISTRIES.lock();
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&r));
         r
     }
 

@@ -220,6 +220,18 @@ pub(crate) fn global_instruments() -> Arc<Instruments> {
     instruments
 }
 
+/// The instruments of the global provider installed now if lockmeter has already made them,
+/// without making any and without waiting: safe from inside a collection, where making
+/// instruments (or waiting for a thread that is making them, [`global_instruments`] holds
+/// the lock meanwhile) would wait for the collection itself. `None` when unknown or busy.
+pub(crate) fn known_global_instruments() -> Option<Arc<Instruments>> {
+    let provider = opentelemetry::global::meter_provider();
+    let g = GLOBAL.try_lock()?;
+    g.as_ref()
+        .filter(|cur| Arc::ptr_eq(&cur.provider, &provider))
+        .map(|cur| Arc::clone(&cur.instruments))
+}
+
 /// Said once: a provider was installed after locks had already counted.
 #[cold]
 fn late_provider_notice() {

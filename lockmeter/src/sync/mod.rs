@@ -49,24 +49,24 @@
 //! chosen without regard to durations, among uncontended and contended ones alike, so the
 //! histograms' quantiles are unbiased estimates and locks taken less often than metrics are
 //! collected are timed every time. The records are made after the release, and not at once: the
-//! releasing thread keeps its timed holds in its own slot of the lock and records eight at a
-//! time, and every metrics collection, lock-profile read and the lock's drop record what is
-//! kept first, so what they read is complete (a record at each release let the other thread of
-//! a contended loop take the lock meanwhile, a handoff per timed hold; a slow hold is recorded
-//! at once, its event due now). Memory: two allocations at construction, the lock's recorder
-//! (~1.5 KB: one 128-byte counter shard per thread slot, and lines of their own for what every
-//! acquisition reads; plus ~200 bytes per thread slot that times a hold, for the holds it
-//! keeps) and its block: the raw lock, the poison
-//! flag and the last holder's site, then the value, from a 64-byte boundary (a `Mutex`'s value
-//! starts 32 bytes in, an `RwLock`'s 104: its word starts the block's second line, after fields a
-//! collection reads), so that a small value shares the lock word's line as it does in std's and
-//! `parking_lot`'s locks and a hold hands one line from core to core. `lock_acquisitions_total`,
-//! `lock_conflicts_total` and `lock_held` are exact: every acquisition and every contended wait is
-//! counted, and the SDK reads them when it collects. `sample_every(1)` times every acquisition. An
-//! uncontended timed acquisition, and a `try_*` that found the lock taken, record a wait of 0 s:
-//! one attempt of a few nanoseconds, inside the lowest bucket (1 µs). Measured costs: the README's
-//! overhead table and `cargo bench -p lockmeter-bench --bench sync` (an outside crate, side by side
-//! with the locks underneath).
+//! releasing thread keeps its timed holds in its slot of the lock (its own, or beyond eight threads
+//! a shared one) and records eight at a time, and every metrics collection, lock-profile read and
+//! the lock's drop record what is kept first, so what they read is complete (a record at each
+//! release let the other thread of a contended loop take the lock meanwhile, a handoff per timed
+//! hold; a slow hold is recorded at once, its event due now). Memory: two allocations at
+//! construction, the lock's recorder (~1.5 KB: one 128-byte counter shard per thread slot, and
+//! lines of their own for what every acquisition reads; plus ~200 bytes per thread slot that times
+//! a hold, for the holds it keeps) and its block: the raw lock, the poison flag and the last
+//! holder's site, then the value, from a 64-byte boundary (a `Mutex`'s value starts 32 bytes in, an
+//! `RwLock`'s 104: its word starts the block's second line, after fields a collection reads), so
+//! that a small value shares the lock word's line as it does in std's and `parking_lot`'s locks and
+//! a hold hands one line from core to core. `lock_acquisitions_total`, `lock_conflicts_total` and
+//! `lock_held` are exact: every acquisition and every contended wait is counted, and the SDK reads
+//! them when it collects. `sample_every(1)` times every acquisition. An uncontended timed
+//! acquisition, and a `try_*` that found the lock taken, record a wait of 0 s: one attempt of a few
+//! nanoseconds, inside the lowest bucket (1 µs). Measured costs: the README's overhead table and
+//! `cargo bench -p lockmeter-bench --bench sync` (an outside crate, side by side with the locks
+//! underneath).
 //!
 //! Leaked guards and panics: a guard leaked with `mem::forget` never unlocks the lock
 //! either, so `lock_held` stays raised, which is the truth. A thread that panics while holding
