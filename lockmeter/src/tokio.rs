@@ -571,7 +571,8 @@ impl<T: ?Sized + 'static> Mutex<T> {
     #[track_caller]
     pub fn lock_owned(self: Arc<Self>) -> impl Future<Output = OwnedMutexGuard<T>> {
         let site = Location::caller();
-        async move { OwnedMutexGuard::from_parts(acquire_owned(self, |l| l.lock_at(site)).await) }
+        let parts = acquire_owned(self, move |l| l.lock_at(site));
+        async move { OwnedMutexGuard::from_parts(parts.await) }
     }
 
     /// [`Self::blocking_lock`] through an `Arc`, as tokio's `blocking_lock_owned`.
@@ -919,7 +920,8 @@ impl<T: ?Sized + 'static> RwLock<T> {
     #[track_caller]
     pub fn read_owned(self: Arc<Self>) -> impl Future<Output = OwnedRwLockReadGuard<T>> {
         let site = Location::caller();
-        async move { OwnedRwLockReadGuard::from_parts(acquire_owned(self, |l| l.read_at(site)).await) }
+        let parts = acquire_owned(self, move |l| l.read_at(site));
+        async move { OwnedRwLockReadGuard::from_parts(parts.await) }
     }
 
     /// Exclusive access through an `Arc`, as tokio's `write_owned`: the guard keeps the
@@ -927,7 +929,8 @@ impl<T: ?Sized + 'static> RwLock<T> {
     #[track_caller]
     pub fn write_owned(self: Arc<Self>) -> impl Future<Output = OwnedRwLockWriteGuard<T>> {
         let site = Location::caller();
-        async move { OwnedRwLockWriteGuard::from_parts(acquire_owned(self, |l| l.write_at(site)).await) }
+        let parts = acquire_owned(self, move |l| l.write_at(site));
+        async move { OwnedRwLockWriteGuard::from_parts(parts.await) }
     }
 
     /// Shared access through an `Arc` without waiting, as tokio's `try_read_owned`.

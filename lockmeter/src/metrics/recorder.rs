@@ -88,19 +88,34 @@ pub(crate) struct Recorder {
 /// `lock.acquisitions` callback: a view that drops that instrument leaves holds to be recorded
 /// in bulk only), the lock profile's readers and the lock's drop record what is left first.
 /// Slow holds are recorded at once (their event is due now).
-#[derive(Default)]
 struct Pending {
     len: usize,
+    /// `holds[..len]` are kept.
     holds: [PendingHold; PENDING],
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        const NONE: PendingHold = PendingHold {
+            secs: 0.0,
+            mode: LockMode::Exclusive,
+            contended: false,
+            site: None,
+        };
+        Pending {
+            len: 0,
+            holds: [NONE; PENDING],
+        }
+    }
 }
 
 /// Timed holds a thread records at once.
 const PENDING: usize = 8;
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct PendingHold {
     secs: f64,
-    mode: Option<LockMode>,
+    mode: LockMode,
     contended: bool,
     site: Option<Site>,
 }
@@ -516,7 +531,7 @@ impl Recorder {
     pub(crate) fn hold_done(&self, mode: LockMode, since: HoldStart, site: Option<Site>) {
         let hold = PendingHold {
             secs: since.at().elapsed_secs(),
-            mode: Some(mode),
+            mode,
             contended: since.contended(),
             site,
         };
@@ -526,22 +541,20 @@ impl Recorder {
         }
         let buf = self.pending[shard::current()].get_or_init(Default::default);
         let mut p = buf.lock();
-        if p.len + 1 < PENDING {
-            let n = p.len;
-            p.holds[n] = hold;
-            p.len = n + 1;
-            return;
+        let mut fills = None;
+        if p.len + 1 == PENDING {
+            // This one fills the slot. The instruments first, and not under the slot's lock:
+            // binding may make them, which waits for a running collection, and a collection
+            // waits for this lock. (Meanwhile the slot can only have been emptied: whoever
+            // fills it records it.)
+            drop(p);
+            fills = Some(self.bound());
+            p = buf.lock();
         }
-        // This one fills the slot. The instruments first, and not under the slot's lock:
-        // binding may make them, which waits for a running collection, and a collection waits
-        // for this lock.
-        drop(p);
-        let b = self.bound();
-        let mut p = buf.lock();
         let n = p.len;
         p.holds[n] = hold;
         p.len = n + 1;
-        if p.len == PENDING {
+        if let (PENDING, Some(b)) = (p.len, fills) {
             // Recorded under the slot's lock, so that a collection that finds the slot empty
             // does not read before these are in.
             p.len = 0;
@@ -568,15 +581,14 @@ impl Recorder {
     #[inline(never)]
     fn record_holds(&self, b: &Bound, holds: &[PendingHold]) {
         for h in holds {
-            let Some(mode) = h.mode else { continue };
             if !h.contended {
                 // The wait of a timed uncontended acquisition, recorded here rather than
                 // inside the critical section.
-                self.record_wait_in(b, mode, Outcome::Acquired, 0.0);
+                self.record_wait_in(b, h.mode, Outcome::Acquired, 0.0);
             }
-            self.record_hold_in(b, mode, h.contended, h.secs);
+            self.record_hold_in(b, h.mode, h.contended, h.secs);
             if let Some(site) = h.site {
-                self.held(mode, site, h.secs);
+                self.held(h.mode, site, h.secs);
             }
         }
     }
@@ -847,23 +859,28 @@ impl Recorder {
             return b;
         }
         match known_global_instruments() {
-            Some(now) if !Arc::ptr_eq(&now, &b.instruments) => {
-                self.bound.store(Arc::new(Bound::new(now)));
-                self.bound.load()
-            }
-            _ => b,
+            Some(now) => self.bind_to(b, now),
+            None => b,
         }
     }
 
-    #[cold]
-    #[inline(never)]
-    fn rebind(&self, b: arc_swap::Guard<Arc<Bound>>) -> arc_swap::Guard<Arc<Bound>> {
-        let now = global_instruments();
+    /// `b`, or, if it is bound to other instruments than `now`, a binding to `now`.
+    fn bind_to(
+        &self,
+        b: arc_swap::Guard<Arc<Bound>>,
+        now: Arc<Instruments>,
+    ) -> arc_swap::Guard<Arc<Bound>> {
         if Arc::ptr_eq(&now, &b.instruments) {
             return b;
         }
         self.bound.store(Arc::new(Bound::new(now)));
         self.bound.load()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn rebind(&self, b: arc_swap::Guard<Arc<Bound>>) -> arc_swap::Guard<Arc<Bound>> {
+        self.bind_to(b, global_instruments())
     }
 
     /// The lock's attributes plus `lock.mode` and `more`.

@@ -116,6 +116,13 @@ struct SeriesState {
     retired: Totals,
 }
 
+impl SeriesState {
+    /// The members not dropped.
+    fn live(&self) -> Vec<Arc<Recorder>> {
+        self.members.iter().filter_map(Weak::upgrade).collect()
+    }
+}
+
 impl Series {
     fn new(base: &[KeyValue], overflow: bool) -> Series {
         Series {
@@ -153,7 +160,7 @@ impl Series {
             let s = self.state.lock();
             let dying = s.members.iter().any(|w| w.strong_count() == 0);
             if !dying || std::time::Instant::now() >= deadline {
-                let live: Vec<Arc<Recorder>> = s.members.iter().filter_map(Weak::upgrade).collect();
+                let live = s.live();
                 let mut t = s.retired;
                 for m in &live {
                     t.add(&m.totals());
@@ -197,11 +204,7 @@ static REGISTRIES: Mutex<Vec<Weak<Registry>>> = Mutex::new(Vec::new());
 /// Records the timed holds every lock in the process has kept: for readers of the lock profile,
 /// which is fed by the same records.
 pub(crate) fn record_pending_everywhere() {
-    let all: Vec<Arc<Registry>> = {
-        let mut r = REGISTRIES.lock();
-        r.retain(|w| w.strong_count() > 0);
-        r.iter().filter_map(Weak::upgrade).collect()
-    };
+    let all: Vec<Arc<Registry>> = REGISTRIES.lock().iter().filter_map(Weak::upgrade).collect();
     for r in all {
         r.record_pending();
     }
@@ -244,13 +247,7 @@ impl Registry {
     /// Records the timed holds every lock here has kept (see [`Recorder::record_pending`]).
     fn record_pending(&self) {
         for s in self.all() {
-            let live: Vec<Arc<Recorder>> = s
-                .state
-                .lock()
-                .members
-                .iter()
-                .filter_map(Weak::upgrade)
-                .collect();
+            let live = s.state.lock().live();
             for m in &live {
                 m.record_pending();
             }

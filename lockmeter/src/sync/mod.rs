@@ -17,18 +17,18 @@
 //! word also counts its readers and the shared holds that waited), with waiters parked in
 //! `parking_lot_core`'s parking lot, the one `parking_lot`'s locks use. std's cannot be built
 //! on: it offers no way to wait for a lock found taken without another compare-and-swap.
-//! What you see is std's: `lock`/`try_lock`/`read`/`write` return `LockResult`/
-//! `TryLockResult`, a panic while holding a `Mutex` or a `RwLock` write guard poisons the lock,
+//! What you see is std's: `lock`/`try_lock`/`read`/`write` return `LockResult`/ `TryLockResult`, a
+//! panic while holding a `Mutex` or a `RwLock` write guard poisons the lock,
 //! `is_poisoned`/`clear_poison`/`into_inner`/`get_mut` behave as std's,
-//! [`RwLockWriteGuard::downgrade`] is std's (Rust 1.92) and available on any toolchain the
-//! crate builds with, and `Send`/`Sync` bounds are std's. What differs: waiters spin with back-off before parking. `Mutex` is
-//! unfair as std's futex mutex is (a released lock goes to whichever thread takes it first,
-//! the woken waiter or a newcomer); `RwLock` prefers writers: while a writer is parked, new
-//! readers wait, and a release wakes a parked writer before any parked reader (writers may
-//! still take a free lock ahead of a woken one). The value lives in the lock's heap block (see
-//! Memory below), so a `Mutex<dyn Trait>` or `Mutex<[T]>` cannot be made by unsizing, as std's
-//! can. As with std, a thread that locks a mutex it already holds deadlocks, and a recursive
-//! `read` may deadlock if a writer is waiting.
+//! [`RwLockWriteGuard::downgrade`] is std's (Rust 1.92) and available on any toolchain the crate
+//! builds with, and `Send`/`Sync` bounds are std's. What differs: waiters spin with back-off before
+//! parking. `Mutex` is unfair as std's futex mutex is (a released lock goes to whichever thread
+//! takes it first, the woken waiter or a newcomer); `RwLock` prefers writers: while a writer is
+//! parked, new readers wait, and a release wakes a parked writer before any parked reader (writers
+//! may still take a free lock ahead of a woken one). The value lives in the lock's heap block (see
+//! Memory below), so a `Mutex<dyn Trait>` or `Mutex<[T]>` cannot be made by unsizing, as std's can.
+//! As with std, a thread that locks a mutex it already holds deadlocks, and a recursive `read` may
+//! deadlock if a writer is waiting.
 //!
 //! Cost model. `Mutex`, uncontended: the lock word's own atomic operations (one `lock bts` to take
 //! it, one atomic add to count the hold and release it), a draw from a per-thread generator and a
